@@ -1,0 +1,28 @@
+"""megatron_agg: exact global loss aggregation for Megatron-Core.
+
+Megatron averages micro-batch losses as a *mean of local means*; megatron_agg rescales each
+micro-batch loss so that Megatron's own averaging lands exactly on the global-batch loss of
+the chosen mode, under any TP/PP/VPP/CP/DP layout.
+
+Public API: :class:`LossHook`, :class:`LossTerm`, :class:`AggMode`, :class:`LossReturn`,
+:func:`reference_loss`.
+"""
+
+from .averaging import LossReturn
+from .definition import reference_loss
+from .hook import LossHook, PerTokenLossFn, StepSummary
+from .modes import AggMode
+from .terms import LossTerm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AggMode",
+    "LossHook",
+    "LossReturn",
+    "LossTerm",
+    "PerTokenLossFn",
+    "StepSummary",
+    "reference_loss",
+    "__version__",
+]

@@ -1,0 +1,134 @@
+"""What Megatron-Core does to a returned loss and to the gradients, and how the hook undoes it.
+
+This is the one place in megatron_agg that records Megatron's averaging rules. Everything here
+is plain arithmetic on sizes and 0-dim tensors (no ``torch.distributed``, no Megatron import).
+
+Read from megatron-core 0.16.1 (``pipeline_parallel/schedules.py::forward_step_calc_loss``,
+``distributed/distributed_data_parallel.py::DistributedDataParallel.__init__``,
+``distributed/param_and_grad_buffer.py::_ParamAndGradBucketGroup.start_grad_sync``,
+``distributed/finalize_model_grads.py::finalize_model_grads``). With ``M`` the *local* number
+of micro-batches, ``cp`` the context-parallel size, ``dp_cp`` the size of the data×context
+parallel group DDP reduces over, and ``nt`` the ``num_tokens`` a 3-tuple returns:
+
+============================ =============================== ============================== ==========================================
+``loss_func`` returns        schedule applies to the loss    DDP applies to the gradients   ``finalize_model_grads``
+============================ =============================== ============================== ==========================================
+2-tuple ``(loss, rep)``      ``× cp / M``                    sum over dp_cp × 1/dp_cp [1]_  nothing (its num_tokens total is 0) [2]_
+3-tuple, ``calculate_per_    ``÷ clamp(nt, 1) / M``          sum over dp_cp × 1/dp_cp [1]_  nothing
+token_loss=False``
+3-tuple, ``calculate_per_    nothing                         sum over dp_cp                 ``÷ Σ nt`` (broadcast from the last PP
+token_loss=True``                                                                           stage, all-reduced over dp_cp; skipped
+                                                                                            when Σ nt = 0)
+============================ =============================== ============================== ==========================================
+
+.. [1] ``average_in_collective=False``: the buffer is pre-scaled by ``1/dp_cp`` and reduced
+   with SUM; ``True``: no pre-scale and a reduction with AVG over dp_cp. Both are a mean over
+   dp_cp for dense parameters. With ``calculate_per_token_loss=True`` DDP uses a factor 1 and
+   SUM (and asserts ``average_in_collective=False``).
+.. [2] A 2-tuple under ``calculate_per_token_loss=True`` contributes no tokens, so finalize
+   divides by nothing and DDP sums: the gradient is ``Σ_{dp_cp} cp/M · ∂loss``.
+
+Tensor- and pipeline-parallel ranks hold replicas of the loss: Megatron does not average over
+them, and neither does the hook.
+
+The hook returns ``loss = S · F`` where ``S`` is this micro-batch's exact share of ``L``
+(``Σ_ranks Σ_micro-batches S = L``) and ``F`` the reciprocal of the product of the three
+columns (:func:`loss_multiplier`), so that the final gradient is exactly ``∂L``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Union
+
+import torch
+
+__all__ = [
+    "LossReturn",
+    "GradReduction",
+    "MegatronAveraging",
+    "loss_multiplier",
+    "report_count",
+]
+
+
+class LossReturn(str, Enum):
+    """Which of Megatron's ``loss_func`` return conventions the hook uses."""
+
+    TWO_TUPLE = "2-tuple"
+    THREE_TUPLE = "3-tuple"
+
+    @classmethod
+    def parse(cls, value: Union["LossReturn", str]) -> "LossReturn":
+        if isinstance(value, cls):
+            return value
+        for item in cls:
+            if item.value == value:
+                return item
+        choices = ", ".join(repr(i.value) for i in cls)
+        raise ValueError(f"Unknown loss_return {value!r}. Expected one of: {choices}.")
+
+
+class GradReduction(str, Enum):
+    """How the gradients of the dp_cp replicas are combined after the backward passes."""
+
+    MEAN = "mean"  # Megatron DDP without calculate_per_token_loss (either average_in_collective)
+    SUM = "sum"  # Megatron DDP with calculate_per_token_loss=True
+
+
+@dataclass(frozen=True)
+class MegatronAveraging:
+    """The facts of one step that decide Megatron's averaging (see the module docstring)."""
+
+    loss_return: LossReturn
+    calculate_per_token_loss: bool
+    num_microbatches: int
+    cp_size: int
+    dp_cp_size: int
+    grad_reduction: GradReduction
+
+    def __post_init__(self) -> None:
+        assert self.num_microbatches >= 1 and self.cp_size >= 1 and self.dp_cp_size >= 1
+        assert self.dp_cp_size % self.cp_size == 0, (self.dp_cp_size, self.cp_size)
+
+
+def loss_multiplier(
+    avg: MegatronAveraging,
+    local_num_tokens: torch.Tensor,
+    global_num_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """The factor ``F`` the hook multiplies its exact share ``S`` by before returning it.
+
+    ``F = 1 / (schedule · ddp · finalize)`` with the factors of the module table:
+
+    - schedule: 2-tuple ``cp / M``; 3-tuple without per-token loss ``1 / (clamp(nt, 1) · M)``;
+      3-tuple with per-token loss ``1``.
+    - ddp: ``1 / dp_cp`` for :attr:`GradReduction.MEAN`, ``1`` for :attr:`GradReduction.SUM`.
+    - finalize: ``1 / Σ nt`` on the 3-tuple per-token path, where the hook returns
+      ``nt = local_num_tokens`` on every rank so that ``Σ nt = global_num_tokens``; if that is
+      0, ``L = 0`` and ``F`` is 0 (finalize then skips its division).
+
+    Args:
+        local_num_tokens: the ``nt`` returned with this micro-batch (0-dim integer tensor).
+        global_num_tokens: the step's total valid tokens ``T`` (0-dim tensor).
+    """
+    ddp = 1.0 / avg.dp_cp_size if avg.grad_reduction is GradReduction.MEAN else 1.0
+    if avg.loss_return is LossReturn.TWO_TUPLE:
+        return torch.as_tensor(avg.num_microbatches / (avg.cp_size * ddp), dtype=torch.float32,
+                               device=global_num_tokens.device)
+    if not avg.calculate_per_token_loss:
+        nt = torch.clamp(local_num_tokens, min=1).to(torch.float32)
+        return nt * (avg.num_microbatches / ddp)
+    # calculate_per_token_loss=True: finalize divides the summed gradients by Σ nt = T.
+    return global_num_tokens.to(torch.float32) / ddp
+
+
+def report_count(avg: MegatronAveraging) -> float:
+    """The ``count`` of the ``[sum, count]`` pairs the hook reports per micro-batch.
+
+    Megatron-LM's training loop sums the pairs over micro-batches, all-reduces them over dp_cp
+    and logs ``sum / count``. With ``count = 1 / (M · dp_cp)`` the counts of a step add up to
+    exactly 1 (each dp_cp rank reports ``M`` pairs), and the sums add up to ``L``.
+    """
+    return 1.0 / (avg.num_microbatches * avg.dp_cp_size)

@@ -1,0 +1,59 @@
+"""Loss aggregation modes: the names RL trainers use (verl's ``loss_agg_mode``), as an ``Enum``.
+
+A mode says how per-token losses ``l[i, t]`` of the *global batch* (every sequence on every
+data-parallel rank in every micro-batch of one optimizer step) with a 0/1 mask ``m[i, t]``
+become one scalar ``L``. With ``n_i = Σ_t m[i, t]``, ``T = Σ_i n_i`` and ``N`` the number of
+sequences (or of sequences with ``n_i > 0`` when fully masked ones are excluded):
+
+=========================== =========================================================
+``token-mean``              ``L = Σ_i Σ_t m·l / T``
+``seq-mean-token-sum``      ``L = Σ_i Σ_t m·l / N``
+``seq-mean-token-mean``     ``L = Σ_i (Σ_t m·l / n_i) / N`` (a sequence with n_i = 0 adds 0)
+``seq-mean-token-sum-norm`` ``L = Σ_i Σ_t m·l / (N · C_i)``, ``C_i`` = ``loss_scale_factor``,
+                            default the padded length of sequence i's mask row
+=========================== =========================================================
+
+Where the denominator is 0 (no valid token, or no sequence, in the whole step), ``L = 0``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Union
+
+__all__ = ["AggMode", "AggModeLike"]
+
+
+class AggMode(str, Enum):
+    """How per-token losses are aggregated into one loss per optimizer step."""
+
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+
+    @classmethod
+    def parse(cls, value: "AggModeLike") -> "AggMode":
+        """Accept an ``AggMode`` or one of its string values; anything else is a ``ValueError``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for mode in cls:
+                if mode.value == value:
+                    return mode
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(
+            f"Unknown loss aggregation mode {value!r}. Expected one of: {choices} "
+            f"(or a megatron_agg.AggMode member)."
+        )
+
+    @property
+    def is_sequence_mean(self) -> bool:
+        """True for the ``seq-mean-*`` modes, whose denominator is a number of sequences."""
+        return self is not AggMode.TOKEN_MEAN
+
+    def __str__(self) -> str:  # "token-mean", not "AggMode.TOKEN_MEAN", in messages
+        return self.value
+
+
+AggModeLike = Union[AggMode, str]

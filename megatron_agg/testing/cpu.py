@@ -1,0 +1,155 @@
+"""Run Megatron-Core on the CPU with the gloo backend (tests, examples, CI).
+
+Megatron-Core assumes CUDA in a handful of places that matter for training a small model
+(``device="cuda"`` tensor factories, ``Tensor.cuda()``, ``torch.cuda.current_device()``,
+the CUDA RNG tracker, streams in DDP's gradient sync). :func:`cpu_shim` redirects those to
+the CPU for as long as it is active. It never changes numerics: every operation still runs
+exactly as written, only on the CPU.
+
+It also emulates ``ReduceOp.AVG`` (which gloo lacks) as a SUM followed by a division, so
+that Megatron's ``DistributedDataParallelConfig(average_in_collective=True)`` can be tested.
+
+Not for GPU runs: on a machine with CUDA, do not enable it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["cpu_shim", "CpuDeviceMode"]
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CpuDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and makes ``Tensor.cuda()`` a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, bool)) else a
+                         for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """A stand-in for ``torch.cuda.Stream`` whose methods do nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NullStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _avg_emulating(collective):
+    """Wrap a gloo collective so that ``op=ReduceOp.AVG`` becomes SUM then ÷ group size."""
+
+    @functools.wraps(collective)
+    def wrapper(*args: Any, **kwargs: Any):
+        op = kwargs.get("op")
+        if op != dist.ReduceOp.AVG:
+            return collective(*args, **kwargs)
+        kwargs["op"] = dist.ReduceOp.SUM
+        group = kwargs.get("group")
+        size = dist.get_world_size(group)
+        out = kwargs.get("output", args[0] if args else None)
+        async_op = kwargs.get("async_op", False)
+        kwargs["async_op"] = False
+        collective(*args, **kwargs)
+        out.div_(size)
+        if async_op:
+            return _DoneWork()
+        return None
+
+    wrapper.__wrapped_collective__ = collective  # type: ignore[attr-defined]
+    return wrapper
+
+
+class _DoneWork:
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def cpu_shim() -> Iterator[None]:
+    """Make Megatron-Core run on the CPU while active (see the module docstring).
+
+    Patches ``torch.cuda.{current_device, synchronize, current_stream, default_stream, Stream,
+    stream, set_stream, empty_cache, device_count, manual_seed}``, the no-op
+    ``CudaRNGStatesTracker.fork``, and AVG emulation for ``all_reduce``/``reduce_scatter_tensor``;
+    all are restored on exit.
+    """
+    patches: list[tuple[Any, str, Any]] = []
+
+    def patch(obj: Any, name: str, value: Any) -> None:
+        patches.append((obj, name, getattr(obj, name, None)))
+        setattr(obj, name, value)
+
+    patch(torch.cuda, "current_device", lambda: 0)
+    patch(torch.cuda, "synchronize", lambda *a, **k: None)
+    patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
+    patch(torch.cuda, "default_stream", lambda *a, **k: _NullStream())
+    patch(torch.cuda, "Stream", _NullStream)
+    patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    patch(torch.cuda, "set_stream", lambda *a, **k: None)
+    patch(torch.cuda, "empty_cache", lambda *a, **k: None)
+    patch(torch.cuda, "manual_seed", lambda *a, **k: None)
+    patch(torch.cuda, "manual_seed_all", lambda *a, **k: None)
+    patch(dist, "all_reduce", _avg_emulating(dist.all_reduce))
+    patch(dist, "reduce_scatter_tensor", _avg_emulating(dist.reduce_scatter_tensor))
+    try:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        @contextlib.contextmanager
+        def _fork(self: Any, name: Any = None) -> Iterator[None]:
+            yield
+
+        patch(mrandom.CudaRNGStatesTracker, "fork", _fork)
+    except ImportError:  # Megatron not installed: the torch part still helps
+        pass
+    mode = CpuDeviceMode()
+    try:
+        with mode:
+            yield
+    finally:
+        for obj, name, old in reversed(patches):
+            setattr(obj, name, old)
