@@ -108,9 +108,7 @@ class _Step:
         device = loss_masks[0].device
         self.totals = agg.local_totals(loss_masks, device=device)
         if groups.dp_size > 1:
-            self._work = torch.distributed.all_reduce(
-                self.totals, op=torch.distributed.ReduceOp.SUM, group=groups.dp, async_op=True
-            )
+            self._work = _start_totals_all_reduce(self.totals, groups.dp)
             self.collectives += 1
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
         for mask in loss_masks:
@@ -410,6 +408,13 @@ class LossHook:
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=group)
         return {name: values[i] for i, name in enumerate(names)}
+
+
+def _start_totals_all_reduce(totals: torch.Tensor, dp_group: Any) -> Any:
+    """The hook's one collective per step: SUM of the totals over the pure DP group (async)."""
+    return torch.distributed.all_reduce(
+        totals, op=torch.distributed.ReduceOp.SUM, group=dp_group, async_op=True
+    )
 
 
 def _check_loss_masks(loss_masks: Any, num_microbatches: Any) -> List[torch.Tensor]:

@@ -6,6 +6,12 @@ the CUDA RNG tracker, streams in DDP's gradient sync). :func:`cpu_shim` redirect
 the CPU for as long as it is active. It never changes numerics: every operation still runs
 exactly as written, only on the CPU.
 
+Two gloo gaps are bridged as well. Megatron exchanges pipeline tensor shapes (needed for
+micro-batches of different sizes, ``variable_seq_lengths=True``) with one untagged
+``batch_isend_irecv``; with ``pp=2`` the previous and next stage are the same peer and gloo
+matches the two messages in posting order, so the shapes of activations and gradients swap.
+:func:`cpu_shim` replaces that exchange with the same messages on distinct tags.
+
 It also emulates ``ReduceOp.AVG`` (which gloo lacks) as a SUM followed by a division, so
 that Megatron's ``DistributedDataParallelConfig(average_in_collective=True)`` can be tested.
 
@@ -109,6 +115,33 @@ class _DoneWork:
         return True
 
 
+_DOWNSTREAM_TAG, _UPSTREAM_TAG = 7101, 7102
+
+
+def _tagged_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    """``P2PCommunicator._communicate_shapes`` with one tag per direction (see module doc)."""
+    def shape_of(t):
+        return torch.tensor(t.size(), dtype=torch.int64)
+
+    reqs = []
+    recv_prev_shape = torch.zeros(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.zeros(3, dtype=torch.int64) if recv_next else None
+    if tensor_send_next is not None:
+        reqs.append(dist.isend(shape_of(tensor_send_next), self.next_rank, self.pp_group, _DOWNSTREAM_TAG))
+    if recv_prev_shape is not None:
+        reqs.append(dist.irecv(recv_prev_shape, self.prev_rank, self.pp_group, _DOWNSTREAM_TAG))
+    if tensor_send_prev is not None:
+        reqs.append(dist.isend(shape_of(tensor_send_prev), self.prev_rank, self.pp_group, _UPSTREAM_TAG))
+    if recv_next_shape is not None:
+        reqs.append(dist.irecv(recv_next_shape, self.next_rank, self.pp_group, _UPSTREAM_TAG))
+    for req in reqs:
+        req.wait()
+    return (
+        recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
+        recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0],
+    )
+
+
 @contextlib.contextmanager
 def cpu_shim() -> Iterator[None]:
     """Make Megatron-Core run on the CPU while active (see the module docstring).
@@ -144,6 +177,10 @@ def cpu_shim() -> Iterator[None]:
             yield
 
         patch(mrandom.CudaRNGStatesTracker, "fork", _fork)
+        from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+        if hasattr(getattr(p2p, "P2PCommunicator", None), "_communicate_shapes"):
+            patch(p2p.P2PCommunicator, "_communicate_shapes", _tagged_communicate_shapes)
     except ImportError:  # Megatron not installed: the torch part still helps
         pass
     mode = CpuDeviceMode()

@@ -1,0 +1,98 @@
+"""A ragged global batch and its split over data-parallel ranks and micro-batches.
+
+The batch is what breaks a mean of local means: masked prompts of varying length, responses of
+varying length, fully masked sequences, micro-batches of different sizes, data-parallel ranks
+with different numbers of sequences and micro-batches, and (with four ranks) one rank whose
+tokens are all masked. Masks alternate bool / int64 / float32 dtypes between micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+
+__all__ = ["GlobalBatch", "make_global_batch", "MICROBATCH_PLANS", "split_for_rank", "MicroBatch"]
+
+#: Micro-batch sizes of each data-parallel rank, for each data-parallel size; 24 sequences in
+#: all. Every rank has an even number of micro-batches (interleaved PP with pp=2 needs it).
+#: With dp=4, rank 2 holds sequences 15 and 16, which are fully masked.
+MICROBATCH_PLANS: Dict[int, List[List[int]]] = {
+    1: [[5, 3, 7, 1, 4, 4]],
+    2: [[4, 1, 6, 2], [3, 5, 1, 2]],
+    4: [[2, 3], [4, 2, 1, 3], [1, 1], [3, 4]],
+}
+NUM_SEQUENCES = 24
+FULLY_MASKED = (7, 15, 16)
+_MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
+
+
+@dataclass
+class GlobalBatch:
+    tokens: torch.Tensor  # [G, S] int64
+    labels: torch.Tensor  # [G, S] int64
+    loss_mask: torch.Tensor  # [G, S] float32 0/1
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    loss_mask: torch.Tensor  # as the loss function sees it (CP-local where CP > 1)
+    full_loss_mask: torch.Tensor  # whole sequences, for LossHook.wrap(loss_masks=...)
+
+
+def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> GlobalBatch:
+    """24 sequences of padded length ``seq_length``: masked prompt, valid response, padding."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (NUM_SEQUENCES, seq_length), generator=g)
+    labels = torch.randint(0, vocab_size, (NUM_SEQUENCES, seq_length), generator=g)
+    mask = torch.zeros(NUM_SEQUENCES, seq_length)
+    for i in range(NUM_SEQUENCES):
+        if i in FULLY_MASKED:
+            continue
+        prompt = int(torch.randint(0, seq_length // 2, (1,), generator=g))
+        response = int(torch.randint(1, seq_length - prompt + 1, (1,), generator=g))
+        mask[i, prompt : prompt + response] = 1.0
+    return GlobalBatch(tokens, labels, mask)
+
+
+def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int = 1,
+                   cp_rank: int = 0) -> List[MicroBatch]:
+    """This data-parallel rank's micro-batches, per :data:`MICROBATCH_PLANS`."""
+    from ..layout import to_cp_local
+
+    plan = MICROBATCH_PLANS[dp_size]
+    start = sum(sum(sizes) for sizes in plan[:dp_rank])
+    out = []
+    for j, size in enumerate(plan[dp_rank]):
+        rows = slice(start, start + size)
+        start += size
+        dtype = _MASK_DTYPES[j % len(_MASK_DTYPES)]
+        full_mask = batch.loss_mask[rows].to(dtype)
+        s = batch.seq_length
+        position_ids = torch.arange(s).unsqueeze(0).expand(size, s).contiguous()
+        local = lambda t: to_cp_local(t, cp_size, cp_rank).contiguous()  # noqa: E731
+        out.append(
+            MicroBatch(
+                tokens=local(batch.tokens[rows]),
+                labels=local(batch.labels[rows]),
+                position_ids=local(position_ids),
+                loss_mask=local(full_mask),
+                full_loss_mask=full_mask,
+            )
+        )
+    return out
+
+
+def all_rows(plan: Sequence[Sequence[int]]) -> int:
+    return sum(sum(s) for s in plan)
+
+
+assert all(all_rows(p) == NUM_SEQUENCES for p in MICROBATCH_PLANS.values())

@@ -1,0 +1,202 @@
+"""A small ``GPTModel`` (local spec) built for any layout from one set of full weights, its
+single-process reference gradients, and the comparison of a sharded run against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .parallel import Layout
+
+__all__ = [
+    "TinyGPT",
+    "build_chunks",
+    "full_state_dict",
+    "load_full_weights",
+    "wrap_ddp",
+    "reference_grads",
+    "grad_error",
+]
+
+
+@dataclass(frozen=True)
+class TinyGPT:
+    """Sizes of the test model (fp32, no dropout, tied embeddings, learned positions)."""
+
+    vocab_size: int = 64
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    num_layers: int = 4
+    max_sequence_length: int = 32
+    seed: int = 1234
+    layer_spec: Optional[Callable[[], Any]] = field(default=None, compare=False)
+
+    def transformer_config(self, layout: Layout, **overrides: Any):
+        from megatron.core.transformer import TransformerConfig
+
+        kwargs: Dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            use_cpu_initialization=True,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            context_parallel_size=layout.cp,
+            pipeline_dtype=torch.float32,
+            params_dtype=torch.float32,
+            # Micro-batches of different sizes need PP's shape exchange (variable_seq_lengths),
+            # which Megatron only accepts with the alltoall MoE dispatcher (unused here).
+            variable_seq_lengths=layout.pp > 1,
+            moe_token_dispatcher_type="alltoall",
+            batch_p2p_comm=False,  # gloo + interleaving + batched p2p silently swaps tensors
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+def _layer_spec(spec: TinyGPT):
+    if spec.layer_spec is not None:
+        return spec.layer_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec()
+
+
+def build_chunks(spec: TinyGPT, layout: Layout, **config_overrides: Any) -> List[torch.nn.Module]:
+    """The model chunks of this rank (``vpp`` of them with virtual pipelining, else one).
+
+    Model parallel state must be initialized for ``layout``. Weights are Megatron's own random
+    init; call :func:`load_full_weights` to make them equal to a reference.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = spec.transformer_config(layout, **config_overrides)
+    chunks = []
+    for vp_stage in range(layout.vpp or 1):
+        vp = vp_stage if layout.vpp else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=_layer_spec(spec),
+                vocab_size=spec.vocab_size,
+                max_sequence_length=spec.max_sequence_length,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                share_embeddings_and_output_weights=True,
+                position_embedding_type="learned_absolute",
+                vp_stage=vp,
+            )
+        )
+    return chunks
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def full_name(chunk: torch.nn.Module, local_name: str) -> str:
+    """The reference (TP=PP=1) name of a parameter of a sharded chunk."""
+    model = _unwrap(chunk)
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        layer = model.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+    name = ".".join(parts)
+    if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def _shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    from megatron.core import parallel_state as ps
+
+    assert getattr(param, "partition_stride", 1) == 1, "strided TP partitions are not supported"
+    dim = param.partition_dim
+    tp = ps.get_tensor_model_parallel_world_size()
+    return full.chunk(tp, dim=dim)[ps.get_tensor_model_parallel_rank()]
+
+
+def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters of an unsharded model, cloned."""
+    return {name: p.detach().clone() for name, p in _unwrap(model).named_parameters()}
+
+
+def load_full_weights(chunks: Sequence[torch.nn.Module], full: Dict[str, torch.Tensor]) -> None:
+    """Copy the matching shard of every full weight into the chunks' parameters."""
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in _unwrap(chunk).named_parameters():
+                shard = _shard(full[full_name(chunk, name)], param)
+                assert shard.shape == param.shape, (name, shard.shape, param.shape)
+                param.copy_(shard)
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], average_in_collective: bool = False,
+             use_distributed_optimizer: bool = False) -> List[torch.nn.Module]:
+    """Wrap every chunk in Megatron's DDP and set the config hooks Megatron-LM sets."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        average_in_collective=average_in_collective,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+    config = wrapped[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    for m in wrapped:
+        m.zero_grad_buffer()
+    return wrapped
+
+
+def reference_grads(
+    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """Gradients of ``loss_fn(model)`` for an unsharded model (one process, plain autograd)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model)
+    loss.backward()
+    return {
+        name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in _unwrap(model).named_parameters()
+    }
+
+
+def grad_error(chunks: Sequence[torch.nn.Module], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Max relative error ``max|g − g_ref| / max|g_ref|`` of each of this rank's parameters.
+
+    ``g`` is the parameter's ``main_grad`` (Megatron DDP) or ``grad``; ``g_ref`` the matching
+    shard of the reference gradient.
+    """
+    errors: Dict[str, float] = {}
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        for name, param in model.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            target = _shard(ref[full_name(chunk, name)], param)
+            scale = float(target.abs().max())
+            diff = float((grad.float() - target.float()).abs().max())
+            errors[full_name(chunk, name)] = diff / scale if scale > 0 else diff
+    return errors

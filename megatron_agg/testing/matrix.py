@@ -1,0 +1,409 @@
+"""The gradient-equivalence matrix: every mode under many parallel layouts and Megatron paths.
+
+Run under ``torchrun`` (gloo, CPU)::
+
+    torchrun --nproc-per-node 4 -m megatron_agg.testing.matrix --suite core --out results.json
+
+Each *configuration* is one optimizer step of a small ``GPTModel`` on a ragged global batch
+(:mod:`.data`) under a layout (TP/PP/VPP/CP, DP from the world size), a Megatron path (loss
+return convention × ``calculate_per_token_loss`` × ``average_in_collective``) and a loss spec
+(mode × options, or a two-term GRPO-style loss). It passes when every rank's gradients
+(``main_grad`` after ``finalize_model_grads``) equal the matching slice of the single-process
+reference gradients (:func:`megatron_agg.reference_loss` over the whole global batch, plain
+autograd) to ``--tol`` relative, the hook's :meth:`~megatron_agg.LossHook.global_loss` and its
+``[sum, count]`` reports equal the reference loss, and the hook issued exactly the expected
+number of collectives. Negative controls (Megatron's plain per-micro-batch averaging, a
+``local × dp`` denominator) run in the same harness and must *fail* the comparison; the native
+``calculate_per_token_loss`` token-mean must pass it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..averaging import LossReturn
+from ..definition import reference_loss
+from ..modes import AggMode
+from ..terms import LossTerm
+from . import data as data_mod
+from .cpu import cpu_shim
+from .gpt import TinyGPT, build_chunks, full_state_dict, grad_error, load_full_weights, reference_grads, wrap_ddp
+from .parallel import Layout, model_parallel
+from .sync_guard import count_collectives, forbid_host_sync
+
+__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "main"]
+
+TOLERANCE = 1e-5
+#: A negative control must miss the reference by at least this much (not a borderline pass).
+CONTROL_MARGIN = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# What is computed
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss: named terms and a map from the model output (per-token CE) to per-token losses."""
+
+    name: str
+    terms: Mapping[str, LossTerm]
+    fn: Optional[Callable[[torch.Tensor], Any]] = None
+
+    def reference(self, ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_token = self.fn(ce) if self.fn is not None else ce
+        if isinstance(per_token, torch.Tensor):
+            per_token = {next(iter(self.terms)): per_token}
+        return sum(reference_loss([per_token[n]], [mask], t) for n, t in self.terms.items())
+
+
+def _grpo_fn(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
+    # A policy term and a KL-like term, both functions of the per-token output.
+    return {"pg": ce, "kl": 0.5 * ce * ce}
+
+
+def _mode_specs() -> List[LossSpec]:
+    specs = []
+    for mode in AggMode:
+        for exclude in (False, True):
+            name = mode.value + ("+excl" if exclude else "")
+            specs.append(LossSpec(name, {"loss": LossTerm(mode, exclude_fully_masked_seqs=exclude)}))
+    specs.append(
+        LossSpec("seq-mean-token-sum-norm+C12", {"loss": LossTerm("seq-mean-token-sum-norm", loss_scale_factor=12.0)})
+    )
+    specs.append(
+        LossSpec(
+            "grpo:pg-token-mean+0.1*kl-seq-mean-token-mean+excl",
+            {
+                "pg": LossTerm("token-mean"),
+                "kl": LossTerm("seq-mean-token-mean", weight=0.1, exclude_fully_masked_seqs=True),
+            },
+            fn=_grpo_fn,
+        )
+    )
+    return specs
+
+
+LOSS_SPECS: List[LossSpec] = _mode_specs()
+TOKEN_MEAN = LOSS_SPECS[0]
+SEQ_MEAN_TOKEN_MEAN = next(s for s in LOSS_SPECS if s.name == "seq-mean-token-mean")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A Megatron path: the loss return convention and the averaging options."""
+
+    loss_return: LossReturn
+    per_token: bool = False  # TransformerConfig.calculate_per_token_loss
+    average_in_collective: bool = False  # DistributedDataParallelConfig
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.loss_return.value}"
+            f"{'+per-token' if self.per_token else ''}"
+            f"{'+avg-in-collective' if self.average_in_collective else ''}"
+        )
+
+
+VARIANTS: List[Variant] = [
+    Variant(LossReturn.TWO_TUPLE),
+    Variant(LossReturn.TWO_TUPLE, average_in_collective=True),
+    Variant(LossReturn.TWO_TUPLE, per_token=True),
+    Variant(LossReturn.THREE_TUPLE),
+    Variant(LossReturn.THREE_TUPLE, average_in_collective=True),
+    Variant(LossReturn.THREE_TUPLE, per_token=True),
+]
+
+#: Layouts of each suite by world size (every layout uses the whole world; dp = world / tp·pp·cp).
+SUITES: Dict[str, Dict[int, List[Layout]]] = {
+    "core": {
+        2: [Layout(tp=2), Layout(pp=2), Layout(pp=2, vpp=2), Layout()],
+        4: [
+            Layout(),
+            Layout(tp=2),
+            Layout(pp=2),
+            Layout(pp=2, vpp=2),
+            Layout(tp=2, pp=2),
+            Layout(tp=2, pp=2, vpp=2),
+        ],
+        8: [Layout(tp=2), Layout(tp=2, pp=2, vpp=2), Layout(pp=2)],
+    },
+    "smoke": {
+        2: [Layout(tp=2)],
+        4: [Layout(tp=2), Layout(pp=2, vpp=2)],
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Controls: loss functions that do *not* use the hook's exact scaling
+# ---------------------------------------------------------------------------------------------
+def _plain_masked_mean(loss_return: LossReturn):
+    """Megatron's classic per-micro-batch loss: the local masked mean (or sum + count)."""
+
+    def make(mask: torch.Tensor):
+        def loss_func(output: torch.Tensor):
+            valid = mask != 0
+            total = torch.where(valid, output, torch.zeros_like(output)).sum()
+            count = valid.sum(dtype=torch.int)
+            if loss_return is LossReturn.TWO_TUPLE:
+                mean = total / torch.clamp(count, min=1)
+                return mean, {"loss": mean.detach()}
+            return total, count, {"loss": torch.stack([total.detach(), count.float()])}
+
+        return loss_func
+
+    return make
+
+
+@contextlib.contextmanager
+def _local_times_dp_totals() -> Iterator[None]:
+    """Break the hook on purpose: local totals × dp instead of an all-reduce (verl's shortcut)."""
+    from .. import hook as hook_mod
+
+    original = hook_mod._start_totals_all_reduce
+
+    def local_times_dp(totals: torch.Tensor, group: Any) -> None:
+        totals.mul_(dist.get_world_size(group))
+        return None
+
+    hook_mod._start_totals_all_reduce = local_times_dp
+    try:
+        yield
+    finally:
+        hook_mod._start_totals_all_reduce = original
+
+
+@dataclass(frozen=True)
+class Control:
+    name: str
+    variant: Variant
+    spec: LossSpec  # the reference it is compared against
+    expect_pass: Callable[[int], bool]  # of the dp size
+    plain: Optional[LossReturn] = None  # Megatron's plain loss instead of the hook
+    break_hook: bool = False
+
+
+CONTROLS: List[Control] = [
+    Control("plain-mean-2-tuple", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN, lambda dp: False, plain=LossReturn.TWO_TUPLE),
+    Control("plain-mean-3-tuple", Variant(LossReturn.THREE_TUPLE), TOKEN_MEAN, lambda dp: False, plain=LossReturn.THREE_TUPLE),
+    Control(
+        "native-per-token-3-tuple", Variant(LossReturn.THREE_TUPLE, per_token=True), TOKEN_MEAN,
+        lambda dp: True, plain=LossReturn.THREE_TUPLE,
+    ),
+    Control("hook-local-x-dp", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN, lambda dp: dp == 1, break_hook=True),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    layout: str
+    variant: str
+    spec: str
+    control: Optional[str]
+    grad_err: float
+    loss_err: float
+    report_err: float
+    collectives_ok: bool
+    expect_pass: bool
+    seconds: float
+    passed: bool = field(default=False)
+
+    def finalize(self, tol: float) -> None:
+        exact = self.grad_err <= tol and self.loss_err <= tol and self.report_err <= tol and self.collectives_ok
+        if self.expect_pass:
+            self.passed = exact
+        else:  # a control must clearly miss the reference
+            self.passed = self.grad_err > CONTROL_MARGIN
+
+
+class Harness:
+    def __init__(self, model: TinyGPT, seq_length: int = 16, tol: float = TOLERANCE) -> None:
+        self.model = model
+        self.tol = tol
+        self.batch = data_mod.make_global_batch(model.vocab_size, seq_length)
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.full: Dict[str, torch.Tensor] = {}
+        self.ref: Dict[str, Tuple[Dict[str, torch.Tensor], float]] = {}
+
+    # -- reference (TP = PP = 1, one process's worth of work on every rank) --------------------
+    def compute_references(self, specs: Sequence[LossSpec]) -> None:
+        with model_parallel(Layout()):
+            torch.manual_seed(self.model.seed)
+            (full_model,) = build_chunks(self.model, Layout())
+            self.full = full_state_dict(full_model)
+            b = self.batch
+            position_ids = torch.arange(b.seq_length).unsqueeze(0).expand_as(b.tokens)
+            for spec in specs:
+                value: List[float] = []
+
+                def loss_fn(m: torch.nn.Module, spec: LossSpec = spec) -> torch.Tensor:
+                    ce = m(b.tokens, position_ids, None, labels=b.labels)
+                    loss = spec.reference(ce, b.loss_mask)
+                    value.append(float(loss))
+                    return loss
+
+                grads = reference_grads(full_model, loss_fn)
+                self.ref[spec.name] = (grads, value[0])
+
+    # -- one configuration ---------------------------------------------------------------------
+    def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None) -> Result:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from ..hook import LossHook
+
+        t0 = time.perf_counter()
+        chunks = build_chunks(self.model, layout, calculate_per_token_loss=variant.per_token)
+        load_full_weights(chunks, self.full)
+        model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        mbs = data_mod.split_for_rank(self.batch, dp, dp_rank, cp, cp_rank)
+        is_last = ps.is_pipeline_last_stage()
+        hook = LossHook(terms=spec.terms, loss_return=variant.loss_return)
+        plain = _plain_masked_mean(control.plain) if control and control.plain else None
+
+        def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
+            mb = next(data_iterator)
+            output = chunk(mb.tokens, mb.position_ids, None, labels=mb.labels)
+            if plain is not None:
+                return output, plain(mb.loss_mask)
+            inner = hook.loss_func(mb.loss_mask, spec.fn)
+
+            def guarded(*args: Any, **kwargs: Any):
+                with forbid_host_sync():
+                    return inner(*args, **kwargs)
+
+            return output, guarded
+
+        fb = get_forward_backward_func()
+        iterators: Any = [iter(mbs) for _ in model] if layout.vpp else iter(mbs)
+        kwargs = dict(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=model,
+            num_microbatches=len(mbs),
+            seq_length=mbs[0].tokens.shape[1],
+            micro_batch_size=mbs[0].tokens.shape[0],
+            forward_only=False,
+        )
+        breaker = _local_times_dp_totals() if control and control.break_hook else contextlib.nullcontext()
+        with breaker, count_collectives() as counter:
+            if plain is not None:
+                losses = fb(**kwargs)
+            else:
+                losses = hook.wrap(fb)(loss_masks=[mb.full_loss_mask for mb in mbs], **kwargs)
+
+        ref_grads, ref_loss = self.ref[spec.name]
+        grad_err = max(grad_error(model, ref_grads).values())
+        loss_err = report_err = 0.0
+        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not (control and control.break_hook)) else 0
+        collectives_ok = counter.count == expected_collectives
+        if plain is None and is_last:
+            scale = max(abs(ref_loss), 1e-12)
+            global_loss = float(hook.global_loss()["loss"])
+            loss_err = abs(global_loss - ref_loss) / scale
+            pair = torch.stack([r["loss"] for r in losses]).sum(dim=0)
+            dist.all_reduce(pair, group=ps.get_data_parallel_group(with_context_parallel=True))
+            report_err = abs(float(pair[0] / pair[1]) - ref_loss) / scale
+        stats = torch.tensor([grad_err, loss_err, report_err, 0.0 if collectives_ok else 1.0], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        result = Result(
+            layout=layout.name(self.world),
+            variant=variant.name,
+            spec=spec.name,
+            control=control.name if control else None,
+            grad_err=float(stats[0]),
+            loss_err=float(stats[1]),
+            report_err=float(stats[2]),
+            collectives_ok=bool(stats[3] == 0),
+            expect_pass=control.expect_pass(dp) if control else True,
+            seconds=time.perf_counter() - t0,
+        )
+        result.finalize(self.tol)
+        return result
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def run_suite(layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
+              controls: Sequence[Control], tol: float) -> List[Result]:
+    harness = Harness(TinyGPT(), tol=tol)
+    harness.compute_references(list(specs) + [c.spec for c in controls])
+    results: List[Result] = []
+    total = len(layouts) * (len(variants) * len(specs) + len(controls))
+    for layout in layouts:
+        with model_parallel(layout):
+            jobs = [(v, s, None) for v in variants for s in specs] + [(c.variant, c.spec, c) for c in controls]
+            for variant, spec, control in jobs:
+                res = harness.run(layout, variant, spec, control)
+                results.append(res)
+                mark = "ok  " if res.passed else "FAIL"
+                what = f"control {res.control}" if res.control else f"{res.variant:<30} {res.spec}"
+                _log(
+                    harness.rank,
+                    f"[{len(results):>4}/{total}] {mark} {res.layout:<18} {what:<70} "
+                    f"grad_err={res.grad_err:.2e} loss_err={res.loss_err:.1e} "
+                    f"report_err={res.report_err:.1e} coll={'ok' if res.collectives_ok else 'BAD'} "
+                    f"({res.seconds:.2f}s)",
+                )
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="core", choices=sorted(SUITES))
+    parser.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    parser.add_argument("--tol", type=float, default=TOLERANCE)
+    parser.add_argument("--specs", default=None, help="comma-separated loss spec names (default: all)")
+    parser.add_argument("--no-controls", action="store_true")
+    args = parser.parse_args(argv)
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    layouts = SUITES[args.suite].get(world)
+    if not layouts:
+        raise SystemExit(f"suite {args.suite!r} has no layouts for world size {world}; "
+                         f"it has {sorted(SUITES[args.suite])}")
+    specs = LOSS_SPECS if not args.specs else [s for s in LOSS_SPECS if s.name in args.specs.split(",")]
+    controls = [] if args.no_controls else CONTROLS
+    t0 = time.perf_counter()
+    with cpu_shim():
+        results = run_suite(layouts, specs, VARIANTS, controls, args.tol)
+    failed = [r for r in results if not r.passed]
+    n_controls = sum(1 for r in results if r.control)
+    _log(
+        dist.get_rank(),
+        f"world {world}: ran {len(results)} configurations ({len(results) - n_controls} exactness checks, "
+        f"{n_controls} controls) on {len(layouts)} layouts in {time.perf_counter() - t0:.1f}s; "
+        f"{len(failed)} failed",
+    )
+    if args.out and dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world_size": world, "suite": args.suite, "tolerance": args.tol,
+                       "results": [asdict(r) for r in results]}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

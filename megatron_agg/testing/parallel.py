@@ -1,0 +1,75 @@
+"""Initialize and tear down Megatron's model parallel state many times in one process.
+
+``destroy_model_parallel()`` forgets Megatron's groups but leaves them alive; after a few dozen
+re-initializations their threads make every gloo collective crawl. :func:`model_parallel`
+records every group created while it initializes and destroys them on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch.distributed as dist
+
+__all__ = ["Layout", "model_parallel"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout. ``dp`` is derived from the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+
+    def dp(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by tp·pp·cp = {model_parallel}")
+        return world_size // model_parallel
+
+    def name(self, world_size: int) -> str:
+        parts = [f"dp{self.dp(world_size)}", f"tp{self.tp}", f"pp{self.pp}"]
+        if self.vpp:
+            parts.append(f"vpp{self.vpp}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        return "-".join(parts)
+
+
+@contextlib.contextmanager
+def model_parallel(layout: Layout) -> Iterator[None]:
+    """``initialize_model_parallel`` for ``layout``; on exit destroy it and all its groups."""
+    from megatron.core import parallel_state as ps
+
+    created: List[object] = []
+    original = dist.new_group
+
+    def tracking_new_group(*args, **kwargs):
+        group = original(*args, **kwargs)
+        created.append(group)
+        return group
+
+    dist.new_group = tracking_new_group
+    try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            context_parallel_size=layout.cp,
+            create_gloo_process_groups=False,
+        )
+    finally:
+        dist.new_group = original
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        for group in created:
+            if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
+                continue
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(group)
