@@ -14,6 +14,7 @@ __all__ = [
     "TinyGPT",
     "build_chunks",
     "full_state_dict",
+    "full_name",
     "load_full_weights",
     "wrap_ddp",
     "reference_grads",
@@ -170,15 +171,15 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], average_in_collective: bool = Fa
 
 
 def reference_grads(
-    model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]
+    full: Dict[str, torch.Tensor], loss_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]
 ) -> Dict[str, torch.Tensor]:
-    """Gradients of ``loss_fn(model)`` for an unsharded model (one process, plain autograd)."""
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn(model)
-    loss.backward()
+    """Gradients of ``loss_fn(weights)`` w.r.t. full weights (one process, plain autograd)."""
+    weights = {name: t.detach().clone().requires_grad_(True) for name, t in full.items()}
+    loss = loss_fn(weights)
+    grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
     return {
-        name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-        for name, p in _unwrap(model).named_parameters()
+        name: (g.detach() if g is not None else torch.zeros_like(full[name]))
+        for name, g in zip(weights, grads)
     }
 
 

@@ -9,8 +9,8 @@ Each *configuration* is one optimizer step of a small ``GPTModel`` on a ragged g
 return convention × ``calculate_per_token_loss`` × ``average_in_collective``) and a loss spec
 (mode × options, or a two-term GRPO-style loss). It passes when every rank's gradients
 (``main_grad`` after ``finalize_model_grads``) equal the matching slice of the single-process
-reference gradients (:func:`megatron_agg.reference_loss` over the whole global batch, plain
-autograd) to ``--tol`` relative, the hook's :meth:`~megatron_agg.LossHook.global_loss` and its
+reference gradients (:func:`megatron_agg.reference_loss` over the whole global batch, the model
+written out in plain PyTorch (:mod:`.reference_gpt`), plain autograd) to ``--tol`` relative, the hook's :meth:`~megatron_agg.LossHook.global_loss` and its
 ``[sum, count]`` reports equal the reference loss, and the hook issued exactly the expected
 number of collectives. Negative controls (Megatron's plain per-micro-batch averaging, a
 ``local × dp`` denominator) run in the same harness and must *fail* the comparison; the native
@@ -37,8 +37,9 @@ from ..modes import AggMode
 from ..terms import LossTerm
 from . import data as data_mod
 from .cpu import cpu_shim
-from .gpt import TinyGPT, build_chunks, full_state_dict, grad_error, load_full_weights, reference_grads, wrap_ddp
+from .gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
 from .parallel import Layout, model_parallel
+from .reference_gpt import init_full_weights, per_token_loss
 from .sync_guard import count_collectives, forbid_host_sync
 
 __all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "main"]
@@ -127,6 +128,7 @@ VARIANTS: List[Variant] = [
 #: Layouts of each suite by world size (every layout uses the whole world; dp = world / tp·pp·cp).
 SUITES: Dict[str, Dict[int, List[Layout]]] = {
     "core": {
+        1: [Layout()],
         2: [Layout(tp=2), Layout(pp=2), Layout(pp=2, vpp=2), Layout()],
         4: [
             Layout(),
@@ -240,25 +242,24 @@ class Harness:
         self.full: Dict[str, torch.Tensor] = {}
         self.ref: Dict[str, Tuple[Dict[str, torch.Tensor], float]] = {}
 
-    # -- reference (TP = PP = 1, one process's worth of work on every rank) --------------------
+    # -- reference: the plain-PyTorch model on the whole global batch, on every rank -------------
     def compute_references(self, specs: Sequence[LossSpec]) -> None:
-        with model_parallel(Layout()):
-            torch.manual_seed(self.model.seed)
-            (full_model,) = build_chunks(self.model, Layout())
-            self.full = full_state_dict(full_model)
-            b = self.batch
-            position_ids = torch.arange(b.seq_length).unsqueeze(0).expand_as(b.tokens)
-            for spec in specs:
-                value: List[float] = []
+        self.full = init_full_weights(self.model, self.model.seed)
+        b = self.batch
+        position_ids = torch.arange(b.seq_length).unsqueeze(0).expand_as(b.tokens)
+        for spec in specs:
+            if spec.name in self.ref:
+                continue
+            value: List[float] = []
 
-                def loss_fn(m: torch.nn.Module, spec: LossSpec = spec) -> torch.Tensor:
-                    ce = m(b.tokens, position_ids, None, labels=b.labels)
-                    loss = spec.reference(ce, b.loss_mask)
-                    value.append(float(loss))
-                    return loss
+            def loss_fn(w: Dict[str, torch.Tensor], spec: LossSpec = spec) -> torch.Tensor:
+                ce = per_token_loss(w, self.model, b.tokens, position_ids, b.labels)
+                loss = spec.reference(ce, b.loss_mask)
+                value.append(float(loss))
+                return loss
 
-                grads = reference_grads(full_model, loss_fn)
-                self.ref[spec.name] = (grads, value[0])
+            grads = reference_grads(self.full, loss_fn)
+            self.ref[spec.name] = (grads, value[0])
 
     # -- one configuration ---------------------------------------------------------------------
     def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None) -> Result:
