@@ -1,0 +1,40 @@
+"""megatron_agg: exact global loss aggregation for Megatron-Core."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "megatron_agg" / "__init__.py").read_text()).group(1)
+
+# The supported megatron-core releases; megatron_agg.integration.SUPPORTED_MEGATRON_CORE says the
+# same at run time (tests/test_packaging.py keeps the two in agreement).
+MEGATRON_CORE = "megatron-core>=0.16.0,<0.17.0"
+
+setup(
+    name="megatron-agg",
+    version=VERSION,
+    description="Exact global loss aggregation (token-mean, seq-mean-*) for Megatron-Core under TP/PP/VPP/CP/DP",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_agg", "megatron_agg.*"]),
+    install_requires=[
+        "torch>=2.4",
+        MEGATRON_CORE,
+    ],
+    extras_require={
+        # transformer-engine and apex come with NVIDIA's PyTorch container (docker/); they are
+        # optional, GPU-only, and not installable on CPU machines.
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest>=7", "numpy"],
+        "dev": ["pytest>=7", "numpy", "ruff"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
