@@ -121,10 +121,11 @@ def sequence_weights(term: LossTerm, mask: torch.Tensor) -> torch.Tensor:
 def masked_weighted_sum(
     per_token: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """``Σ_{i,t} weights[i,t] · l[i,t]`` over valid tokens, in float32.
+    """``Σ_{i,t} weights[i,t] · l[i,t]`` over valid tokens, in at least float32.
 
     Masked positions are selected away (``torch.where``), not multiplied by 0, so a NaN or Inf
     in a padded position can neither reach the value nor the gradient.
     """
-    values = torch.where(valid, per_token.to(_WEIGHT_DTYPE), torch.zeros((), dtype=_WEIGHT_DTYPE, device=per_token.device))
-    return (values * weights).sum()
+    dtype = torch.promote_types(per_token.dtype, _WEIGHT_DTYPE)
+    values = torch.where(valid, per_token.to(dtype), torch.zeros((), dtype=dtype, device=per_token.device))
+    return (values * weights.to(dtype)).sum()

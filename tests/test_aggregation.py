@@ -1,0 +1,184 @@
+"""The aggregation arithmetic, without Megatron: shares of any split add up to the definition."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from megatron_agg import AggMode, LossTerm, reference_loss
+from megatron_agg import aggregation as agg
+from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging, loss_multiplier, report_count
+from megatron_agg.layout import cp_local_positions, to_cp_local
+
+TERMS = [
+    LossTerm(mode, exclude_fully_masked_seqs=exclude)
+    for mode, exclude in itertools.product(AggMode, (False, True))
+] + [LossTerm("seq-mean-token-sum-norm", loss_scale_factor=5.0, weight=0.3)]
+
+
+def ragged_batch(seed: int, num_seqs: int = 13, seq_len: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.rand(num_seqs, seq_len, generator=g, dtype=torch.float64) * 3
+    mask = (torch.rand(num_seqs, seq_len, generator=g) < 0.5).float()
+    mask[2] = 0  # a fully masked sequence
+    mask[5] = 0
+    return loss, mask
+
+
+def random_split(num_seqs: int, dp: int, seed: int):
+    """Assign sequences to dp ranks and micro-batches with uneven sizes (some ranks get few)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(num_seqs - 1, generator=g)[: dp - 1].add(1).tolist())
+    bounds = [0, *cuts, num_seqs]
+    ranks = []
+    for r in range(dp):
+        rows = list(range(bounds[r], bounds[r + 1]))
+        mbs, i = [], 0
+        while i < len(rows):
+            size = int(torch.randint(1, 4, (1,), generator=g))
+            mbs.append(rows[i : i + size])
+            i += size
+        ranks.append(mbs)
+    return ranks
+
+
+def shares(term, loss, mask, split):
+    totals = sum(agg.local_totals([mask[rows] for rows in mbs]) for mbs in split)  # the all-reduce
+    inv = agg.safe_reciprocal(agg.denominator(term, totals))
+    out = []
+    for mbs in split:
+        for rows in mbs:
+            w = agg.sequence_weights(term, mask[rows]).double()
+            out.append(agg.masked_weighted_sum(loss[rows], agg.valid_tokens(mask[rows]), w) * inv * term.weight)
+    return out
+
+
+@pytest.mark.parametrize("term", TERMS, ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}-C{t.loss_scale_factor}")
+@pytest.mark.parametrize("dp,seed", [(1, 0), (2, 1), (3, 2), (4, 3)])
+def test_shares_sum_to_the_definition_value_and_gradient(term, dp, seed):
+    loss, mask = ragged_batch(seed)
+    loss.requires_grad_(True)
+    total = sum(shares(term, loss, mask, random_split(loss.shape[0], dp, seed)))
+    ref = reference_loss([loss], [mask], term)
+    assert torch.allclose(total.double(), ref, rtol=1e-6, atol=0)
+    g_total, = torch.autograd.grad(total, loss)
+    g_ref, = torch.autograd.grad(ref, loss)
+    assert torch.allclose(g_total, g_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("term", TERMS[:8], ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}")
+def test_a_mean_of_local_means_is_wrong(term):
+    """The negative control of the arithmetic: local denominators miss the definition."""
+    loss, mask = ragged_batch(7)
+    split = random_split(loss.shape[0], 3, 7)
+    local_means = []
+    for mbs in split:
+        for rows in mbs:
+            local_means.append(reference_loss([loss[rows]], [mask[rows]], term))
+    mean_of_means = sum(local_means) / len(local_means)
+    assert not torch.allclose(mean_of_means, reference_loss([loss], [mask], term), rtol=1e-3)
+
+
+def test_all_masked_step_is_zero_with_zero_gradients_not_nan():
+    loss = torch.full((3, 4), float("nan"), dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(3, 4)
+    for term in TERMS:
+        total = sum(shares(term, loss, mask, [[[0, 1], [2]]]))
+        assert float(total) == 0.0
+        (grad,) = torch.autograd.grad(total, loss)
+        assert torch.equal(grad, torch.zeros_like(grad))
+        assert float(reference_loss([loss.detach().nan_to_num()], [mask], term)) == 0.0
+
+
+def test_nan_and_inf_in_masked_positions_do_not_leak():
+    loss, mask = ragged_batch(3)
+    poisoned = loss.clone()
+    poisoned[mask == 0] = float("nan")
+    poisoned[0, mask[0] == 0] = float("inf")
+    poisoned.requires_grad_(True)
+    for term in TERMS:
+        total = sum(shares(term, poisoned, mask, [[list(range(13))]]))
+        assert math.isfinite(float(total))
+        (grad,) = torch.autograd.grad(total, poisoned)
+        assert torch.isfinite(grad).all()
+        assert torch.allclose(total.double(), reference_loss([loss], [mask], term))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.float16, torch.float32])
+def test_mask_dtypes_agree(dtype):
+    loss, mask = ragged_batch(4)
+    for term in TERMS:
+        base = sum(shares(term, loss, mask, [[list(range(13))]]))
+        other = sum(shares(term, loss, mask.to(dtype), [[list(range(13))]]))
+        assert torch.equal(base, other)
+
+
+def test_totals_count_tokens_sequences_and_nonempty_sequences():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
+    totals = agg.local_totals([mask, mask[:1]])
+    assert totals.tolist() == [6.0, 4.0, 3.0]
+    assert totals.dtype == torch.float64
+
+
+def test_default_loss_scale_factor_is_the_padded_length_of_each_sequence():
+    term = LossTerm("seq-mean-token-sum-norm")
+    a = torch.ones(1, 4)
+    b = torch.ones(1, 6)
+    la, lb = torch.ones(1, 4), torch.ones(1, 6)
+    # Σ_i Σ_t m·l / (N · C_i) = (4/4 + 6/6) / 2
+    assert float(reference_loss([la, lb], [a, b], term)) == pytest.approx(1.0)
+    w = agg.sequence_weights(term, b)
+    assert torch.allclose(w, torch.full((1, 6), 1 / 6))
+
+
+def test_cp_layout_is_megatrons_load_balanced_order():
+    assert cp_local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert cp_local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    assert cp_local_positions(16, 4, 1).tolist() == [2, 3, 12, 13]
+    with pytest.raises(ValueError, match="multiple of 2·cp = 4"):
+        cp_local_positions(6, 2, 0)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_slices_with_whole_sequence_weights_sum_to_the_whole(cp):
+    loss, mask = ragged_batch(5, seq_len=8)
+    for term in TERMS:
+        whole = sum(shares(term, loss, mask, [[list(range(13))]]))
+        totals = agg.local_totals([mask])
+        inv = agg.safe_reciprocal(agg.denominator(term, totals))
+        weights = agg.sequence_weights(term, mask).double()
+        parts = []
+        for r in range(cp):
+            local = lambda t: to_cp_local(t, cp, r)  # noqa: E731
+            parts.append(agg.masked_weighted_sum(local(loss), agg.valid_tokens(local(mask)), local(weights)) * inv * term.weight)
+        assert torch.allclose(sum(parts), whole)
+
+
+# -- Megatron's averaging, simulated from the table, is cancelled exactly ----------------------
+def megatron_gradient_factor(avg: MegatronAveraging, nt: int, total_nt: int) -> float:
+    """What Megatron multiplies ∂(returned loss) by, per the rules table (written independently)."""
+    if avg.loss_return is LossReturn.TWO_TUPLE:
+        schedule = avg.cp_size / avg.num_microbatches
+    elif not avg.calculate_per_token_loss:
+        schedule = 1.0 / max(nt, 1) / avg.num_microbatches
+    else:
+        schedule = 1.0
+    ddp = 1.0 / avg.dp_cp_size if avg.grad_reduction is GradReduction.MEAN else 1.0
+    finalize = 1.0
+    if avg.loss_return is LossReturn.THREE_TUPLE and avg.calculate_per_token_loss and total_nt > 0:
+        finalize = 1.0 / total_nt
+    return schedule * ddp * finalize
+
+
+@pytest.mark.parametrize("loss_return", list(LossReturn))
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("m,cp,dp", [(1, 1, 1), (3, 1, 2), (4, 2, 2), (5, 2, 4)])
+@pytest.mark.parametrize("nt", [0, 1, 7])
+def test_loss_multiplier_cancels_megatron_averaging(loss_return, per_token, m, cp, dp, nt):
+    avg = MegatronAveraging(loss_return, per_token, m, cp, dp * cp, GradReduction.SUM if per_token else GradReduction.MEAN)
+    total_nt = 37
+    f = float(loss_multiplier(avg, torch.tensor(nt), torch.tensor(float(total_nt))))
+    assert f * megatron_gradient_factor(avg, nt, total_nt) == pytest.approx(1.0, rel=1e-6)
+    # the report counts of a step add up to one: dp·cp ranks × m micro-batches
+    assert report_count(avg) * m * dp * cp == pytest.approx(1.0)
