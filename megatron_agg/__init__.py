@@ -12,6 +12,7 @@ from .averaging import LossReturn
 from .definition import reference_loss
 from .hook import LossHook, PerTokenLossFn, StepSummary
 from .modes import AggMode
+from .packing import PackedSequences
 from .terms import LossTerm
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "LossHook",
     "LossReturn",
     "LossTerm",
+    "PackedSequences",
     "PerTokenLossFn",
     "StepSummary",
     "reference_loss",

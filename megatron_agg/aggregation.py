@@ -23,17 +23,20 @@ all-reduces (SUM) once per step over the data-parallel group. ``1/D`` is taken a
 ``D = 0`` (:func:`safe_reciprocal`), so an all-masked step gives ``L = 0`` and zero
 gradients, never NaN.
 
-A sequence is a row of a ``[b, s]`` mask (packed rows with several sequences per row are
-described by :class:`SequenceLayout` objects of :mod:`megatron_agg.layout`).
+A sequence is a row of a ``[b, s]`` mask, or one of the sequences packed into a ``[1, t]`` row
+(:class:`~megatron_agg.packing.PackedSequences`); :func:`sequence_view` maps both to the same
+per-token sequence index, so every formula below is written once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .modes import AggMode
+from .packing import PackedSequences
 from .terms import LossTerm
 
 __all__ = [
@@ -42,7 +45,8 @@ __all__ = [
     "SEQUENCES",
     "NONEMPTY_SEQUENCES",
     "valid_tokens",
-    "row_token_counts",
+    "SequenceView",
+    "sequence_view",
     "local_totals",
     "denominator",
     "safe_reciprocal",
@@ -63,25 +67,68 @@ def valid_tokens(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def row_token_counts(mask: torch.Tensor) -> torch.Tensor:
-    """``n_i = Σ_t m[i, t]`` for each row of a ``[b, s]`` mask, as float64 ``[b]``."""
-    return valid_tokens(mask).sum(dim=-1, dtype=_TOTALS_DTYPE)
+@dataclass(frozen=True)
+class SequenceView:
+    """A micro-batch's mask seen as sequences.
+
+    ``valid[b, s]``: valid tokens that belong to a sequence; ``seq_index[b, s]``: the token's
+    sequence in ``[0, num_seqs)``, or ``num_seqs`` for tokens of no sequence; ``padded_lengths``:
+    the default ``C_i`` of every sequence (float64 ``[num_seqs]``).
+    """
+
+    valid: torch.Tensor
+    seq_index: torch.Tensor
+    num_seqs: int
+    padded_lengths: torch.Tensor
+
+    def token_counts(self) -> torch.Tensor:
+        """``n_i`` of every sequence, float64 ``[num_seqs]``."""
+        counts = torch.zeros(self.num_seqs + 1, dtype=_TOTALS_DTYPE, device=self.valid.device)
+        counts.index_add_(0, self.seq_index.reshape(-1), self.valid.reshape(-1).to(_TOTALS_DTYPE))
+        return counts[: self.num_seqs]
 
 
-def local_totals(masks: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
+def sequence_view(mask: torch.Tensor, packed: Optional[PackedSequences] = None) -> SequenceView:
+    """The sequences of a ``[b, s]`` mask: one per row, or those packed into its one row."""
+    valid = valid_tokens(mask)
+    b, s = mask.shape
+    device = mask.device
+    if packed is None:
+        seq_index = torch.arange(b, device=device).unsqueeze(-1).expand(b, s)
+        lengths = torch.full((b,), float(s), dtype=_TOTALS_DTYPE, device=device)
+        return SequenceView(valid, seq_index, b, lengths)
+    assert b == 1, "packed micro-batches hold one row (checked by the caller)"
+    cu, cu_padded = packed.boundaries(device)
+    k = packed.num_sequences
+    positions = torch.arange(s, device=device)
+    seq = torch.searchsorted(cu_padded[1:], positions, right=True)  # k for positions after the last
+    inside = seq < k
+    seq_c = seq.clamp(max=max(k - 1, 0))
+    if k > 0:
+        real_end = cu_padded[seq_c] + (cu[seq_c + 1] - cu[seq_c])
+        inside = inside & (positions >= cu_padded[seq_c]) & (positions < real_end)
+    seq_index = torch.where(inside, seq, torch.full_like(seq, k)).unsqueeze(0)
+    if packed.padded_length is not None:
+        lengths = torch.full((k,), float(packed.padded_length), dtype=_TOTALS_DTYPE, device=device)
+    else:
+        lengths = (cu_padded[1:] - cu_padded[:-1]).to(_TOTALS_DTYPE)
+    return SequenceView(valid & inside.unsqueeze(0), seq_index, k, lengths)
+
+
+def local_totals(views: Sequence[SequenceView], device: Optional[torch.device] = None) -> torch.Tensor:
     """This rank's contribution to the step totals, ``[tokens, sequences, nonempty_sequences]``.
 
-    Formula: over the rows ``i`` of every mask, ``[Σ_i n_i, Σ_i 1, Σ_i [n_i > 0]]``.
-    Reduction axes: the sequence and token axes of every micro-batch's mask. Collectives: none
-    (the caller all-reduces the result over the data-parallel group). Host syncs: none.
+    Formula: over the sequences ``i`` of every micro-batch, ``[Σ_i n_i, Σ_i 1, Σ_i [n_i > 0]]``.
+    Reduction axes: the sequence and token axes of every micro-batch. Collectives: none (the
+    caller all-reduces the result over the data-parallel group). Host syncs: none.
     """
     if device is None:
-        device = masks[0].device if masks else torch.device("cpu")
+        device = views[0].valid.device if views else torch.device("cpu")
     totals = torch.zeros(len(TOTALS_FIELDS), dtype=_TOTALS_DTYPE, device=device)
-    for mask in masks:
-        counts = row_token_counts(mask).to(device)
+    for view in views:
+        counts = view.token_counts().to(device)
         totals[TOKENS] += counts.sum()
-        totals[SEQUENCES] += counts.numel()
+        totals[SEQUENCES] += view.num_seqs
         totals[NONEMPTY_SEQUENCES] += (counts > 0).sum(dtype=_TOTALS_DTYPE)
     return totals
 
@@ -99,23 +146,26 @@ def safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, 1.0 / torch.where(positive, x, torch.ones_like(x)), torch.zeros_like(x))
 
 
-def sequence_weights(term: LossTerm, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token weights ``m[i,t] · α_i`` of ``term`` for a ``[b, s]`` mask of whole sequences.
+def sequence_weights(term: LossTerm, view: SequenceView) -> torch.Tensor:
+    """Per-token weights ``m[i,t] · α_i`` of ``term`` for the whole sequences of ``view``.
 
-    ``α_i`` is 1, ``1/n_i`` (0 where ``n_i = 0``) or ``1/C_i`` by mode, with ``C_i`` the
-    term's ``loss_scale_factor`` or, by default, ``s`` (the mask's padded length). The term's
-    ``weight`` and ``1/D`` are *not* included. Returns float32 ``[b, s]``; no host sync.
+    ``α_i`` is 1, ``1/n_i`` (0 where ``n_i = 0``) or ``1/C_i`` by mode, with ``C_i`` the term's
+    ``loss_scale_factor`` or, by default, the sequence's padded length (the mask's last dimension
+    for unpacked rows). The term's ``weight`` and ``1/D`` are *not* included. Tokens of no
+    sequence get 0. Returns float32 ``[b, s]``; no host sync.
     """
-    valid = valid_tokens(mask)
     mode = term.agg_mode
     if mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
-        alpha = safe_reciprocal(row_token_counts(mask)).to(_WEIGHT_DTYPE).unsqueeze(-1)
+        alpha = safe_reciprocal(view.token_counts())
     elif mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
-        scale = term.loss_scale_factor if term.loss_scale_factor is not None else mask.shape[-1]
-        alpha = torch.full((1, 1), 1.0 / float(scale), dtype=_WEIGHT_DTYPE, device=mask.device)
+        if term.loss_scale_factor is not None:
+            alpha = torch.full_like(view.padded_lengths, 1.0 / float(term.loss_scale_factor))
+        else:
+            alpha = safe_reciprocal(view.padded_lengths)
     else:
-        alpha = torch.ones((1, 1), dtype=_WEIGHT_DTYPE, device=mask.device)
-    return valid.to(_WEIGHT_DTYPE) * alpha
+        alpha = torch.ones_like(view.padded_lengths)
+    alpha = torch.cat([alpha, alpha.new_zeros(1)])  # tokens of no sequence
+    return view.valid.to(_WEIGHT_DTYPE) * alpha[view.seq_index].to(_WEIGHT_DTYPE)
 
 
 def masked_weighted_sum(

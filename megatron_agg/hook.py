@@ -43,8 +43,9 @@ import torch
 from . import aggregation as agg
 from .averaging import LossReturn, MegatronAveraging, loss_multiplier, report_count
 from .integration import ParallelGroups, check_megatron_version, resolve_groups, step_averaging
-from .layout import to_cp_local
+from .layout import thd_cp_local_positions, to_cp_local
 from .modes import AggModeLike
+from .packing import PackedSequences
 from .terms import DEFAULT_TERM_NAME, LossTerm
 
 __all__ = ["LossHook", "PerTokenLossFn", "StepSummary"]
@@ -79,6 +80,8 @@ class _MicroBatchPlan:
     shape: torch.Size  # the whole-sequence mask shape given to wrap
     local_shape: torch.Size  # the shape the loss function must receive on this CP rank
     weights: Dict[str, torch.Tensor]
+    valid: torch.Tensor  # valid tokens of a sequence, in this rank's layout (bool)
+    member: torch.Tensor  # tokens that belong to a sequence, in this rank's layout (bool)
 
 
 class _Step:
@@ -90,6 +93,7 @@ class _Step:
         loss_masks: Sequence[torch.Tensor],
         groups: ParallelGroups,
         averaging: MegatronAveraging,
+        packed_seqs: Optional[Sequence[Optional[PackedSequences]]] = None,
     ) -> None:
         self.hook = hook
         self.groups = groups
@@ -105,19 +109,30 @@ class _Step:
         self.local_losses: Dict[str, torch.Tensor] = {}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective
+        packed_seqs = packed_seqs or [None] * len(loss_masks)
         device = loss_masks[0].device
-        self.totals = agg.local_totals(loss_masks, device=device)
+        views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
+        self.totals = agg.local_totals(views, device=device)
         if groups.dp_size > 1:
             self._work = _start_totals_all_reduce(self.totals, groups.dp)
             self.collectives += 1
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        for mask in loss_masks:
+        for mask, packed, view in zip(loss_masks, packed_seqs, views):
+            positions = None
+            if cp_size > 1 and packed is not None:
+                _, cu_padded = packed.boundaries(device)
+                positions = thd_cp_local_positions(cu_padded, mask.shape[-1], cp_size, cp_rank)
             weights = {
-                name: to_cp_local(agg.sequence_weights(term, mask), cp_size, cp_rank)
+                name: _microbatch_weights(term, view, cp_size, cp_rank, positions)
                 for name, term in hook.terms.items()
             }
             local_shape = torch.Size((*mask.shape[:-1], mask.shape[-1] // cp_size))
-            self.plans.append(_MicroBatchPlan(mask.shape, local_shape, weights))
+            valid = to_cp_local(view.valid, cp_size, cp_rank, positions)
+            member = to_cp_local(view.seq_index < view.num_seqs, cp_size, cp_rank, positions)
+            self.plans.append(_MicroBatchPlan(mask.shape, local_shape, weights, valid, member))
+        # Per micro-batch: tokens where the loss function's mask disagrees with loss_masks
+        # (checked once, after the step: no host sync per micro-batch).
+        self.mask_mismatch = torch.zeros(len(loss_masks), dtype=torch.int64, device=device)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         self.local_losses = {name: zero.clone() for name in (DEFAULT_TERM_NAME, *hook.terms)}
         self.report_count = torch.tensor(report_count(averaging), dtype=torch.float32, device=device)
@@ -165,7 +180,10 @@ class _Step:
                 f"expected {tuple(plan.local_shape)}{cp_note}. loss_masks must list this rank's "
                 "masks in micro-batch order."
             )
-        valid = agg.valid_tokens(loss_mask)
+        valid = plan.valid
+        if self.hook.check_masks:
+            given = agg.valid_tokens(loss_mask) & plan.member
+            self.mask_mismatch[index] += (given != valid).sum()
         scales = self.scales()
         total = None
         report: Dict[str, torch.Tensor] = {}
@@ -197,13 +215,28 @@ class _Step:
         report[name] = torch.stack([detached, self.report_count])
 
     def finish(self, forward_only: bool, collect_non_loss_data: bool) -> None:
-        """Check that Megatron evaluated the loss once per micro-batch."""
-        if self.is_last_stage and not collect_non_loss_data and self.next_microbatch != self.num_microbatches:
+        """Check that Megatron evaluated the loss once per micro-batch, with the masks of
+        ``loss_masks`` (the latter costs one host sync per step, here, after the step)."""
+        if not self.is_last_stage or collect_non_loss_data:
+            return
+        if self.next_microbatch != self.num_microbatches:
             raise ValueError(
                 f"The step was given {self.num_microbatches} loss_masks but Megatron evaluated "
                 f"hook.loss_func for {self.next_microbatch} micro-batches; every forward_step must "
                 "return hook.loss_func(...) as its loss function."
             )
+        if self.hook.check_masks:
+            mismatches = self.mask_mismatch.tolist()
+            bad = [(j, n) for j, n in enumerate(mismatches) if n]
+            if bad:
+                j, n = bad[0]
+                raise ValueError(
+                    f"Micro-batch {j}: the mask given to hook.loss_func differs from loss_masks[{j}] "
+                    f"in {n} token(s) (micro-batches with differences: {[b for b, _ in bad]}). The "
+                    "gradients of this step used loss_masks; pass the same masks, in micro-batch "
+                    "order (CP-local slices of them under context parallelism), or set "
+                    "LossHook(check_masks=False) if the loss function's mask is meant to differ."
+                )
 
     def summary(self) -> StepSummary:
         return StepSummary(
@@ -232,6 +265,9 @@ class LossHook:
             ``config.calculate_per_token_loss``) or ``"2-tuple"``. Both give the same gradients.
         pg_collection: Megatron's ``ProcessGroupCollection`` to take the groups from when the
             wrapped call is not given one; by default ``parallel_state``'s groups.
+        check_masks: after each step, check that the masks given to ``hook.loss_func`` equal
+            ``loss_masks`` (the gradients always follow ``loss_masks``). Costs one host sync per
+            step, after the step; none per micro-batch.
 
     The formulas of every mode are in :mod:`megatron_agg.modes` and :mod:`.aggregation`.
     """
@@ -245,6 +281,7 @@ class LossHook:
         terms: Optional[Mapping[str, LossTerm]] = None,
         loss_return: Union[LossReturn, str] = LossReturn.THREE_TUPLE,
         pg_collection: Any = None,
+        check_masks: bool = True,
     ) -> None:
         if terms is None:
             self.terms: Dict[str, LossTerm] = {
@@ -278,6 +315,7 @@ class LossHook:
             self.terms = dict(terms)
         self.loss_return = LossReturn.parse(loss_return)
         self._pg_collection = pg_collection
+        self.check_masks = bool(check_masks)
         self._step: Optional[_Step] = None
         self._last: Optional[StepSummary] = None
 
@@ -288,9 +326,15 @@ class LossHook:
     def wrap(self, forward_backward_func: Callable[..., Any]) -> Callable[..., Any]:
         """Return ``forward_backward_func`` with the hook around it (idempotent).
 
-        The result takes Megatron's keyword arguments unchanged plus ``loss_masks``: this rank's
-        masks, one ``[b_j, s_j]`` tensor per micro-batch in order, of whole sequences (before any
-        context-parallel split). The original function is ``result.__wrapped__``.
+        The result takes Megatron's keyword arguments unchanged plus
+
+        - ``loss_masks``: this rank's masks, one ``[b_j, s_j]`` tensor per micro-batch in order, of
+          whole sequences (before any context-parallel split; the same on every CP rank);
+        - ``packed_seqs`` (optional): per micro-batch ``None`` (one sequence per row) or the
+          sequences packed into its one row, as :class:`~megatron_agg.PackedSequences` or
+          Megatron's ``PackedSeqParams`` (THD), with whole-row (pre-CP-split) boundaries.
+
+        The original function is ``result.__wrapped__``.
         """
         owner = getattr(forward_backward_func, "__megatron_agg_hook__", None)
         if owner is self:
@@ -303,13 +347,17 @@ class LossHook:
         check_megatron_version()
 
         @functools.wraps(forward_backward_func)
-        def forward_backward(*args: Any, loss_masks: Any = _MISSING, **kwargs: Any) -> Any:
-            return self._run_step(forward_backward_func, args, kwargs, loss_masks)
+        def forward_backward(
+            *args: Any, loss_masks: Any = _MISSING, packed_seqs: Any = None, **kwargs: Any
+        ) -> Any:
+            return self._run_step(forward_backward_func, args, kwargs, loss_masks, packed_seqs)
 
         forward_backward.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
         return forward_backward
 
-    def _run_step(self, func: Callable[..., Any], args: tuple, kwargs: dict, loss_masks: Any) -> Any:
+    def _run_step(
+        self, func: Callable[..., Any], args: tuple, kwargs: dict, loss_masks: Any, packed_seqs: Any
+    ) -> Any:
         if self._step is not None:
             raise ValueError(
                 "A step of this LossHook is already running; nested or concurrent "
@@ -317,9 +365,10 @@ class LossHook:
             )
         num_microbatches = kwargs.get("num_microbatches")
         masks = _check_loss_masks(loss_masks, num_microbatches)
+        packed = _check_packed_seqs(packed_seqs, masks)
         groups = resolve_groups(kwargs.get("pg_collection", None) or self._pg_collection)
         averaging = step_averaging(kwargs.get("model"), self.loss_return, num_microbatches, groups)
-        step = _Step(self, masks, groups, averaging)
+        step = _Step(self, masks, groups, averaging, packed)
         self._step = step
         try:
             result = func(*args, **kwargs)
@@ -336,7 +385,9 @@ class LossHook:
 
         Args:
             loss_mask: this micro-batch's mask as the output tensor sees it (on a
-                context-parallel rank, its slice of the sequence).
+                context-parallel rank, its slice of the sequence). Its shape is checked at once;
+                its content is checked against ``loss_masks`` after the step (``check_masks``).
+                The gradients always follow ``loss_masks``.
             per_token_loss_fn: maps the model output to the per-token loss ``[b, s]`` (or to
                 ``{term name: [b, s]}`` with several terms), e.g. a policy-gradient loss from
                 log-probs. By default the output *is* the per-token loss (``GPTModel`` called
@@ -415,6 +466,41 @@ def _start_totals_all_reduce(totals: torch.Tensor, dp_group: Any) -> Any:
     return torch.distributed.all_reduce(
         totals, op=torch.distributed.ReduceOp.SUM, group=dp_group, async_op=True
     )
+
+
+def _microbatch_weights(
+    term: LossTerm, view: agg.SequenceView, cp_size: int, cp_rank: int, positions: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``m·α`` of ``term`` for one micro-batch, computed on whole sequences, then cut to this CP
+    rank's layout (so that per-sequence quantities never come from a CP slice)."""
+    return to_cp_local(agg.sequence_weights(term, view), cp_size, cp_rank, positions)
+
+
+def _check_packed_seqs(packed_seqs: Any, masks: List[torch.Tensor]) -> Optional[List[Optional[PackedSequences]]]:
+    if packed_seqs is None:
+        return None
+    if isinstance(packed_seqs, (torch.Tensor, PackedSequences)) or not isinstance(packed_seqs, Sequence):
+        raise ValueError(
+            "packed_seqs must be a list with one entry per micro-batch (None for an unpacked one), "
+            f"got {type(packed_seqs).__name__}."
+        )
+    if len(packed_seqs) != len(masks):
+        raise ValueError(
+            f"Got {len(packed_seqs)} packed_seqs for {len(masks)} loss_masks; pass one entry per "
+            "micro-batch (None where a micro-batch is not packed)."
+        )
+    out: List[Optional[PackedSequences]] = []
+    for j, (entry, mask) in enumerate(zip(packed_seqs, masks)):
+        packed = PackedSequences.coerce(entry, f"packed_seqs[{j}]")
+        if packed is not None:
+            packed.validate(f"packed_seqs[{j}]")
+            if mask.shape[0] != 1:
+                raise ValueError(
+                    f"packed_seqs[{j}] packs sequences into one row (Megatron's THD layout), but "
+                    f"loss_masks[{j}] has {mask.shape[0]} rows; give packed micro-batches as [1, t]."
+                )
+        out.append(packed)
+    return out
 
 
 def _check_loss_masks(loss_masks: Any, num_microbatches: Any) -> List[torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cp_local_positions", "to_cp_local"]
+__all__ = ["cp_local_positions", "thd_cp_local_positions", "to_cp_local"]
 
 
 def cp_local_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -35,9 +35,42 @@ def cp_local_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) ->
     )
 
 
-def to_cp_local(tensor: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """The slice of ``tensor`` (``[..., s]``, whole sequences) that ``cp_rank`` holds."""
+def thd_cp_local_positions(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of a packed ``[1, total]`` row held by ``cp_rank`` (Megatron's THD layout).
+
+    Every packed sequence (padded boundaries ``cu_seqlens_padded``) is cut into ``2·cp`` equal
+    chunks on its own, and rank ``r`` holds chunks ``r`` and ``2·cp − 1 − r`` of each sequence,
+    sequence after sequence (Transformer-Engine's ``thd_get_partitioned_indices``). A tail of the
+    row after the last sequence is treated as one more (padding) sequence. Vectorized: no host
+    sync even when the boundaries live on a GPU.
+    """
+    device = cu_seqlens_padded.device
+    if cp_size == 1:
+        return torch.arange(total, device=device)
+    if total % (2 * cp_size):
+        raise ValueError(
+            f"With context parallelism of size {cp_size}, a packed row must have a length that is a "
+            f"multiple of 2·cp = {2 * cp_size}; got {total}. Pad every packed sequence to a multiple of 2·cp."
+        )
+    cu = torch.cat([cu_seqlens_padded.to(torch.int64), torch.tensor([total], dtype=torch.int64, device=device)])
+    local_cu = cu // cp_size
+    j = torch.arange(total // cp_size, device=device)
+    seq = torch.searchsorted(local_cu[1:], j, right=True)
+    chunk = (cu[seq + 1] - cu[seq]) // (2 * cp_size)
+    offset = j - local_cu[seq]
+    first = offset < chunk
+    within = torch.where(first, cp_rank * chunk + offset, (2 * cp_size - 1 - cp_rank) * chunk + offset - chunk)
+    return cu[seq] + within
+
+
+def to_cp_local(tensor: torch.Tensor, cp_size: int, cp_rank: int, positions: "torch.Tensor | None" = None) -> torch.Tensor:
+    """The slice of ``tensor`` (``[..., s]``, whole sequences) that ``cp_rank`` holds.
+
+    ``positions`` overrides the layout (e.g. :func:`thd_cp_local_positions` for packed rows);
+    by default the load-balanced layout of :func:`cp_local_positions`.
+    """
     if cp_size == 1:
         return tensor
-    index = cp_local_positions(tensor.shape[-1], cp_size, cp_rank, device=tensor.device)
-    return tensor.index_select(-1, index)
+    if positions is None:
+        positions = cp_local_positions(tensor.shape[-1], cp_size, cp_rank, device=tensor.device)
+    return tensor.index_select(-1, positions)

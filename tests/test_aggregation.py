@@ -44,12 +44,12 @@ def random_split(num_seqs: int, dp: int, seed: int):
 
 
 def shares(term, loss, mask, split):
-    totals = sum(agg.local_totals([mask[rows] for rows in mbs]) for mbs in split)  # the all-reduce
+    totals = sum(agg.local_totals([agg.sequence_view(mask[rows]) for rows in mbs]) for mbs in split)  # the all-reduce
     inv = agg.safe_reciprocal(agg.denominator(term, totals))
     out = []
     for mbs in split:
         for rows in mbs:
-            w = agg.sequence_weights(term, mask[rows]).double()
+            w = agg.sequence_weights(term, agg.sequence_view(mask[rows])).double()
             out.append(agg.masked_weighted_sum(loss[rows], agg.valid_tokens(mask[rows]), w) * inv * term.weight)
     return out
 
@@ -116,7 +116,7 @@ def test_mask_dtypes_agree(dtype):
 
 def test_totals_count_tokens_sequences_and_nonempty_sequences():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
-    totals = agg.local_totals([mask, mask[:1]])
+    totals = agg.local_totals([agg.sequence_view(mask), agg.sequence_view(mask[:1])])
     assert totals.tolist() == [6.0, 4.0, 3.0]
     assert totals.dtype == torch.float64
 
@@ -128,7 +128,7 @@ def test_default_loss_scale_factor_is_the_padded_length_of_each_sequence():
     la, lb = torch.ones(1, 4), torch.ones(1, 6)
     # Σ_i Σ_t m·l / (N · C_i) = (4/4 + 6/6) / 2
     assert float(reference_loss([la, lb], [a, b], term)) == pytest.approx(1.0)
-    w = agg.sequence_weights(term, b)
+    w = agg.sequence_weights(term, agg.sequence_view(b))
     assert torch.allclose(w, torch.full((1, 6), 1 / 6))
 
 
@@ -145,9 +145,9 @@ def test_cp_slices_with_whole_sequence_weights_sum_to_the_whole(cp):
     loss, mask = ragged_batch(5, seq_len=8)
     for term in TERMS:
         whole = sum(shares(term, loss, mask, [[list(range(13))]]))
-        totals = agg.local_totals([mask])
+        totals = agg.local_totals([agg.sequence_view(mask)])
         inv = agg.safe_reciprocal(agg.denominator(term, totals))
-        weights = agg.sequence_weights(term, mask).double()
+        weights = agg.sequence_weights(term, agg.sequence_view(mask)).double()
         parts = []
         for r in range(cp):
             local = lambda t: to_cp_local(t, cp, r)  # noqa: E731

@@ -236,3 +236,15 @@ def test_unwrapped_model_with_several_dp_ranks_is_refused(megatron_cpu):
 
     with pytest.raises(ValueError, match="not wrapped in megatron.core.distributed"):
         step_averaging([chunk], LossReturn.TWO_TUPLE, 1, Groups(None, None, None, None))
+
+
+def test_loss_func_masks_that_disagree_with_loss_masks_are_reported_after_the_step(setup):
+    masks = [mb.full_loss_mask for mb in setup.mbs]
+    changed = [m.clone() for m in masks]
+    changed[3] = torch.ones_like(changed[3])  # same shape, different content
+    with pytest.raises(ValueError, match=r"Micro-batch 3: the mask given to hook.loss_func differs from loss_masks\[3\]"):
+        setup.step(LossHook("token-mean"), loss_masks=changed)
+    # opting out keeps the gradients of loss_masks
+    term = LossTerm("token-mean")
+    setup.step(LossHook(term.mode, check_masks=False), loss_masks=masks)
+    assert setup.grad_err(term) < 1e-5

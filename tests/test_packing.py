@@ -1,0 +1,117 @@
+"""Packed sequences (THD) and the context-parallel layouts: the arithmetic, without Megatron."""
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_agg import AggMode, LossTerm, PackedSequences, reference_loss
+from megatron_agg import aggregation as agg
+from megatron_agg.layout import cp_local_positions, thd_cp_local_positions, to_cp_local
+
+TERMS = [LossTerm(m, exclude_fully_masked_seqs=e) for m, e in itertools.product(AggMode, (False, True))]
+
+
+def literal_thd_positions(cu_padded, total, cp, r):
+    out = []
+    bounds = list(cu_padded) + ([total] if cu_padded[-1] < total else [])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunk = (b - a) // (2 * cp)
+        out += list(range(a + r * chunk, a + (r + 1) * chunk))
+        second = 2 * cp - 1 - r
+        out += list(range(a + second * chunk, a + (second + 1) * chunk))
+    return out
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cu_padded,total", [([0, 8, 16, 40], 40), ([0, 8], 16), ([0, 16, 24], 24), ([0], 8)])
+def test_thd_layout_matches_the_literal_definition(cp, cu_padded, total):
+    if any((b - a) % (2 * cp) for a, b in zip(cu_padded[:-1], cu_padded[1:])) or (total - cu_padded[-1]) % (2 * cp):
+        pytest.skip("not a valid THD layout for this cp")
+    got = thd_cp_local_positions(torch.tensor(cu_padded), total, cp, 0)
+    for r in range(cp):
+        got = thd_cp_local_positions(torch.tensor(cu_padded), total, cp, r).tolist()
+        assert got == (list(range(total)) if cp == 1 else literal_thd_positions(cu_padded, total, cp, r))
+    # every position is held by exactly one rank
+    held = sorted(itertools.chain.from_iterable(thd_cp_local_positions(torch.tensor(cu_padded), total, cp, r).tolist() for r in range(cp)))
+    assert held == list(range(total))
+
+
+def test_one_packed_sequence_is_the_unpacked_load_balanced_layout():
+    for cp in (2, 4):
+        for r in range(cp):
+            assert thd_cp_local_positions(torch.tensor([0, 16]), 16, cp, r).tolist() == cp_local_positions(16, cp, r).tolist()
+
+
+def make_pack(seed=0, cp=2):
+    """Sequences of real lengths 5, 3 (fully masked), 7, 1 packed with padding to 2·cp."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 3, 7, 1]
+    masks_unpacked = torch.zeros(4, 12)
+    losses_unpacked = torch.rand(4, 12, generator=g, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        if i != 1:
+            masks_unpacked[i, 1:n] = 1.0  # first token a masked prompt
+    padded = [-(-n // (2 * cp)) * 2 * cp for n in lengths]
+    cu = [0, *itertools.accumulate(lengths)]
+    cu_padded = [0, *itertools.accumulate(padded)]
+    total = cu_padded[-1] + 2 * cp  # trailing padding after the last sequence
+    mask = torch.zeros(1, total)
+    loss = torch.full((1, total), float("nan"), dtype=torch.float64)  # padding is poison
+    for i, n in enumerate(lengths):
+        mask[0, cu_padded[i] : cu_padded[i] + n] = masks_unpacked[i, :n]
+        loss[0, cu_padded[i] : cu_padded[i] + n] = losses_unpacked[i, :n]
+    mask[0, cu_padded[0] + lengths[0]] = 1.0  # a stray 1 in padding: belongs to no sequence
+    mask[0, -1] = 1.0  # and one after the last sequence
+    packed = PackedSequences(cu, cu_padded, padded_length=12)
+    return losses_unpacked, masks_unpacked, loss, mask, packed
+
+
+def test_sequence_view_counts_sequences_not_rows_and_ignores_padding():
+    _, _, _, mask, packed = make_pack()
+    view = agg.sequence_view(mask, packed)
+    assert view.num_seqs == 4
+    assert view.token_counts().tolist() == [4.0, 0.0, 6.0, 0.0]
+    assert agg.local_totals([view]).tolist() == [10.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("term", TERMS + [LossTerm("seq-mean-token-sum-norm", loss_scale_factor=3.0)],
+                         ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}-C{t.loss_scale_factor}")
+def test_packed_cp_slices_add_up_to_the_unpacked_definition(cp, term):
+    losses_u, masks_u, loss, mask, packed = make_pack(cp=cp)
+    view = agg.sequence_view(mask, packed)
+    inv = agg.safe_reciprocal(agg.denominator(term, agg.local_totals([view])))
+    weights = agg.sequence_weights(term, view).double()
+    _, cu_padded = packed.boundaries(mask.device)
+    total = 0.0
+    for r in range(cp):
+        pos = thd_cp_local_positions(cu_padded, mask.shape[-1], cp, r)
+        local = lambda t: to_cp_local(t, cp, r, pos)  # noqa: E731
+        total = total + agg.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
+    ref = reference_loss([losses_u], [masks_u], term)
+    assert torch.allclose(torch.as_tensor(total, dtype=torch.float64), ref, rtol=1e-6)
+
+
+def test_default_c_of_a_packed_sequence_is_its_own_padded_length():
+    mask = torch.ones(1, 8)
+    view = agg.sequence_view(mask, PackedSequences([0, 3, 5], [0, 4, 8]))
+    w = agg.sequence_weights(LossTerm("seq-mean-token-sum-norm"), view)
+    assert w[0].tolist() == [0.25] * 3 + [0.0] + [0.25] * 2 + [0.0] * 2
+
+
+def test_megatron_packed_seq_params_are_accepted():
+    class FakeParams:
+        qkv_format = "thd"
+        cu_seqlens_q = torch.tensor([0, 3, 5], dtype=torch.int32)
+        cu_seqlens_q_padded = torch.tensor([0, 4, 8], dtype=torch.int32)
+
+    packed = PackedSequences.coerce(FakeParams(), "x")
+    assert packed.num_sequences == 2
+    with pytest.raises(ValueError, match="only 'thd'"):
+        FakeParams.qkv_format = "sbhd"
+        PackedSequences.coerce(FakeParams(), "x")
+    with pytest.raises(ValueError, match="Megatron's PackedSeqParams"):
+        PackedSequences.coerce([0, 3], "packed_seqs[0]")
+    with pytest.raises(ValueError, match="both describe the same K sequences"):
+        PackedSequences([0, 3, 5], [0, 4]).validate("p")
