@@ -1,6 +1,8 @@
 """The gradient-equivalence matrix under torchrun (gloo, CPU): the proof of the core claims.
 
-Each world size runs :mod:`megatron_agg.testing.matrix` (suite ``core``) in one launch. A
+Each world size of each suite runs :mod:`megatron_agg.testing.matrix` in one launch: ``core``
+(DP × TP × PP × VPP) and ``cp`` (context parallelism × DP × TP, with one PP layout, each
+unpacked and with packed sequences, with the test attention of ``tests/support``). A
 configuration passes when every rank's gradients equal the single-process reference to 1e-5
 relative, the hook's global loss and its ``[sum, count]`` reports equal the reference loss, the
 per-micro-batch path made no host sync (the harness runs it under ``forbid_host_sync``) and the
@@ -17,11 +19,14 @@ from collections import defaultdict
 import pytest
 
 from megatron_agg import AggMode
-from megatron_agg.testing.matrix import CONTROLS, LOSS_SPECS, SUITES, VARIANTS
+from megatron_agg.testing.matrix import CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS
 
-from conftest import SUMMARY, torchrun
+from conftest import REPO, SUMMARY, torchrun
 
-WORLD_SIZES = sorted(SUITES["core"])
+RUNS = [(suite, world) for suite in ("core", "cp") for world in sorted(SUITES[suite])]
+EXTRA_ARGS = {"cp": ["--layer-spec", str(REPO / "tests" / "support" / "cp_attention.py") + ":layer_spec"]}
+CONTROLS_OF = {"core": CONTROLS, "cp": CONTROLS + CP_CONTROLS}
+PACKINGS = {"core": 1, "cp": 2}
 _RESULTS: dict = {}
 
 
@@ -30,51 +35,75 @@ def _factors(layout: str) -> dict:
     return {"dp": int(f["dp"]), "tp": int(f["tp"]), "pp": int(f["pp"]), "vpp": int(f.get("vpp", 0)), "cp": int(f.get("cp", 1))}
 
 
-@pytest.mark.parametrize("world", WORLD_SIZES)
-def test_matrix(world, tmp_path):
-    out = tmp_path / f"matrix-{world}.json"
-    proc = torchrun(world, ["-m", "megatron_agg.testing.matrix", "--suite", "core", "--out", str(out)])
+@pytest.mark.parametrize("suite,world", RUNS, ids=[f"{s}-world{w}" for s, w in RUNS])
+def test_matrix(suite, world, tmp_path):
+    out = tmp_path / f"matrix-{suite}-{world}.json"
+    proc = torchrun(world, ["-m", "megatron_agg.testing.matrix", "--suite", suite, "--out", str(out),
+                            *EXTRA_ARGS.get(suite, [])])
     tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
     assert out.exists(), f"the matrix did not finish (exit {proc.returncode}):\n{tail}"
     results = json.loads(out.read_text())["results"]
-    _RESULTS[world] = results
+    _RESULTS[(suite, world)] = results
     failed = [r for r in results if not r["passed"]]
     assert not failed, "failed configurations:\n" + "\n".join(json.dumps(r) for r in failed[:20])
     assert proc.returncode == 0, tail
     n_controls = sum(1 for r in results if r["control"])
+    layouts = sorted({r["layout"] + ("+packed" if r["packed"] else "") for r in results})
     SUMMARY.append(
-        f"world {world}: {len(results) - n_controls} exact configurations and {n_controls} negative/positive "
-        f"controls on layouts {sorted({r['layout'] for r in results})}; max grad error "
+        f"{suite} world {world}: {len(results) - n_controls} exact configurations and {n_controls} "
+        f"negative/positive controls on {layouts}; max grad error "
         f"{max(r['grad_err'] for r in results if r['expect_pass']):.1e}"
     )
-    # each control behaved as expected on every layout: the comparison can fail
-    for control in CONTROLS:
+    # each control ran on every layout and behaved as expected: the comparison can fail
+    for control in CONTROLS_OF[suite]:
         rows = [r for r in results if r["control"] == control.name]
-        assert len(rows) == len(SUITES["core"][world])
+        assert len(rows) == len(SUITES[suite][world]) * PACKINGS[suite]
         for r in rows:
             if not r["expect_pass"]:
                 assert r["grad_err"] > 1e-3, r
+    if suite == "cp":  # the CP controls really did fail where CP > 1
+        failing = {r["control"] for r in results if r["control"] and not r["expect_pass"] and _factors(r["layout"])["cp"] > 1}
+        assert {c.name for c in CP_CONTROLS} <= failing
 
 
-def test_every_factor_appears_with_every_mode():
-    if set(_RESULTS) != set(WORLD_SIZES):
-        pytest.skip("needs every test_matrix run of this session")
+def _coverage(suite: str) -> tuple:
+    runs = [k for k in RUNS if k[0] == suite]
+    if not all(k in _RESULTS for k in runs):
+        pytest.skip(f"needs every {suite} test_matrix run of this session")
     seen = defaultdict(set)
     total = 0
-    for results in _RESULTS.values():
-        for r in results:
+    for key in runs:
+        for r in _RESULTS[key]:
             if r["control"]:
                 continue
             total += 1
-            for key, value in _factors(r["layout"]).items():
-                seen[(r["spec"], key)].add(value)
+            for factor, value in _factors(r["layout"]).items():
+                seen[(r["spec"], factor)].add(value)
             seen[(r["spec"], "variant")].add(r["variant"])
-    required = {"dp": {1, 2, 4}, "tp": {1, 2}, "pp": {1, 2}, "vpp": {0, 2}, "variant": {v.name for v in VARIANTS}}
+            seen[(r["spec"], "packed")].add(r["packed"])
     specs = {s.name for s in LOSS_SPECS}
     for mode in AggMode:  # every mode, with and without exclude_fully_masked_seqs
         assert mode.value in specs and mode.value + "+excl" in specs
+    return seen, specs, total
+
+
+def _assert_covered(seen, specs, required):
     for spec in specs:
         for key, values in required.items():
             assert values <= seen[(spec, key)], (spec, key, seen[(spec, key)])
-    SUMMARY.append(f"matrix total: {total} exact configurations over {len(specs)} loss specs × "
-                   f"{len(VARIANTS)} Megatron paths; every factor appears with every mode")
+
+
+def test_every_core_factor_appears_with_every_mode():
+    seen, specs, total = _coverage("core")
+    _assert_covered(seen, specs, {"dp": {1, 2, 4}, "tp": {1, 2}, "pp": {1, 2}, "vpp": {0, 2},
+                                  "variant": {v.name for v in VARIANTS}})
+    SUMMARY.append(f"core total: {total} exact configurations over {len(specs)} loss specs × "
+                   f"{len(VARIANTS)} Megatron paths; DP×TP×PP×VPP factors all appear with every mode")
+
+
+def test_every_cp_factor_appears_with_every_mode():
+    seen, specs, total = _coverage("cp")
+    _assert_covered(seen, specs, {"cp": {1, 2}, "dp": {1, 2}, "tp": {1, 2}, "pp": {1, 2}, "packed": {False, True},
+                                  "variant": {v.name for v in VARIANTS}})
+    SUMMARY.append(f"cp total: {total} exact configurations over {len(specs)} loss specs × "
+                   f"{len(VARIANTS)} Megatron paths; CP×DP×TP×packing factors all appear with every mode")

@@ -8,12 +8,22 @@ tokens are all masked. Masks alternate bool / int64 / float32 dtypes between mic
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["GlobalBatch", "make_global_batch", "MICROBATCH_PLANS", "split_for_rank", "MicroBatch"]
+from ..packing import PackedSequences
+
+__all__ = [
+    "GlobalBatch",
+    "make_global_batch",
+    "MICROBATCH_PLANS",
+    "split_for_rank",
+    "split_for_rank_packed",
+    "MicroBatch",
+]
 
 #: Micro-batch sizes of each data-parallel rank, for each data-parallel size; 24 sequences in
 #: all. Every rank has an even number of micro-batches (interleaved PP with pp=2 needs it).
@@ -33,6 +43,7 @@ class GlobalBatch:
     tokens: torch.Tensor  # [G, S] int64
     labels: torch.Tensor  # [G, S] int64
     loss_mask: torch.Tensor  # [G, S] float32 0/1
+    lengths: List[int]  # real length of each sequence (masked prompt + response); the rest is padding
 
     @property
     def seq_length(self) -> int:
@@ -46,6 +57,8 @@ class MicroBatch:
     position_ids: torch.Tensor
     loss_mask: torch.Tensor  # as the loss function sees it (CP-local where CP > 1)
     full_loss_mask: torch.Tensor  # whole sequences, for LossHook.wrap(loss_masks=...)
+    packed: Optional[PackedSequences] = None  # for LossHook.wrap(packed_seqs=...)
+    packed_seq_params: Any = None  # Megatron's PackedSeqParams, for the model
 
 
 def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> GlobalBatch:
@@ -54,13 +67,16 @@ def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> G
     tokens = torch.randint(0, vocab_size, (NUM_SEQUENCES, seq_length), generator=g)
     labels = (3 * tokens + 1) % vocab_size  # a learnable map, so that training lowers the loss
     mask = torch.zeros(NUM_SEQUENCES, seq_length)
+    lengths = []
     for i in range(NUM_SEQUENCES):
-        if i in FULLY_MASKED:
+        if i in FULLY_MASKED:  # a prompt with no (valid) response
+            lengths.append(int(torch.randint(1, seq_length + 1, (1,), generator=g)))
             continue
         prompt = int(torch.randint(0, seq_length // 2, (1,), generator=g))
         response = int(torch.randint(1, seq_length - prompt + 1, (1,), generator=g))
         mask[i, prompt : prompt + response] = 1.0
-    return GlobalBatch(tokens, labels, mask)
+        lengths.append(prompt + response)
+    return GlobalBatch(tokens, labels, mask, lengths)
 
 
 def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int = 1,
@@ -86,6 +102,68 @@ def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int 
                 position_ids=local(position_ids),
                 loss_mask=local(full_mask),
                 full_loss_mask=full_mask,
+            )
+        )
+    return out
+
+
+def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int = 1,
+                          cp_rank: int = 0) -> List[MicroBatch]:
+    """Like :func:`split_for_rank`, but each micro-batch packs its sequences into one row.
+
+    Every sequence keeps only its real tokens, padded to a multiple of ``2·cp`` (and at least
+    ``2·cp``); every other pack also ends with ``2·cp`` tokens of padding after its last
+    sequence. Position ids restart at 0 for each sequence. The loss masks carry
+    ``padded_length = S`` so that ``seq-mean-token-sum-norm``'s default ``C`` is the unpacked one.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from ..layout import thd_cp_local_positions, to_cp_local
+
+    plan = MICROBATCH_PLANS[dp_size]
+    start = sum(sum(sizes) for sizes in plan[:dp_rank])
+    multiple = 2 * cp_size
+    out = []
+    for j, size in enumerate(plan[dp_rank]):
+        rows = list(range(start, start + size))
+        start += size
+        lengths = [batch.lengths[i] for i in rows]
+        padded = [max(multiple, -(-n // multiple) * multiple) for n in lengths]
+        cu = [0, *itertools.accumulate(lengths)]
+        cu_padded = [0, *itertools.accumulate(padded)]
+        total = cu_padded[-1] + (multiple if j % 2 else 0)
+        tokens = torch.zeros(1, total, dtype=torch.int64)
+        labels = torch.zeros(1, total, dtype=torch.int64)
+        position_ids = torch.zeros(1, total, dtype=torch.int64)
+        mask = torch.zeros(1, total)
+        for i, n, a, p in zip(rows, lengths, cu_padded, padded):
+            tokens[0, a : a + n] = batch.tokens[i, :n]
+            labels[0, a : a + n] = batch.labels[i, :n]
+            mask[0, a : a + n] = batch.loss_mask[i, :n]
+            position_ids[0, a : a + p] = torch.arange(p)
+        full_mask = mask.to(_MASK_DTYPES[j % len(_MASK_DTYPES)])
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        cu_padded_t = torch.tensor(cu_padded, dtype=torch.int32)
+        positions = thd_cp_local_positions(cu_padded_t, total, cp_size, cp_rank)
+        local = lambda t: to_cp_local(t, cp_size, cp_rank, positions).contiguous()  # noqa: E731
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_t,
+            cu_seqlens_kv=cu_t,
+            cu_seqlens_q_padded=cu_padded_t,
+            cu_seqlens_kv_padded=cu_padded_t,
+            max_seqlen_q=max(padded),
+            max_seqlen_kv=max(padded),
+        )
+        out.append(
+            MicroBatch(
+                tokens=local(tokens),
+                labels=local(labels),
+                position_ids=local(position_ids),
+                loss_mask=local(full_mask),
+                full_loss_mask=full_mask,
+                packed=PackedSequences(cu_t, cu_padded_t, padded_length=batch.seq_length),
+                packed_seq_params=params,
             )
         )
     return out

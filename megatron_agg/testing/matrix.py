@@ -42,7 +42,7 @@ from .parallel import Layout, model_parallel
 from .reference_gpt import init_full_weights, per_token_loss
 from .sync_guard import count_collectives, forbid_host_sync
 
-__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "main"]
+__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "CONTROLS", "CP_CONTROLS", "main"]
 
 TOLERANCE = 1e-5
 #: A negative control must miss the reference by at least this much (not a borderline pass).
@@ -140,11 +140,22 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
         ],
         8: [Layout(tp=2), Layout(tp=2, pp=2, vpp=2), Layout(pp=2)],
     },
+    # Context parallelism and packed sequences; needs a core attention that supports both
+    # (tests/support/cp_attention.py, passed with --layer-spec). Every layout runs unpacked
+    # and packed.
+    "cp": {
+        2: [Layout(cp=2), Layout()],
+        4: [Layout(cp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2), Layout(tp=2)],
+        8: [Layout(cp=2, tp=2)],
+    },
     "smoke": {
         2: [Layout(tp=2)],
         4: [Layout(tp=2), Layout(pp=2, vpp=2)],
     },
 }
+#: Which suites also run every layout with packed sequences, and which add the CP controls.
+PACKED_SUITES = {"cp"}
+CP_CONTROL_SUITES = {"cp"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,19 +202,89 @@ class Control:
     name: str
     variant: Variant
     spec: LossSpec  # the reference it is compared against
-    expect_pass: Callable[[int], bool]  # of the dp size
+    expect_pass: Callable[[int, int], bool]  # of the dp and cp sizes
     plain: Optional[LossReturn] = None  # Megatron's plain loss instead of the hook
-    break_hook: bool = False
+    breaker: Optional[Callable[[], Any]] = None  # a context manager that breaks the hook
+
+
+@contextlib.contextmanager
+def _sequences_counted_per_cp_rank() -> Iterator[None]:
+    """Break the hook on purpose: every CP rank counts every sequence (N × cp)."""
+    from .. import aggregation as agg
+
+    original = agg.local_totals
+
+    def per_cp_rank(views, device=None):
+        from megatron.core import parallel_state as ps
+
+        totals = original(views, device=device)
+        cp = ps.get_context_parallel_world_size()
+        totals[agg.SEQUENCES] *= cp
+        totals[agg.NONEMPTY_SEQUENCES] *= cp
+        return totals
+
+    agg.local_totals = per_cp_rank
+    try:
+        yield
+    finally:
+        agg.local_totals = original
+
+
+@contextlib.contextmanager
+def _sequence_means_over_the_cp_slice() -> Iterator[None]:
+    """Break the hook on purpose: per-sequence quantities (n_i) from this rank's CP slice."""
+    from .. import aggregation as agg
+    from .. import hook as hook_mod
+    from ..layout import to_cp_local
+
+    original = hook_mod._microbatch_weights
+
+    def from_slice(term, view, cp_size, cp_rank, positions):
+        local = lambda t: to_cp_local(t, cp_size, cp_rank, positions)  # noqa: E731
+        sliced = agg.SequenceView(local(view.valid), local(view.seq_index), view.num_seqs, view.padded_lengths)
+        return agg.sequence_weights(term, sliced)
+
+    hook_mod._microbatch_weights = from_slice
+    try:
+        yield
+    finally:
+        hook_mod._microbatch_weights = original
 
 
 CONTROLS: List[Control] = [
-    Control("plain-mean-2-tuple", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN, lambda dp: False, plain=LossReturn.TWO_TUPLE),
-    Control("plain-mean-3-tuple", Variant(LossReturn.THREE_TUPLE), TOKEN_MEAN, lambda dp: False, plain=LossReturn.THREE_TUPLE),
+    Control("plain-mean-2-tuple", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN, lambda dp, cp: False, plain=LossReturn.TWO_TUPLE),
+    Control("plain-mean-3-tuple", Variant(LossReturn.THREE_TUPLE), TOKEN_MEAN, lambda dp, cp: False, plain=LossReturn.THREE_TUPLE),
     Control(
         "native-per-token-3-tuple", Variant(LossReturn.THREE_TUPLE, per_token=True), TOKEN_MEAN,
-        lambda dp: True, plain=LossReturn.THREE_TUPLE,
+        lambda dp, cp: True, plain=LossReturn.THREE_TUPLE,
     ),
-    Control("hook-local-x-dp", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN, lambda dp: dp == 1, break_hook=True),
+    Control("hook-local-x-dp", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN, lambda dp, cp: dp == 1,
+            breaker=_local_times_dp_totals),
+]
+@contextlib.contextmanager
+def _cp_factor_left_in() -> Iterator[None]:
+    """Break the hook on purpose: leave Megatron's × cp of the 2-tuple path uncancelled."""
+    from .. import hook as hook_mod
+
+    original = hook_mod.loss_multiplier
+
+    def uncancelled(avg, local_num_tokens, global_num_tokens):
+        return original(avg, local_num_tokens, global_num_tokens) * avg.cp_size
+
+    hook_mod.loss_multiplier = uncancelled
+    try:
+        yield
+    finally:
+        hook_mod.loss_multiplier = original
+
+
+CP_CONTROLS: List[Control] = [
+    Control("hook-2-tuple-cp-uncancelled", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN,
+            lambda dp, cp: cp == 1, breaker=_cp_factor_left_in),
+    Control("hook-seqs-counted-per-cp-rank", Variant(LossReturn.THREE_TUPLE), SEQ_MEAN_TOKEN_MEAN,
+            lambda dp, cp: cp == 1, breaker=_sequences_counted_per_cp_rank),
+    Control("hook-seq-mean-over-cp-slice", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN,
+            lambda dp, cp: cp == 1, breaker=_sequence_means_over_the_cp_slice),
 ]
 
 
@@ -213,6 +294,7 @@ CONTROLS: List[Control] = [
 @dataclass
 class Result:
     layout: str
+    packed: bool
     variant: str
     spec: str
     control: Optional[str]
@@ -262,7 +344,8 @@ class Harness:
             self.ref[spec.name] = (grads, value[0])
 
     # -- one configuration ---------------------------------------------------------------------
-    def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None) -> Result:
+    def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None,
+            packed: bool = False) -> Result:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -274,14 +357,16 @@ class Harness:
         model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        mbs = data_mod.split_for_rank(self.batch, dp, dp_rank, cp, cp_rank)
+        split = data_mod.split_for_rank_packed if packed else data_mod.split_for_rank
+        mbs = split(self.batch, dp, dp_rank, cp, cp_rank)
         is_last = ps.is_pipeline_last_stage()
         hook = LossHook(terms=spec.terms, loss_return=variant.loss_return)
         plain = _plain_masked_mean(control.plain) if control and control.plain else None
 
         def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
             mb = next(data_iterator)
-            output = chunk(mb.tokens, mb.position_ids, None, labels=mb.labels)
+            output = chunk(mb.tokens, mb.position_ids, None, labels=mb.labels,
+                           packed_seq_params=mb.packed_seq_params)
             if plain is not None:
                 return output, plain(mb.loss_mask)
             inner = hook.loss_func(mb.loss_mask, spec.fn)
@@ -303,17 +388,22 @@ class Harness:
             micro_batch_size=mbs[0].tokens.shape[0],
             forward_only=False,
         )
-        breaker = _local_times_dp_totals() if control and control.break_hook else contextlib.nullcontext()
+        breaker = control.breaker() if control and control.breaker else contextlib.nullcontext()
         with breaker, count_collectives() as counter:
             if plain is not None:
                 losses = fb(**kwargs)
             else:
-                losses = hook.wrap(fb)(loss_masks=[mb.full_loss_mask for mb in mbs], **kwargs)
+                losses = hook.wrap(fb)(
+                    loss_masks=[mb.full_loss_mask for mb in mbs],
+                    packed_seqs=[mb.packed for mb in mbs] if packed else None,
+                    **kwargs,
+                )
 
         ref_grads, ref_loss = self.ref[spec.name]
         grad_err = max(grad_error(model, ref_grads).values())
         loss_err = report_err = 0.0
-        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not (control and control.break_hook)) else 0
+        broken_totals = control is not None and control.breaker is _local_times_dp_totals
+        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals) else 0
         collectives_ok = counter.count == expected_collectives
         if plain is None and is_last:
             scale = max(abs(ref_loss), 1e-12)
@@ -326,6 +416,7 @@ class Harness:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         result = Result(
             layout=layout.name(self.world),
+            packed=packed,
             variant=variant.name,
             spec=spec.name,
             control=control.name if control else None,
@@ -333,7 +424,7 @@ class Harness:
             loss_err=float(stats[1]),
             report_err=float(stats[2]),
             collectives_ok=bool(stats[3] == 0),
-            expect_pass=control.expect_pass(dp) if control else True,
+            expect_pass=control.expect_pass(dp, cp) if control else True,
             seconds=time.perf_counter() - t0,
         )
         result.finalize(self.tol)
@@ -345,28 +436,47 @@ def _log(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
-def run_suite(layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
-              controls: Sequence[Control], tol: float) -> List[Result]:
-    harness = Harness(TinyGPT(), tol=tol)
+def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
+              controls: Sequence[Control], tol: float, packing: Sequence[bool] = (False,)) -> List[Result]:
+    harness = Harness(model, tol=tol)
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
-    total = len(layouts) * (len(variants) * len(specs) + len(controls))
+    total = len(layouts) * len(packing) * (len(variants) * len(specs) + len(controls))
     for layout in layouts:
         with model_parallel(layout):
-            jobs = [(v, s, None) for v in variants for s in specs] + [(c.variant, c.spec, c) for c in controls]
-            for variant, spec, control in jobs:
-                res = harness.run(layout, variant, spec, control)
-                results.append(res)
-                mark = "ok  " if res.passed else "FAIL"
-                what = f"control {res.control}" if res.control else f"{res.variant:<30} {res.spec}"
-                _log(
-                    harness.rank,
-                    f"[{len(results):>4}/{total}] {mark} {res.layout:<18} {what:<70} "
-                    f"grad_err={res.grad_err:.2e} loss_err={res.loss_err:.1e} "
-                    f"report_err={res.report_err:.1e} coll={'ok' if res.collectives_ok else 'BAD'} "
-                    f"({res.seconds:.2f}s)",
-                )
+            for packed in packing:
+                jobs = [(v, s, None) for v in variants for s in specs] + [(c.variant, c.spec, c) for c in controls]
+                for variant, spec, control in jobs:
+                    res = harness.run(layout, variant, spec, control, packed=packed)
+                    results.append(res)
+                    mark = "ok  " if res.passed else "FAIL"
+                    what = f"control {res.control}" if res.control else f"{res.variant:<30} {res.spec}"
+                    where = res.layout + ("+packed" if packed else "")
+                    _log(
+                        harness.rank,
+                        f"[{len(results):>4}/{total}] {mark} {where:<22} {what:<70} "
+                        f"grad_err={res.grad_err:.2e} loss_err={res.loss_err:.1e} "
+                        f"report_err={res.report_err:.1e} coll={'ok' if res.collectives_ok else 'BAD'} "
+                        f"({res.seconds:.2f}s)",
+                    )
     return results
+
+
+def _load_layer_spec(target: str) -> Callable[[], Any]:
+    """``path/to/file.py:function`` (or ``module:function``) -> the function."""
+    import importlib
+    import importlib.util
+
+    location, _, name = target.partition(":")
+    if location.endswith(".py"):
+        spec = importlib.util.spec_from_file_location("megatron_agg_layer_spec", location)
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"cannot load {location}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(location)
+    return getattr(module, name or "layer_spec")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -376,6 +486,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tol", type=float, default=TOLERANCE)
     parser.add_argument("--specs", default=None, help="comma-separated loss spec names (default: all)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--layer-spec", default=None,
+                        help="file.py:function or module:function returning the GPT layer spec "
+                             "(the cp suite needs an attention that supports CP and packing)")
+    parser.add_argument("--packing", default=None, choices=["off", "on", "both"],
+                        help="run unpacked, packed or both (default: both for the cp suite)")
     args = parser.parse_args(argv)
 
     dist.init_process_group("gloo")
@@ -385,10 +500,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"suite {args.suite!r} has no layouts for world size {world}; "
                          f"it has {sorted(SUITES[args.suite])}")
     specs = LOSS_SPECS if not args.specs else [s for s in LOSS_SPECS if s.name in args.specs.split(",")]
-    controls = [] if args.no_controls else CONTROLS
+    controls = [] if args.no_controls else CONTROLS + (CP_CONTROLS if args.suite in CP_CONTROL_SUITES else [])
+    packing_arg = args.packing or ("both" if args.suite in PACKED_SUITES else "off")
+    packing = {"off": (False,), "on": (True,), "both": (False, True)}[packing_arg]
+    model = TinyGPT(layer_spec=_load_layer_spec(args.layer_spec) if args.layer_spec else None)
     t0 = time.perf_counter()
     with cpu_shim():
-        results = run_suite(layouts, specs, VARIANTS, controls, args.tol)
+        results = run_suite(model, layouts, specs, VARIANTS, controls, args.tol, packing)
     failed = [r for r in results if not r.passed]
     n_controls = sum(1 for r in results if r.control)
     _log(
