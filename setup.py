@@ -10,7 +10,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "megatron_agg" / "__init
 
 # The supported megatron-core releases; megatron_agg.integration.SUPPORTED_MEGATRON_CORE says the
 # same at run time (tests/test_packaging.py keeps the two in agreement).
-MEGATRON_CORE = "megatron-core>=0.16.0,<0.17.0"
+MEGATRON_CORE = "megatron-core>=0.13.0,<0.20.0"
 
 setup(
     name="megatron-agg",

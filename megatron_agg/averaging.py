@@ -3,7 +3,9 @@
 This is the one place in megatron_agg that records Megatron's averaging rules. Everything here
 is plain arithmetic on sizes and 0-dim tensors (no ``torch.distributed``, no Megatron import).
 
-Read from megatron-core 0.16.1 (``pipeline_parallel/schedules.py::forward_step_calc_loss``,
+The rules below hold for every supported release, 0.13 through 0.19 (read from the released
+wheels; :data:`RELEASES` lists what does differ between them). Read first from megatron-core
+0.16.1 (``pipeline_parallel/schedules.py::forward_step_calc_loss``,
 ``distributed/distributed_data_parallel.py::DistributedDataParallel.__init__``,
 ``distributed/param_and_grad_buffer.py::_ParamAndGradBucketGroup.start_grad_sync``,
 ``distributed/finalize_model_grads.py::finalize_model_grads``). With ``M`` the *local* number
@@ -45,12 +47,52 @@ from typing import Union
 import torch
 
 __all__ = [
+    "ReleaseBehaviour",
+    "RELEASES",
     "LossReturn",
     "GradReduction",
     "MegatronAveraging",
     "loss_multiplier",
     "report_count",
 ]
+
+
+@dataclass(frozen=True)
+class ReleaseBehaviour:
+    """What differs between megatron-core releases, as far as exact loss scaling is concerned.
+
+    None of it changes the factor ``F`` the hook returns (:func:`loss_multiplier`): the hook
+    returns ``num_tokens ≥ 1`` on the path that divides by it, and a zero loss where the step
+    has no valid token, so clamped and unclamped divisions agree. It decides where the step's
+    process groups come from and documents the rest (docs/RELEASES.md is generated from it).
+    """
+
+    release: str
+    #: The 3-tuple path without per-token loss divides by ``clamp(num_tokens, 1)`` (else by
+    #: ``num_tokens`` itself: a micro-batch without valid tokens would give inf/NaN).
+    schedule_clamps_num_tokens: bool
+    #: ``finalize_model_grads`` divides by ``clamp(Σ num_tokens, 1)`` (else skips when 0).
+    finalize_clamps_num_tokens: bool
+    #: Where the schedule takes its groups from: ``"parallel_state"``, ``"grad_finalize_pgs"``
+    #: (a ``GradFinalizeProcessGroups``) or ``"pg_collection"`` (a ``ProcessGroupCollection``).
+    schedule_groups: str
+    #: The MoE auxiliary-loss scale carries ``× cp`` on the non-per-token path.
+    moe_aux_loss_cp_factor: bool
+    #: GTP weight rematerialization: ``get_data_parallel_group()`` is the *full* data group,
+    #: DDP reduces over the *replicate* group and finalize averages over the gtp axis.
+    gtp_remat: bool = False
+
+
+#: Per minor release (checked against the installed one by tests/test_releases.py).
+RELEASES = {
+    "0.13": ReleaseBehaviour("0.13", False, False, "parallel_state", False),
+    "0.14": ReleaseBehaviour("0.14", False, False, "grad_finalize_pgs", False),
+    "0.15": ReleaseBehaviour("0.15", True, False, "pg_collection", False),
+    "0.16": ReleaseBehaviour("0.16", True, False, "pg_collection", True),
+    "0.17": ReleaseBehaviour("0.17", True, False, "pg_collection", True),
+    "0.18": ReleaseBehaviour("0.18", True, True, "pg_collection", True),
+    "0.19": ReleaseBehaviour("0.19", True, True, "pg_collection", True, gtp_remat=True),
+}
 
 
 class LossReturn(str, Enum):

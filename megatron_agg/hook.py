@@ -203,6 +203,10 @@ class _Step:
         assert total is not None
         self._accumulate(DEFAULT_TERM_NAME, total, report)
         num_tokens = valid.sum(dtype=torch.int)
+        if not self.averaging.calculate_per_token_loss:
+            # Only the schedule's division uses it here, and megatron-core < 0.15 divides by it
+            # unclamped: 1 for a micro-batch without valid tokens (F has the same clamp).
+            num_tokens = torch.clamp(num_tokens, min=1)
         assert self.totals is not None
         loss = total * loss_multiplier(self.averaging, num_tokens, self.totals[agg.TOKENS])
         if self.averaging.loss_return is LossReturn.TWO_TUPLE:
@@ -366,7 +370,9 @@ class LossHook:
         num_microbatches = kwargs.get("num_microbatches")
         masks = _check_loss_masks(loss_masks, num_microbatches)
         packed = _check_packed_seqs(packed_seqs, masks)
-        groups = resolve_groups(kwargs.get("pg_collection", None) or self._pg_collection)
+        groups = resolve_groups(
+            kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None)
+        )
         averaging = step_averaging(kwargs.get("model"), self.loss_return, num_microbatches, groups)
         step = _Step(self, masks, groups, averaging, packed)
         self._step = step

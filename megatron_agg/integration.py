@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from .averaging import GradReduction, LossReturn, MegatronAveraging
+from .averaging import RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE",
@@ -26,12 +26,13 @@ __all__ = [
     "ParallelGroups",
     "resolve_groups",
     "step_averaging",
+    "detect_release_behaviour",
 ]
 
 #: The megatron-core releases this version of megatron_agg is tested against (setup.py agrees).
-SUPPORTED_MEGATRON_CORE = (">=0.16.0", "<0.17.0")
-_SUPPORTED_MIN = (0, 16)
-_SUPPORTED_MAX_EXCLUSIVE = (0, 17)
+SUPPORTED_MEGATRON_CORE = (">=0.13.0", "<0.20.0")
+_SUPPORTED_MIN = (0, 13)
+_SUPPORTED_MAX_EXCLUSIVE = (0, 20)
 
 
 class MegatronSymbolError(ImportError):
@@ -45,7 +46,7 @@ def _import(module: str, name: Optional[str] = None) -> Any:
         raise MegatronSymbolError(
             f"megatron_agg needs {module!r} from megatron-core "
             f"{' '.join(SUPPORTED_MEGATRON_CORE)} and could not import it ({exc}). "
-            "Install a supported release: pip install 'megatron-core>=0.16,<0.17'."
+            "Install a supported release: pip install 'megatron-core>=0.13,<0.20'."
         ) from exc
     if name is None:
         return mod
@@ -107,7 +108,7 @@ class ParallelGroups:
 
     @staticmethod
     def _size(group: Any) -> int:
-        return 1 if group is None else torch.distributed.get_world_size(group)
+        return _group_size(group)
 
     @staticmethod
     def _rank(group: Any) -> int:
@@ -134,36 +135,58 @@ class ParallelGroups:
         return self._rank(self.pp) == self._size(self.pp) - 1
 
 
-def resolve_groups(pg_collection: Any = None) -> ParallelGroups:
-    """The step's :class:`ParallelGroups`, from ``pg_collection`` or ``parallel_state``.
+def _group_size(group: Any) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
 
-    A ``pg_collection`` must carry ``dp``, ``cp``, ``dp_cp`` and ``pp``
-    (``ProcessGroupCollection.use_mpu_process_groups()`` sets them all).
+
+def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> ParallelGroups:
+    """The step's :class:`ParallelGroups`, from the caller's groups where the release has them.
+
+    - ``pg_collection`` (megatron-core >= 0.15, a ``ProcessGroupCollection``): ``dp``, ``cp``,
+      ``dp_cp`` and ``pp`` are taken from it (``use_mpu_process_groups()`` sets them all). With
+      0.19's GTP weight rematerialization (a ``gtp_remat`` group of size > 1) the data is split
+      over the *full* data-parallel group: ``dp_cp_gtp_remat`` is used for ``dp_cp`` and the full
+      pure-DP group, which no collection carries, comes from ``parallel_state``.
+    - ``grad_finalize_pgs`` (megatron-core 0.14): ``cp``, ``dp_cp`` and ``pp`` from it; it has no
+      pure-DP group, so ``dp`` comes from ``parallel_state``.
+    - neither (0.13, or a caller that passes none): everything from ``parallel_state``.
+
+    A group that is missing or ``None`` in a given collection is a ``ValueError`` (0.19's
+    collection answers ``None`` for unset fields, which would otherwise mean WORLD).
     """
-    if pg_collection is not None:
-        missing = [n for n in ("dp", "cp", "dp_cp", "pp") if not hasattr(pg_collection, n)]
-        if missing:
+    ps = _import("megatron.core.parallel_state")
+    given = pg_collection if pg_collection is not None else grad_finalize_pgs
+    if given is None:
+        if not ps.model_parallel_is_initialized():
             raise ValueError(
-                f"pg_collection has no {', '.join(missing)} group(s), which megatron_agg needs "
-                "to count the step's totals over the pure data-parallel group; set them, e.g. "
-                "pg_collection.dp = parallel_state.get_data_parallel_group()."
+                "Megatron's model parallel state is not initialized and no pg_collection was given; "
+                "call megatron.core.parallel_state.initialize_model_parallel(...) first, or pass "
+                "pg_collection= to the wrapped forward_backward function or to LossHook."
             )
         return ParallelGroups(
-            dp=pg_collection.dp, cp=pg_collection.cp, dp_cp=pg_collection.dp_cp, pp=pg_collection.pp
+            dp=ps.get_data_parallel_group(),
+            cp=ps.get_context_parallel_group(),
+            dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+            pp=ps.get_pipeline_model_parallel_group(),
         )
-    ps = _import("megatron.core.parallel_state")
-    if not ps.model_parallel_is_initialized():
+    kind = "pg_collection" if pg_collection is not None else "grad_finalize_pgs"
+    needed = ("dp", "cp", "dp_cp", "pp") if pg_collection is not None else ("cp", "dp_cp", "pp")
+    missing = [n for n in needed if getattr(given, n, None) is None]
+    if missing:
         raise ValueError(
-            "Megatron's model parallel state is not initialized and no pg_collection was given; "
-            "call megatron.core.parallel_state.initialize_model_parallel(...) first, or pass "
-            "pg_collection= to the wrapped forward_backward function or to LossHook."
+            f"{kind} has no {', '.join(missing)} group(s) (missing or None), which megatron_agg "
+            "needs to count the step's totals once per data-parallel replica; set them, e.g. "
+            "with ProcessGroupCollection.use_mpu_process_groups(), or "
+            "pg_collection.dp = parallel_state.get_data_parallel_group()."
         )
-    return ParallelGroups(
-        dp=ps.get_data_parallel_group(),
-        cp=ps.get_context_parallel_group(),
-        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
-        pp=ps.get_pipeline_model_parallel_group(),
-    )
+    dp_cp = given.dp_cp
+    dp = getattr(given, "dp", None) if pg_collection is not None else None
+    if _group_size(getattr(given, "gtp_remat", None)) > 1:
+        dp_cp = getattr(given, "dp_cp_gtp_remat", None) or ps.get_data_parallel_group(with_context_parallel=True)
+        dp = None
+    if dp is None:
+        dp = ps.get_data_parallel_group()
+    return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp)
 
 
 def _model_chunks(model: Any) -> List[Any]:
@@ -226,3 +249,38 @@ def step_averaging(
         grad_reduction=reduction,
     )
 
+
+
+def detect_release_behaviour() -> ReleaseBehaviour:
+    """The :class:`ReleaseBehaviour` of the installed megatron-core, found by probing its
+    signatures and code rather than its version string."""
+    import inspect
+
+    schedules = _import("megatron.core.pipeline_parallel.schedules")
+    finalize = _import("megatron.core.distributed.finalize_model_grads")
+    ps = _import("megatron.core.parallel_state")
+    params = inspect.signature(schedules.forward_backward_no_pipelining).parameters
+    if "pg_collection" in params:
+        groups = "pg_collection"
+    elif "grad_finalize_pgs" in params:
+        groups = "grad_finalize_pgs"
+    else:
+        groups = "parallel_state"
+    calc_loss = getattr(schedules, "forward_step_calc_loss", None) or schedules.forward_step
+    calc_src = inspect.getsource(calc_loss)
+    finalize_src = inspect.getsource(finalize.finalize_model_grads)
+    return ReleaseBehaviour(
+        release=".".join(str(p) for p in _release(megatron_core_version())),
+        schedule_clamps_num_tokens="clamp(num_tokens" in calc_src,
+        finalize_clamps_num_tokens="clamp(num_tokens" in finalize_src,
+        schedule_groups=groups,
+        moe_aux_loss_cp_factor="cp_group_size / num_microbatches" in calc_src
+        or "cp_size_for_scaling / num_microbatches" in calc_src,
+        gtp_remat="with_gtp_remat" in inspect.signature(ps.get_data_parallel_group).parameters,
+    )
+
+
+def known_release_behaviour(version: Optional[str] = None) -> Optional[ReleaseBehaviour]:
+    """The documented behaviour of a release (``None`` if it is not in the table)."""
+    release = _release(version or megatron_core_version())
+    return RELEASES.get(f"{release[0]}.{release[1]}")

@@ -122,8 +122,9 @@ class _DoneWork:
 _DOWNSTREAM_TAG, _UPSTREAM_TAG = 7101, 7102
 
 
-def _tagged_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
-    """``P2PCommunicator._communicate_shapes`` with one tag per direction (see module doc)."""
+def _exchange_shapes(tensor_send_next, tensor_send_prev, recv_prev, recv_next, prev_rank, next_rank, group):
+    """Megatron's pipeline shape exchange with one tag per direction (see the module doc)."""
+
     def shape_of(t):
         return torch.tensor(t.size(), dtype=torch.int64)
 
@@ -131,19 +132,34 @@ def _tagged_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_pr
     recv_prev_shape = torch.zeros(3, dtype=torch.int64) if recv_prev else None
     recv_next_shape = torch.zeros(3, dtype=torch.int64) if recv_next else None
     if tensor_send_next is not None:
-        reqs.append(dist.isend(shape_of(tensor_send_next), self.next_rank, self.pp_group, _DOWNSTREAM_TAG))
+        reqs.append(dist.isend(shape_of(tensor_send_next), next_rank, group, _DOWNSTREAM_TAG))
     if recv_prev_shape is not None:
-        reqs.append(dist.irecv(recv_prev_shape, self.prev_rank, self.pp_group, _DOWNSTREAM_TAG))
+        reqs.append(dist.irecv(recv_prev_shape, prev_rank, group, _DOWNSTREAM_TAG))
     if tensor_send_prev is not None:
-        reqs.append(dist.isend(shape_of(tensor_send_prev), self.prev_rank, self.pp_group, _UPSTREAM_TAG))
+        reqs.append(dist.isend(shape_of(tensor_send_prev), prev_rank, group, _UPSTREAM_TAG))
     if recv_next_shape is not None:
-        reqs.append(dist.irecv(recv_next_shape, self.next_rank, self.pp_group, _UPSTREAM_TAG))
+        reqs.append(dist.irecv(recv_next_shape, next_rank, group, _UPSTREAM_TAG))
     for req in reqs:
         req.wait()
     return (
         recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
         recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0],
     )
+
+
+def _tagged_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    """``P2PCommunicator._communicate_shapes`` (megatron-core >= 0.14), tagged."""
+    return _exchange_shapes(tensor_send_next, tensor_send_prev, recv_prev, recv_next,
+                            self.prev_rank, self.next_rank, self.pp_group)
+
+
+def _tagged_communicate_shapes_module(tensor_send_next, tensor_send_prev, recv_prev, recv_next, config):
+    """``p2p_communication._communicate_shapes`` (megatron-core 0.13), tagged."""
+    from megatron.core import parallel_state as ps
+
+    return _exchange_shapes(tensor_send_next, tensor_send_prev, recv_prev, recv_next,
+                            ps.get_pipeline_model_parallel_prev_rank(),
+                            ps.get_pipeline_model_parallel_next_rank(), None)
 
 
 @contextlib.contextmanager
@@ -185,6 +201,8 @@ def cpu_shim() -> Iterator[None]:
 
         if hasattr(getattr(p2p, "P2PCommunicator", None), "_communicate_shapes"):
             patch(p2p.P2PCommunicator, "_communicate_shapes", _tagged_communicate_shapes)
+        elif hasattr(p2p, "_communicate_shapes"):
+            patch(p2p, "_communicate_shapes", _tagged_communicate_shapes_module)
     except ImportError:  # Megatron not installed: the torch part still helps
         pass
     mode = CpuDeviceMode()

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -148,6 +148,11 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
         4: [Layout(cp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2), Layout(tp=2)],
         8: [Layout(cp=2, tp=2)],
     },
+    # One launch per megatron-core release in the version matrix (scripts/run_version_matrix.sh):
+    # DP, TP, PP, VPP and CP, every loss spec and Megatron path; needs --layer-spec for CP.
+    "release": {
+        4: [Layout(tp=2), Layout(pp=2, vpp=2), Layout(cp=2, tp=2), Layout(tp=2, pp=2)],
+    },
     "smoke": {
         2: [Layout(tp=2)],
         4: [Layout(tp=2), Layout(pp=2, vpp=2)],
@@ -155,7 +160,7 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
 }
 #: Which suites also run every layout with packed sequences, and which add the CP controls.
 PACKED_SUITES = {"cp"}
-CP_CONTROL_SUITES = {"cp"}
+CP_CONTROL_SUITES = {"cp", "release"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +320,11 @@ class Result:
 
 
 class Harness:
-    def __init__(self, model: TinyGPT, seq_length: int = 16, tol: float = TOLERANCE) -> None:
+    def __init__(self, model: TinyGPT, seq_length: int = 16, tol: float = TOLERANCE,
+                 cp_layer_spec: Optional[Callable[[], Any]] = None) -> None:
         self.model = model
+        # Megatron's local attention refuses CP and packed input: those runs use this spec.
+        self.cp_model = replace(model, layer_spec=cp_layer_spec) if cp_layer_spec else None
         self.tol = tol
         self.batch = data_mod.make_global_batch(model.vocab_size, seq_length)
         self.world = dist.get_world_size()
@@ -352,7 +360,13 @@ class Harness:
         from ..hook import LossHook
 
         t0 = time.perf_counter()
-        chunks = build_chunks(self.model, layout, calculate_per_token_loss=variant.per_token)
+        model_spec = self.model
+        if layout.cp > 1 or packed:
+            if self.cp_model is None:
+                raise SystemExit("context parallelism and packed sequences need --layer-spec with an "
+                                 "attention that supports them (tests/support/cp_attention.py:layer_spec)")
+            model_spec = self.cp_model
+        chunks = build_chunks(model_spec, layout, calculate_per_token_loss=variant.per_token)
         load_full_weights(chunks, self.full)
         model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -388,6 +402,10 @@ class Harness:
             micro_batch_size=mbs[0].tokens.shape[0],
             forward_only=False,
         )
+        # The 3-tuple runs hand the schedule the caller's groups (pg_collection & co., which the
+        # hook must take its groups from); the 2-tuple runs leave them to parallel_state.
+        if variant.loss_return is LossReturn.THREE_TUPLE:
+            kwargs.update(schedule_group_kwargs(layout, model[0].config))
         breaker = control.breaker() if control and control.breaker else contextlib.nullcontext()
         with breaker, count_collectives() as counter:
             if plain is not None:
@@ -431,14 +449,50 @@ class Harness:
         return result
 
 
+def schedule_group_kwargs(layout: Layout, config: Any) -> Dict[str, Any]:
+    """The process groups the installed release's schedules accept, built as a caller would:
+    ``pg_collection`` (>= 0.15), ``grad_finalize_pgs`` (0.14) or nothing (0.13), plus the
+    ``p2p_communicator`` pipelined schedules then require."""
+    import inspect
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import schedules
+
+    params = inspect.signature(schedules.forward_backward_no_pipelining).parameters
+    kwargs: Dict[str, Any] = {}
+    if "pg_collection" in params:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
+    elif "grad_finalize_pgs" in params:
+        from megatron.core.process_groups_config import GradFinalizeProcessGroups
+
+        pgs = GradFinalizeProcessGroups()
+        pgs.tp = ps.get_tensor_model_parallel_group()
+        pgs.cp = ps.get_context_parallel_group()
+        pgs.pp = ps.get_pipeline_model_parallel_group()
+        pgs.embd = ps.get_embedding_group(check_initialized=False)
+        pgs.pos_embd = ps.get_position_embedding_group(check_initialized=False)
+        pgs.dp_cp = ps.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=False)
+        kwargs["grad_finalize_pgs"] = pgs
+    else:
+        return kwargs
+    if layout.pp > 1:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=ps.get_pipeline_model_parallel_group(), config=config)
+    return kwargs
+
+
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
         print(msg, flush=True)
 
 
 def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
-              controls: Sequence[Control], tol: float, packing: Sequence[bool] = (False,)) -> List[Result]:
-    harness = Harness(model, tol=tol)
+              controls: Sequence[Control], tol: float, packing: Sequence[bool] = (False,),
+              cp_layer_spec: Optional[Callable[[], Any]] = None) -> List[Result]:
+    harness = Harness(model, tol=tol, cp_layer_spec=cp_layer_spec)
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
     total = len(layouts) * len(packing) * (len(variants) * len(specs) + len(controls))
@@ -487,8 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--specs", default=None, help="comma-separated loss spec names (default: all)")
     parser.add_argument("--no-controls", action="store_true")
     parser.add_argument("--layer-spec", default=None,
-                        help="file.py:function or module:function returning the GPT layer spec "
-                             "(the cp suite needs an attention that supports CP and packing)")
+                        help="file.py:function or module:function returning the GPT layer spec for "
+                             "layouts with CP and packed runs (Megatron's local attention refuses both)")
     parser.add_argument("--packing", default=None, choices=["off", "on", "both"],
                         help="run unpacked, packed or both (default: both for the cp suite)")
     args = parser.parse_args(argv)
@@ -503,10 +557,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     controls = [] if args.no_controls else CONTROLS + (CP_CONTROLS if args.suite in CP_CONTROL_SUITES else [])
     packing_arg = args.packing or ("both" if args.suite in PACKED_SUITES else "off")
     packing = {"off": (False,), "on": (True,), "both": (False, True)}[packing_arg]
-    model = TinyGPT(layer_spec=_load_layer_spec(args.layer_spec) if args.layer_spec else None)
+    cp_layer_spec = _load_layer_spec(args.layer_spec) if args.layer_spec else None
     t0 = time.perf_counter()
     with cpu_shim():
-        results = run_suite(model, layouts, specs, VARIANTS, controls, args.tol, packing)
+        results = run_suite(TinyGPT(), layouts, specs, VARIANTS, controls, args.tol, packing, cp_layer_spec)
     failed = [r for r in results if not r.passed]
     n_controls = sum(1 for r in results if r.control)
     _log(

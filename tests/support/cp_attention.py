@@ -47,13 +47,14 @@ class ContextParallelPackedAttention(torch.nn.Module):
     """Drop-in ``core_attention`` (the constructor and forward of ``DotProductAttention``)."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, model_comm_pgs=None, **_):
         super().__init__()
         self.config = config
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        if pg_collection is not None and hasattr(pg_collection, "cp"):
-            self.cp_group = pg_collection.cp
+        groups = pg_collection if pg_collection is not None else model_comm_pgs  # 0.15+ / 0.14
+        if groups is not None and getattr(groups, "cp", None) is not None:
+            self.cp_group = groups.cp
         else:
             from megatron.core import parallel_state
 

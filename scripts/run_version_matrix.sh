@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The version matrix: for every supported megatron-core minor release, a cached virtual
+# environment and one launch of the gradient-equivalence "release" suite (4 CPU ranks; DP, TP,
+# PP, VPP and CP layouts; every loss spec and Megatron path; negative controls).
+#
+#   bash scripts/run_version_matrix.sh                 # all releases
+#   MEGATRON_AGG_VERSIONS="0.13.1 0.19.2" bash scripts/run_version_matrix.sh
+#
+# 0.13–0.16 run on Python 3.11 with the CPU torch 2.13.0; 0.17+ need Python 3.12 (found as
+# PYTHON312, python3.12 on PATH, or pyenv's 3.12.1) and then take torch from the registry (a
+# CUDA build of ~3 GB, used on the CPU). Venvs are cached in MEGATRON_AGG_CACHE
+# (default ~/.cache/megatron_agg) and reused while their requirements stay the same.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
+VERSIONS="${MEGATRON_AGG_VERSIONS:-0.13.1 0.14.0 0.15.3 0.16.1 0.18.0 0.19.2}"
+OUT="${MEGATRON_AGG_OUT:-$ROOT/results/versions}"
+PYTHON311="${PYTHON311:-python3}"
+mkdir -p "$CACHE/venvs" "$OUT"
+
+python312() {
+  if [ -n "${PYTHON312:-}" ]; then "$PYTHON312" "$@";
+  elif command -v python3.12 >/dev/null 2>&1 && python3.12 --version >/dev/null 2>&1; then python3.12 "$@";
+  else PYENV_VERSION=3.12.1 python3.12 "$@"; fi
+}
+
+quiet_pip() {
+  local venv="$1"; shift
+  local log; log="$(mktemp)"
+  if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+
+make_venv() {  # version -> prints the venv path
+  local v="$1" minor="${1%.*}" venv="$CACHE/venvs/mc-$1" stamp
+  local torch_spec="torch==2.13.0" py="py311"
+  case "$minor" in 0.13|0.14|0.15|0.16) ;; *) torch_spec="torch"; py="py312" ;; esac
+  stamp="$py $torch_spec megatron-core==$v"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.megatron_agg_stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$venv"
+    if [ "$py" = py311 ]; then "$PYTHON311" -m venv "$venv"; else python312 -m venv "$venv"; fi
+    echo "versions: installing $stamp into $venv" >&2
+    quiet_pip "$venv" "$torch_spec"
+    quiet_pip "$venv" "megatron-core==$v" pytest numpy
+    echo "$stamp" > "$venv/.megatron_agg_stamp"
+  fi
+  quiet_pip "$venv" --no-deps -e "$ROOT"  # this checkout, every time
+  echo "$venv"
+}
+
+status=0
+summary=()
+for v in $VERSIONS; do
+  start=$(date +%s)
+  venv="$(make_venv "$v")"
+  installed=$(( $(date +%s) - start ))
+  log="$OUT/release-$v.log"
+  echo "versions: megatron-core $v: running the release suite (log: $log)"
+  set +e
+  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" \
+      -m megatron_agg.testing.matrix --suite release \
+      --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec" --out "$OUT/release-$v.json" \
+      >"$log" 2>&1)
+  rc=$?
+  set -e
+  line="$(grep -E '^world [0-9]+: ran' "$log" | tail -1 || true)"
+  [ -n "$line" ] || line="did not finish (exit $rc); see $log"
+  if [ $rc -ne 0 ]; then status=1; grep -E "FAIL|Error" "$log" | head -20 >&2 || true; fi
+  summary+=("megatron-core $v: $line; install ${installed}s, total $(( $(date +%s) - start ))s")
+  echo "versions: ${summary[-1]}"
+done
+echo
+echo "version matrix summary:"
+printf '  %s\n' "${summary[@]}"
+exit $status
