@@ -10,7 +10,7 @@ Public API: :class:`LossHook`, :class:`LossTerm`, :class:`AggMode`, :class:`Loss
 
 from .averaging import LossReturn
 from .definition import reference_loss
-from .hook import LossHook, PerTokenLossFn, StepSummary
+from .hook import LossHook, NonFiniteLossError, PerTokenLossFn, StepSummary
 from .modes import AggMode
 from .packing import PackedSequences
 from .terms import LossTerm
@@ -22,6 +22,7 @@ __all__ = [
     "LossHook",
     "LossReturn",
     "LossTerm",
+    "NonFiniteLossError",
     "PackedSequences",
     "PerTokenLossFn",
     "StepSummary",

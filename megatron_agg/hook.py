@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from . import aggregation as agg
+from .agreement import AGREEMENT_FIELDS, agreement_block, disagreements, fingerprints
 from .averaging import LossReturn, MegatronAveraging, loss_multiplier, report_count
 from .integration import ParallelGroups, check_megatron_version, resolve_groups, step_averaging
 from .layout import thd_cp_local_positions, to_cp_local
@@ -48,13 +49,17 @@ from .modes import AggModeLike
 from .packing import PackedSequences
 from .terms import DEFAULT_TERM_NAME, LossTerm
 
-__all__ = ["LossHook", "PerTokenLossFn", "StepSummary"]
+__all__ = ["LossHook", "PerTokenLossFn", "StepSummary", "NonFiniteLossError"]
 
 #: Maps the model output of a micro-batch to its per-token loss ``[b, s]`` (one term), or to a
 #: ``{term name: [b, s]}`` mapping (several terms).
 PerTokenLossFn = Callable[[torch.Tensor], Union[torch.Tensor, Mapping[str, torch.Tensor]]]
 
 _MISSING = object()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term was NaN or Inf on a valid token (raised after the step, naming the term)."""
 
 
 @dataclass
@@ -104,18 +109,25 @@ class _Step:
         self.collectives = 0
         self.totals: Optional[torch.Tensor] = None
         self._work: Any = None
+        self._reduced: Optional[torch.Tensor] = None
         self._scales: Optional[Dict[str, torch.Tensor]] = None
         self.plans: List[_MicroBatchPlan] = []
         self.local_losses: Dict[str, torch.Tensor] = {}
+        self._term_index = {name: k for k, name in enumerate(hook.terms)}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective
         packed_seqs = packed_seqs or [None] * len(loss_masks)
         device = loss_masks[0].device
         views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
-        self.totals = agg.local_totals(views, device=device)
+        totals = agg.local_totals(views, device=device)
         if groups.dp_size > 1:
-            self._work = _start_totals_all_reduce(self.totals, groups.dp)
+            # One collective: the totals and the fingerprints of the set-up the ranks must share.
+            prints = fingerprints(hook.terms, averaging.loss_return.value, averaging.calculate_per_token_loss)
+            self._reduced = torch.cat([totals, agreement_block(prints, device)])
+            self._work = _start_totals_all_reduce(self._reduced, groups.dp)
             self.collectives += 1
+            totals = self._reduced[: len(agg.TOTALS_FIELDS)]
+        self.totals = totals
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
         for mask, packed, view in zip(loss_masks, packed_seqs, views):
             positions = None
@@ -133,6 +145,8 @@ class _Step:
         # Per micro-batch: tokens where the loss function's mask disagrees with loss_masks
         # (checked once, after the step: no host sync per micro-batch).
         self.mask_mismatch = torch.zeros(len(loss_masks), dtype=torch.int64, device=device)
+        # Per micro-batch and term: a non-finite share of the loss (checked after the step).
+        self.nonfinite = torch.zeros(len(loss_masks), len(hook.terms), dtype=torch.int64, device=device)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         self.local_losses = {name: zero.clone() for name in (DEFAULT_TERM_NAME, *hook.terms)}
         self.report_count = torch.tensor(report_count(averaging), dtype=torch.float32, device=device)
@@ -196,6 +210,7 @@ class _Step:
                     "the loss function must return one loss per token ([b, s])."
                 )
             share = agg.masked_weighted_sum(per_token_loss, valid, plan.weights[name]) * scales[name]
+            self.nonfinite[index, self._term_index[name]] += torch.isfinite(share).logical_not().to(torch.int64)
             weighted = share * term.weight if term.weight != 1.0 else share
             total = weighted if total is None else total + weighted
             if len(self.hook.terms) > 1:
@@ -219,8 +234,9 @@ class _Step:
         report[name] = torch.stack([detached, self.report_count])
 
     def finish(self, forward_only: bool, collect_non_loss_data: bool) -> None:
-        """Check that Megatron evaluated the loss once per micro-batch, with the masks of
-        ``loss_masks`` (the latter costs one host sync per step, here, after the step)."""
+        """After the step: check that Megatron evaluated the loss once per micro-batch, that the
+        DP ranks agree on the set-up, that the loss functions saw ``loss_masks`` and that every
+        term stayed finite. All device-side results are read with one host sync, here."""
         if not self.is_last_stage or collect_non_loss_data:
             return
         if self.next_microbatch != self.num_microbatches:
@@ -229,8 +245,24 @@ class _Step:
                 f"hook.loss_func for {self.next_microbatch} micro-batches; every forward_step must "
                 "return hook.loss_func(...) as its loss function."
             )
+        checks = [self.nonfinite.reshape(-1), self.mask_mismatch]
+        if self._reduced is not None:
+            self.scales()  # waits for the all-reduce if no loss did
+            block = self._reduced[len(agg.TOTALS_FIELDS) :]
+            checks.append(disagreements(block, self.groups.dp_size))
+        values = torch.cat(checks).tolist()
+        terms = list(self.hook.terms)
+        nonfinite, values = values[: self.nonfinite.numel()], values[self.nonfinite.numel() :]
+        mismatches, differing = values[: self.num_microbatches], values[self.num_microbatches :]
+        if any(differing):
+            options = [f for f, d in zip(AGREEMENT_FIELDS, differing) if d]
+            raise ValueError(
+                f"The {self.groups.dp_size} data-parallel ranks of this step disagree on: "
+                f"{', '.join(options)}. Every rank must build the same LossHook (terms, modes, "
+                "options, loss_return) and the same Megatron config; the gradients of this step "
+                "are not the loss of any one of them."
+            )
         if self.hook.check_masks:
-            mismatches = self.mask_mismatch.tolist()
             bad = [(j, n) for j, n in enumerate(mismatches) if n]
             if bad:
                 j, n = bad[0]
@@ -241,6 +273,17 @@ class _Step:
                     "order (CP-local slices of them under context parallelism), or set "
                     "LossHook(check_masks=False) if the loss function's mask is meant to differ."
                 )
+        bad_terms = {}
+        for flat, count in enumerate(nonfinite):
+            if count:
+                bad_terms.setdefault(terms[flat % len(terms)], []).append(flat // len(terms))
+        if bad_terms:
+            detail = "; ".join(f"term {name!r} in micro-batch(es) {mbs}" for name, mbs in bad_terms.items())
+            raise NonFiniteLossError(
+                f"A valid token's loss was NaN or Inf: {detail}. The step's gradients are not "
+                "finite; do not apply them (masked positions are never the cause: they are "
+                "selected away)."
+            )
 
     def summary(self) -> StepSummary:
         return StepSummary(
