@@ -72,20 +72,31 @@ class SequenceView:
     """A micro-batch's mask seen as sequences.
 
     ``valid[b, s]``: valid tokens that belong to a sequence; ``seq_index[b, s]``: the token's
-    sequence in ``[0, num_seqs)``, or ``num_seqs`` for tokens of no sequence; ``padded_lengths``:
-    the default ``C_i`` of every sequence (float64 ``[num_seqs]``).
+    sequence in ``[0, num_seqs)``, or ``num_seqs`` for tokens of no sequence (``None`` when every
+    row is one sequence); ``counts``: ``n_i`` of every sequence (float64 ``[num_seqs]``);
+    ``padded_lengths``: the default ``C_i`` of every sequence (float64 ``[num_seqs]``).
     """
 
     valid: torch.Tensor
-    seq_index: torch.Tensor
+    seq_index: Optional[torch.Tensor]
     num_seqs: int
+    counts: torch.Tensor
     padded_lengths: torch.Tensor
 
     def token_counts(self) -> torch.Tensor:
         """``n_i`` of every sequence, float64 ``[num_seqs]``."""
-        counts = torch.zeros(self.num_seqs + 1, dtype=_TOTALS_DTYPE, device=self.valid.device)
-        counts.index_add_(0, self.seq_index.reshape(-1), self.valid.reshape(-1).to(_TOTALS_DTYPE))
-        return counts[: self.num_seqs]
+        return self.counts
+
+    def per_token(self, per_sequence: torch.Tensor, outside: float = 0.0) -> torch.Tensor:
+        """Spread a ``[num_seqs]`` quantity over the tokens (``outside`` for tokens of no sequence)."""
+        if self.seq_index is None:
+            return per_sequence.unsqueeze(-1)  # broadcasts over the row
+        extended = torch.cat([per_sequence, per_sequence.new_full((1,), outside)])
+        return extended[self.seq_index]
+
+    def membership(self) -> Optional[torch.Tensor]:
+        """Tokens that belong to a sequence (``None``: all of them)."""
+        return None if self.seq_index is None else self.seq_index < self.num_seqs
 
 
 def sequence_view(mask: torch.Tensor, packed: Optional[PackedSequences] = None) -> SequenceView:
@@ -94,9 +105,9 @@ def sequence_view(mask: torch.Tensor, packed: Optional[PackedSequences] = None) 
     b, s = mask.shape
     device = mask.device
     if packed is None:
-        seq_index = torch.arange(b, device=device).unsqueeze(-1).expand(b, s)
+        counts = valid.sum(dim=-1, dtype=_TOTALS_DTYPE)
         lengths = torch.full((b,), float(s), dtype=_TOTALS_DTYPE, device=device)
-        return SequenceView(valid, seq_index, b, lengths)
+        return SequenceView(valid, None, b, counts, lengths)
     assert b == 1, "packed micro-batches hold one row (checked by the caller)"
     cu, cu_padded = packed.boundaries(device)
     k = packed.num_sequences
@@ -108,11 +119,14 @@ def sequence_view(mask: torch.Tensor, packed: Optional[PackedSequences] = None) 
         real_end = cu_padded[seq_c] + (cu[seq_c + 1] - cu[seq_c])
         inside = inside & (positions >= cu_padded[seq_c]) & (positions < real_end)
     seq_index = torch.where(inside, seq, torch.full_like(seq, k)).unsqueeze(0)
+    valid = valid & inside.unsqueeze(0)
+    counts = torch.zeros(k + 1, dtype=_TOTALS_DTYPE, device=device)
+    counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).to(_TOTALS_DTYPE))
     if packed.padded_length is not None:
         lengths = torch.full((k,), float(packed.padded_length), dtype=_TOTALS_DTYPE, device=device)
     else:
         lengths = (cu_padded[1:] - cu_padded[:-1]).to(_TOTALS_DTYPE)
-    return SequenceView(valid & inside.unsqueeze(0), seq_index, k, lengths)
+    return SequenceView(valid, seq_index, k, counts[:k], lengths)
 
 
 def local_totals(views: Sequence[SequenceView], device: Optional[torch.device] = None) -> torch.Tensor:
@@ -124,13 +138,11 @@ def local_totals(views: Sequence[SequenceView], device: Optional[torch.device] =
     """
     if device is None:
         device = views[0].valid.device if views else torch.device("cpu")
-    totals = torch.zeros(len(TOTALS_FIELDS), dtype=_TOTALS_DTYPE, device=device)
-    for view in views:
-        counts = view.token_counts().to(device)
-        totals[TOKENS] += counts.sum()
-        totals[SEQUENCES] += view.num_seqs
-        totals[NONEMPTY_SEQUENCES] += (counts > 0).sum(dtype=_TOTALS_DTYPE)
-    return totals
+    if not views:
+        return torch.zeros(len(TOTALS_FIELDS), dtype=_TOTALS_DTYPE, device=device)
+    counts = torch.cat([view.counts.to(device) for view in views])
+    num_seqs = torch.tensor(float(sum(view.num_seqs for view in views)), dtype=_TOTALS_DTYPE, device=device)
+    return torch.stack([counts.sum(), num_seqs, (counts > 0).sum(dtype=_TOTALS_DTYPE)])
 
 
 def denominator(term: LossTerm, totals: torch.Tensor) -> torch.Tensor:
@@ -156,16 +168,15 @@ def sequence_weights(term: LossTerm, view: SequenceView) -> torch.Tensor:
     """
     mode = term.agg_mode
     if mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
-        alpha = safe_reciprocal(view.token_counts())
+        alpha = safe_reciprocal(view.counts)
     elif mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
         if term.loss_scale_factor is not None:
             alpha = torch.full_like(view.padded_lengths, 1.0 / float(term.loss_scale_factor))
         else:
             alpha = safe_reciprocal(view.padded_lengths)
     else:
-        alpha = torch.ones_like(view.padded_lengths)
-    alpha = torch.cat([alpha, alpha.new_zeros(1)])  # tokens of no sequence
-    return view.valid.to(_WEIGHT_DTYPE) * alpha[view.seq_index].to(_WEIGHT_DTYPE)
+        return view.valid.to(_WEIGHT_DTYPE)
+    return view.valid.to(_WEIGHT_DTYPE) * view.per_token(alpha.to(_WEIGHT_DTYPE))
 
 
 def masked_weighted_sum(

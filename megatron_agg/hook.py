@@ -76,6 +76,8 @@ class StepSummary:
     #: Collectives the hook issued in the step (1, or 0 off the last stage / with one DP rank).
     collectives: int = 0
     dp_cp_group: Any = None
+    #: Bytes of per-step state the hook held on the device (weights, masks, counters).
+    state_bytes: int = 0
 
 
 @dataclass
@@ -86,7 +88,7 @@ class _MicroBatchPlan:
     local_shape: torch.Size  # the shape the loss function must receive on this CP rank
     weights: Dict[str, torch.Tensor]
     valid: torch.Tensor  # valid tokens of a sequence, in this rank's layout (bool)
-    member: torch.Tensor  # tokens that belong to a sequence, in this rank's layout (bool)
+    member: Optional[torch.Tensor]  # tokens that belong to a sequence (None: all), this rank's layout
 
 
 class _Step:
@@ -113,7 +115,6 @@ class _Step:
         self._scales: Optional[Dict[str, torch.Tensor]] = None
         self.plans: List[_MicroBatchPlan] = []
         self.local_losses: Dict[str, torch.Tensor] = {}
-        self._term_index = {name: k for k, name in enumerate(hook.terms)}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective
         packed_seqs = packed_seqs or [None] * len(loss_masks)
@@ -124,7 +125,7 @@ class _Step:
             # One collective: the totals and the fingerprints of the set-up the ranks must share.
             prints = fingerprints(hook.terms, averaging.loss_return.value, averaging.calculate_per_token_loss)
             self._reduced = torch.cat([totals, agreement_block(prints, device)])
-            self._work = _start_totals_all_reduce(self._reduced, groups.dp)
+            self._work = _start_totals_all_reduce(self._reduced, groups.dp, hook.async_totals)
             self.collectives += 1
             totals = self._reduced[: len(agg.TOTALS_FIELDS)]
         self.totals = totals
@@ -140,13 +141,14 @@ class _Step:
             }
             local_shape = torch.Size((*mask.shape[:-1], mask.shape[-1] // cp_size))
             valid = to_cp_local(view.valid, cp_size, cp_rank, positions)
-            member = to_cp_local(view.seq_index < view.num_seqs, cp_size, cp_rank, positions)
+            membership = view.membership()
+            member = None if membership is None else to_cp_local(membership, cp_size, cp_rank, positions)
             self.plans.append(_MicroBatchPlan(mask.shape, local_shape, weights, valid, member))
         # Per micro-batch: tokens where the loss function's mask disagrees with loss_masks
         # (checked once, after the step: no host sync per micro-batch).
-        self.mask_mismatch = torch.zeros(len(loss_masks), dtype=torch.int64, device=device)
-        # Per micro-batch and term: a non-finite share of the loss (checked after the step).
-        self.nonfinite = torch.zeros(len(loss_masks), len(hook.terms), dtype=torch.int64, device=device)
+        self._mismatch_parts: List[torch.Tensor] = []
+        # Per micro-batch and term, its share of the loss (checked for NaN/Inf after the step).
+        self._finite_parts: List[torch.Tensor] = []
         zero = torch.zeros((), dtype=torch.float32, device=device)
         self.local_losses = {name: zero.clone() for name in (DEFAULT_TERM_NAME, *hook.terms)}
         self.report_count = torch.tensor(report_count(averaging), dtype=torch.float32, device=device)
@@ -154,7 +156,7 @@ class _Step:
     def scales(self) -> Dict[str, torch.Tensor]:
         """``1 / D_k`` of every term (waits for the totals' all-reduce the first time)."""
         if self._scales is None:
-            if self._work is not None:
+            if self._work is not None:  # None as well when the all-reduce ran synchronously
                 self._work.wait()
                 self._work = None
             assert self.totals is not None
@@ -196,8 +198,10 @@ class _Step:
             )
         valid = plan.valid
         if self.hook.check_masks:
-            given = agg.valid_tokens(loss_mask) & plan.member
-            self.mask_mismatch[index] += (given != valid).sum()
+            given = agg.valid_tokens(loss_mask)
+            if plan.member is not None:
+                given = given & plan.member
+            self._mismatch_parts.append((given != valid).sum())
         scales = self.scales()
         total = None
         report: Dict[str, torch.Tensor] = {}
@@ -210,7 +214,7 @@ class _Step:
                     "the loss function must return one loss per token ([b, s])."
                 )
             share = agg.masked_weighted_sum(per_token_loss, valid, plan.weights[name]) * scales[name]
-            self.nonfinite[index, self._term_index[name]] += torch.isfinite(share).logical_not().to(torch.int64)
+            self._finite_parts.append(share)
             weighted = share * term.weight if term.weight != 1.0 else share
             total = weighted if total is None else total + weighted
             if len(self.hook.terms) > 1:
@@ -245,14 +249,20 @@ class _Step:
                 f"hook.loss_func for {self.next_microbatch} micro-batches; every forward_step must "
                 "return hook.loss_func(...) as its loss function."
             )
-        checks = [self.nonfinite.reshape(-1), self.mask_mismatch]
+        nonfinite_flags = torch.isfinite(torch.stack(self._finite_parts)).logical_not().to(torch.int64)
+        mismatch = (
+            torch.stack(self._mismatch_parts).to(torch.int64)
+            if self._mismatch_parts
+            else nonfinite_flags.new_zeros(self.num_microbatches)
+        )
+        checks = [nonfinite_flags, mismatch]
         if self._reduced is not None:
             self.scales()  # waits for the all-reduce if no loss did
             block = self._reduced[len(agg.TOTALS_FIELDS) :]
             checks.append(disagreements(block, self.groups.dp_size))
         values = torch.cat(checks).tolist()
         terms = list(self.hook.terms)
-        nonfinite, values = values[: self.nonfinite.numel()], values[self.nonfinite.numel() :]
+        nonfinite, values = values[: nonfinite_flags.numel()], values[nonfinite_flags.numel() :]
         mismatches, differing = values[: self.num_microbatches], values[self.num_microbatches :]
         if any(differing):
             options = [f for f, d in zip(AGREEMENT_FIELDS, differing) if d]
@@ -285,6 +295,12 @@ class _Step:
                 "selected away)."
             )
 
+    def state_bytes(self) -> int:
+        tensors = [t for p in self.plans for t in (*p.weights.values(), p.valid, p.member) if t is not None]
+        if self.is_last_stage:
+            tensors += [self.totals if self._reduced is None else self._reduced]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def summary(self) -> StepSummary:
         return StepSummary(
             is_last_stage=self.is_last_stage,
@@ -294,6 +310,7 @@ class _Step:
             local_losses=dict(self.local_losses),
             collectives=self.collectives,
             dp_cp_group=self.groups.dp_cp,
+            state_bytes=self.state_bytes(),
         )
 
 
@@ -315,6 +332,9 @@ class LossHook:
         check_masks: after each step, check that the masks given to ``hook.loss_func`` equal
             ``loss_masks`` (the gradients always follow ``loss_masks``). Costs one host sync per
             step, after the step; none per micro-batch.
+        async_totals: start the step's all-reduce asynchronously when the step begins and wait
+            for it at the first loss (on the last pipeline stage the pipeline's warm-up hides
+            it); ``False`` waits at once (for measurements).
 
     The formulas of every mode are in :mod:`megatron_agg.modes` and :mod:`.aggregation`.
     """
@@ -329,6 +349,7 @@ class LossHook:
         loss_return: Union[LossReturn, str] = LossReturn.THREE_TUPLE,
         pg_collection: Any = None,
         check_masks: bool = True,
+        async_totals: bool = True,
     ) -> None:
         if terms is None:
             self.terms: Dict[str, LossTerm] = {
@@ -363,6 +384,7 @@ class LossHook:
         self.loss_return = LossReturn.parse(loss_return)
         self._pg_collection = pg_collection
         self.check_masks = bool(check_masks)
+        self.async_totals = bool(async_totals)
         self._step: Optional[_Step] = None
         self._last: Optional[StepSummary] = None
 
@@ -510,10 +532,10 @@ class LossHook:
         return {name: values[i] for i, name in enumerate(names)}
 
 
-def _start_totals_all_reduce(totals: torch.Tensor, dp_group: Any) -> Any:
-    """The hook's one collective per step: SUM of the totals over the pure DP group (async)."""
+def _start_totals_all_reduce(totals: torch.Tensor, dp_group: Any, async_op: bool = True) -> Any:
+    """The hook's one collective per step: SUM of the totals over the pure DP group."""
     return torch.distributed.all_reduce(
-        totals, op=torch.distributed.ReduceOp.SUM, group=dp_group, async_op=True
+        totals, op=torch.distributed.ReduceOp.SUM, group=dp_group, async_op=async_op
     )
 
 

@@ -246,7 +246,14 @@ def _sequence_means_over_the_cp_slice() -> Iterator[None]:
 
     def from_slice(term, view, cp_size, cp_rank, positions):
         local = lambda t: to_cp_local(t, cp_size, cp_rank, positions)  # noqa: E731
-        sliced = agg.SequenceView(local(view.valid), local(view.seq_index), view.num_seqs, view.padded_lengths)
+        valid = local(view.valid)
+        seq_index = None if view.seq_index is None else local(view.seq_index)
+        if seq_index is None:
+            counts = valid.sum(dim=-1, dtype=torch.float64)
+        else:
+            counts = torch.zeros(view.num_seqs + 1, dtype=torch.float64)
+            counts = counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).double())[: view.num_seqs]
+        sliced = agg.SequenceView(valid, seq_index, view.num_seqs, counts, view.padded_lengths)
         return agg.sequence_weights(term, sliced)
 
     hook_mod._microbatch_weights = from_slice
