@@ -58,6 +58,54 @@ def native_loss(mask: torch.Tensor):
     return f
 
 
+class HookTimer:
+    """Time spent inside the hook's own code (step set-up, loss evaluations, end checks)."""
+
+    def __init__(self) -> None:
+        from megatron_agg import hook as hook_mod
+
+        self.seconds = 0.0  # all of the hook's code, waits included (wall clock)
+        self.cpu_seconds = 0.0  # CPU time of the hook's code (4 ranks share 2 cores here)
+        self.wait_seconds = 0.0  # waiting for the step's all-reduce to complete
+        self.active = False
+        for name, attr in (("__init__", "seconds"), ("microbatch_loss", "seconds"), ("finish", "seconds")):
+            original = getattr(hook_mod._Step, name)
+
+            def timed(*args, _original=original, _attr=attr, **kwargs):
+                if not self.active:
+                    return _original(*args, **kwargs)
+                t0, c0 = time.perf_counter(), time.thread_time()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    setattr(self, _attr, getattr(self, _attr) + time.perf_counter() - t0)
+                    self.cpu_seconds += time.thread_time() - c0
+
+            setattr(hook_mod._Step, name, timed)
+        original_start = hook_mod._start_totals_all_reduce
+
+        def start(totals, group, async_op=True):
+            t0 = time.perf_counter()
+            work = original_start(totals, group, async_op)
+            if not async_op:
+                self.wait_seconds += time.perf_counter() - t0
+                return work
+            timer = self
+
+            class TimedWork:
+                def wait(self_inner):
+                    t1 = time.perf_counter()
+                    work.wait()
+                    timer.wait_seconds += time.perf_counter() - t1
+
+            return TimedWork()
+
+        hook_mod._start_totals_all_reduce = start
+
+
+TIMER: "HookTimer | None" = None
+
+
 class Path:
     def __init__(self, name: str, layout: Layout, full: Dict[str, torch.Tensor], per_token: bool,
                  hook: "LossHook | None", make_loss=None):
@@ -71,6 +119,9 @@ class Path:
         self.fb = hook.wrap(fb) if hook is not None else fb
         self.times: List[float] = []
         self.collectives: List[int] = []
+        self.hook_seconds: List[float] = []
+        self.wait_seconds: List[float] = []
+        self.cpu_seconds: List[float] = []
 
     def step(self, mbs: List[data_mod.MicroBatch]) -> None:
         for m in self.model:
@@ -88,11 +139,17 @@ class Path:
         if self.hook is not None:
             kwargs["loss_masks"] = [mb.full_loss_mask for mb in mbs]
         dist.barrier()
+        TIMER.seconds, TIMER.wait_seconds, TIMER.cpu_seconds = 0.0, 0.0, 0.0
+        TIMER.active = self.hook is not None
         t0 = time.perf_counter()
         with count_collectives() as counter:
             self.fb(**kwargs)
         dist.barrier()
         self.times.append(time.perf_counter() - t0)
+        TIMER.active = False
+        self.hook_seconds.append(TIMER.seconds - TIMER.wait_seconds)
+        self.wait_seconds.append(TIMER.wait_seconds)
+        self.cpu_seconds.append(TIMER.cpu_seconds)
         self.collectives.append(counter.count)
 
 
@@ -127,13 +184,25 @@ def run_layout(layout: Layout, steps: int, warmup: int) -> Dict[str, Any]:
         state = path.hook.last_step.state_bytes if path.hook is not None and path.hook.last_step else 0
         st = torch.tensor([state], dtype=torch.int64)
         dist.all_reduce(st, op=dist.ReduceOp.MAX)
+        own = torch.tensor(path.hook_seconds[warmup:], dtype=torch.float64)
+        dist.all_reduce(own, op=dist.ReduceOp.MAX)
+        wait = torch.tensor(path.wait_seconds[warmup:], dtype=torch.float64)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        cpu = torch.tensor(path.cpu_seconds[warmup:], dtype=torch.float64)
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
         out["paths"][path.name] = {
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "hook_collectives_per_step": int(coll), "hook_state_bytes": int(st),
+            "hook_own_median_s": statistics.median(own.tolist()),
+            "hook_wait_median_s": statistics.median(wait.tolist()),
+            "hook_cpu_median_s": statistics.median(cpu.tolist()),
         }
     p = out["paths"]
     for ref in ("plain-2-tuple", "native-per-token"):
         p["hooked"][f"ratio_vs_{ref}"] = p["hooked"]["median_s"] / p[ref]["median_s"]
+    # The hook's own work (its waits for the all-reduce excluded) against the step.
+    p["hooked"]["ratio_own_work"] = 1.0 + p["hooked"]["hook_own_median_s"] / p["plain-2-tuple"]["median_s"]
+    p["hooked"]["ratio_own_cpu"] = 1.0 + p["hooked"]["hook_cpu_median_s"] / p["plain-2-tuple"]["median_s"]
     if "hooked-sync" in p:
         p["hooked-sync"]["ratio_vs_hooked"] = p["hooked-sync"]["median_s"] / p["hooked"]["median_s"]
     return out
@@ -146,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dist.init_process_group("gloo")
+    global TIMER
+    TIMER = HookTimer()
     results = []
     with cpu_shim():
         for layout in (Layout(tp=2), Layout(pp=2)):
@@ -161,8 +232,10 @@ def main(argv=None) -> int:
             for name, v in r["paths"].items():
                 extra = " ".join(f"{k}={v[k]:.3f}" for k in v if k.startswith("ratio"))
                 print(f"  {name:<18} median {v['median_s'] * 1e3:7.1f} ms  min {v['min_s'] * 1e3:7.1f}  "
-                      f"max {v['max_s'] * 1e3:7.1f}  hook collectives/step {v['hook_collectives_per_step']}  "
-                      f"hook state {v['hook_state_bytes']} B  {extra}", flush=True)
+                      f"max {v['max_s'] * 1e3:7.1f}  hook: {v['hook_collectives_per_step']} collective(s)/step, "
+                      f"own work {v['hook_own_median_s'] * 1e3:5.2f} ms (cpu {v['hook_cpu_median_s'] * 1e3:5.2f}), waits on it "
+                      f"{v['hook_wait_median_s'] * 1e3:5.2f} ms, state {v['hook_state_bytes']} B  {extra}",
+                      flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)

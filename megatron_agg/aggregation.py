@@ -188,5 +188,8 @@ def masked_weighted_sum(
     in a padded position can neither reach the value nor the gradient.
     """
     dtype = torch.promote_types(per_token.dtype, _WEIGHT_DTYPE)
-    values = torch.where(valid, per_token.to(dtype), torch.zeros((), dtype=dtype, device=per_token.device))
-    return (values * weights.to(dtype)).sum()
+    if per_token.dtype != dtype:
+        per_token = per_token.to(dtype)
+    if weights.dtype != dtype:
+        weights = weights.to(dtype)
+    return (torch.where(valid, per_token, 0.0) * weights).sum()

@@ -152,7 +152,7 @@ def loss_multiplier(
       0, ``L = 0`` and ``F`` is 0 (finalize then skips its division).
 
     Args:
-        local_num_tokens: the ``nt`` returned with this micro-batch (0-dim integer tensor).
+        local_num_tokens: the ``nt`` returned with each micro-batch (integer tensor, 0-dim or ``[M]``).
         global_num_tokens: the step's total valid tokens ``T`` (0-dim tensor).
     """
     ddp = 1.0 / avg.dp_cp_size if avg.grad_reduction is GradReduction.MEAN else 1.0

@@ -114,7 +114,7 @@ class _Step:
         self._reduced: Optional[torch.Tensor] = None
         self._scales: Optional[Dict[str, torch.Tensor]] = None
         self.plans: List[_MicroBatchPlan] = []
-        self.local_losses: Dict[str, torch.Tensor] = {}
+        self._device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective
         packed_seqs = packed_seqs or [None] * len(loss_masks)
@@ -144,13 +144,20 @@ class _Step:
             membership = view.membership()
             member = None if membership is None else to_cp_local(membership, cp_size, cp_rank, positions)
             self.plans.append(_MicroBatchPlan(mask.shape, local_shape, weights, valid, member))
+        # num_tokens of every micro-batch: this CP slice's valid tokens; clamped to >= 1 where only
+        # the schedule's division uses it (megatron-core < 0.15 divides unclamped; F has the clamp).
+        num_tokens = torch.stack([plan.valid.sum(dtype=torch.int) for plan in self.plans])
+        if not averaging.calculate_per_token_loss:
+            num_tokens = torch.clamp(num_tokens, min=1)
+        self._num_tokens_all = num_tokens
+        self._num_tokens = num_tokens.unbind()
+        self._multipliers: Sequence[torch.Tensor] = ()
         # Per micro-batch: tokens where the loss function's mask disagrees with loss_masks
         # (checked once, after the step: no host sync per micro-batch).
         self._mismatch_parts: List[torch.Tensor] = []
         # Per micro-batch and term, its share of the loss (checked for NaN/Inf after the step).
         self._finite_parts: List[torch.Tensor] = []
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        self.local_losses = {name: zero.clone() for name in (DEFAULT_TERM_NAME, *hook.terms)}
+        self._local_parts: Dict[str, List[torch.Tensor]] = {n: [] for n in (DEFAULT_TERM_NAME, *hook.terms)}
         self.report_count = torch.tensor(report_count(averaging), dtype=torch.float32, device=device)
 
     def scales(self) -> Dict[str, torch.Tensor]:
@@ -164,6 +171,9 @@ class _Step:
                 name: agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
                 for name, term in self.hook.terms.items()
             }
+            self._multipliers = loss_multiplier(
+                self.averaging, self._num_tokens_all, self.totals[agg.TOKENS]
+            ).expand(self.num_microbatches).unbind()
         return self._scales
 
     def microbatch_loss(self, per_token: Any, loss_mask: torch.Tensor) -> tuple:
@@ -221,21 +231,24 @@ class _Step:
                 self._accumulate(name, share, report)
         assert total is not None
         self._accumulate(DEFAULT_TERM_NAME, total, report)
-        num_tokens = valid.sum(dtype=torch.int)
-        if not self.averaging.calculate_per_token_loss:
-            # Only the schedule's division uses it here, and megatron-core < 0.15 divides by it
-            # unclamped: 1 for a micro-batch without valid tokens (F has the same clamp).
-            num_tokens = torch.clamp(num_tokens, min=1)
-        assert self.totals is not None
-        loss = total * loss_multiplier(self.averaging, num_tokens, self.totals[agg.TOKENS])
+        loss = total * self._multipliers[index]
         if self.averaging.loss_return is LossReturn.TWO_TUPLE:
             return loss, report
-        return loss, num_tokens, report
+        return loss, self._num_tokens[index], report
 
     def _accumulate(self, name: str, share: torch.Tensor, report: Dict[str, torch.Tensor]) -> None:
         detached = share.detach()
-        self.local_losses[name] = self.local_losses[name] + detached
+        self._local_parts[name].append(detached)
         report[name] = torch.stack([detached, self.report_count])
+
+    @property
+    def local_losses(self) -> Dict[str, torch.Tensor]:
+        """This rank's share of each term's ``L_k`` and of the total, summed over micro-batches."""
+        parts = getattr(self, "_local_parts", {})
+        return {
+            name: torch.stack(values).sum() if values else torch.zeros((), device=self._device)
+            for name, values in parts.items()
+        }
 
     def finish(self, forward_only: bool, collect_non_loss_data: bool) -> None:
         """After the step: check that Megatron evaluated the loss once per micro-batch, that the

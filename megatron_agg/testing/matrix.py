@@ -191,7 +191,7 @@ def _local_times_dp_totals() -> Iterator[None]:
 
     original = hook_mod._start_totals_all_reduce
 
-    def local_times_dp(totals: torch.Tensor, group: Any) -> None:
+    def local_times_dp(totals: torch.Tensor, group: Any, async_op: bool = True) -> None:
         totals.mul_(dist.get_world_size(group))
         return None
 
