@@ -9,6 +9,7 @@ Public API: :class:`LossHook`, :class:`LossTerm`, :class:`AggMode`, :class:`Loss
 """
 
 from .averaging import LossReturn
+from .deferred import DeferredLossHook
 from .definition import reference_loss
 from .hook import LossHook, NonFiniteLossError, PerTokenLossFn, StepSummary
 from .modes import AggMode
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AggMode",
+    "DeferredLossHook",
     "LossHook",
     "LossReturn",
     "LossTerm",

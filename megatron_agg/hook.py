@@ -47,7 +47,7 @@ from .integration import ParallelGroups, check_megatron_version, resolve_groups,
 from .layout import thd_cp_local_positions, to_cp_local
 from .modes import AggModeLike
 from .packing import PackedSequences
-from .terms import DEFAULT_TERM_NAME, LossTerm
+from .terms import DEFAULT_TERM_NAME, LossTerm, normalize_terms, split_term_losses
 
 __all__ = ["LossHook", "PerTokenLossFn", "StepSummary", "NonFiniteLossError"]
 
@@ -188,7 +188,7 @@ class _Step:
         self.next_microbatch += 1
         assert self.is_last_stage, "Megatron computes losses on the last pipeline stage only"
         plan = self.plans[index]
-        losses = self.hook._term_losses(per_token, index)
+        losses = split_term_losses(self.hook.terms, per_token, index)
         if not isinstance(loss_mask, torch.Tensor):
             raise ValueError(
                 f"hook.loss_func(loss_mask) needs a tensor mask; micro-batch {index} got "
@@ -364,36 +364,9 @@ class LossHook:
         check_masks: bool = True,
         async_totals: bool = True,
     ) -> None:
-        if terms is None:
-            self.terms: Dict[str, LossTerm] = {
-                DEFAULT_TERM_NAME: LossTerm(
-                    mode if mode is not None else "token-mean",
-                    exclude_fully_masked_seqs=exclude_fully_masked_seqs,
-                    loss_scale_factor=loss_scale_factor,
-                )
-            }
-        else:
-            if mode is not None or exclude_fully_masked_seqs or loss_scale_factor is not None:
-                raise ValueError(
-                    "Give either a single mode (with exclude_fully_masked_seqs / "
-                    "loss_scale_factor) or terms={name: LossTerm(...)}, not both; put the options "
-                    "into each LossTerm."
-                )
-            if not isinstance(terms, Mapping) or not terms:
-                raise ValueError(
-                    f"terms must be a non-empty mapping {{name: LossTerm}}, got {terms!r}."
-                )
-            for name, term in terms.items():
-                if not isinstance(name, str) or not isinstance(term, LossTerm):
-                    raise ValueError(
-                        f"terms must map names (str) to LossTerm objects; got {name!r}: {term!r}."
-                    )
-            if len(terms) > 1 and DEFAULT_TERM_NAME in terms:
-                raise ValueError(
-                    f"The term name {DEFAULT_TERM_NAME!r} is reserved for the total of several "
-                    "terms; rename that term."
-                )
-            self.terms = dict(terms)
+        self.terms: Dict[str, LossTerm] = normalize_terms(
+            mode, exclude_fully_masked_seqs, loss_scale_factor, terms
+        )
         self.loss_return = LossReturn.parse(loss_return)
         self._pg_collection = pg_collection
         self.check_masks = bool(check_masks)
@@ -497,27 +470,6 @@ class LossHook:
             return step.microbatch_loss(per_token, loss_mask)
 
         return megatron_agg_loss_func
-
-    def _term_losses(self, per_token: Any, index: int) -> Dict[str, torch.Tensor]:
-        names = list(self.terms)
-        if isinstance(per_token, torch.Tensor):
-            if len(names) != 1:
-                raise ValueError(
-                    f"Micro-batch {index}: the hook has terms {names} but the per-token loss "
-                    "function returned a single tensor; return {term name: per-token loss}."
-                )
-            return {names[0]: per_token}
-        if isinstance(per_token, Mapping):
-            if set(per_token) != set(names):
-                raise ValueError(
-                    f"Micro-batch {index}: the per-token loss function returned terms "
-                    f"{sorted(per_token)}, expected exactly {sorted(names)}."
-                )
-            return dict(per_token)
-        raise ValueError(
-            f"Micro-batch {index}: expected a per-token loss tensor or a mapping of them, got "
-            f"{type(per_token).__name__}."
-        )
 
     # -- reporting ---------------------------------------------------------------------------
     @property

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
+
+import torch
 
 from .modes import AggMode, AggModeLike
 
-__all__ = ["LossTerm", "DEFAULT_TERM_NAME"]
+__all__ = ["LossTerm", "DEFAULT_TERM_NAME", "normalize_terms", "split_term_losses"]
 
 #: Name of the term when a :class:`~megatron_agg.LossHook` is built from a single mode.
 DEFAULT_TERM_NAME = "loss"
@@ -66,3 +68,59 @@ class LossTerm:
         """The mode as an :class:`AggMode` (``mode`` is normalized to one at construction)."""
         assert isinstance(self.mode, AggMode)
         return self.mode
+
+
+def normalize_terms(
+    mode: Optional[AggModeLike],
+    exclude_fully_masked_seqs: bool,
+    loss_scale_factor: Optional[float],
+    terms: Optional[Mapping[str, LossTerm]],
+) -> Dict[str, LossTerm]:
+    """``{name: LossTerm}`` from either a single mode with its options or named terms."""
+    if terms is None:
+        return {
+            DEFAULT_TERM_NAME: LossTerm(
+                mode if mode is not None else "token-mean",
+                exclude_fully_masked_seqs=exclude_fully_masked_seqs,
+                loss_scale_factor=loss_scale_factor,
+            )
+        }
+    if mode is not None or exclude_fully_masked_seqs or loss_scale_factor is not None:
+        raise ValueError(
+            "Give either a single mode (with exclude_fully_masked_seqs / loss_scale_factor) or "
+            "terms={name: LossTerm(...)}, not both; put the options into each LossTerm."
+        )
+    if not isinstance(terms, Mapping) or not terms:
+        raise ValueError(f"terms must be a non-empty mapping {{name: LossTerm}}, got {terms!r}.")
+    for name, term in terms.items():
+        if not isinstance(name, str) or not isinstance(term, LossTerm):
+            raise ValueError(f"terms must map names (str) to LossTerm objects; got {name!r}: {term!r}.")
+    if len(terms) > 1 and DEFAULT_TERM_NAME in terms:
+        raise ValueError(
+            f"The term name {DEFAULT_TERM_NAME!r} is reserved for the total of several terms; "
+            "rename that term."
+        )
+    return dict(terms)
+
+
+def split_term_losses(terms: Mapping[str, LossTerm], per_token: Any, index: int) -> Dict[str, torch.Tensor]:
+    """The per-token loss of every term from what the per-token loss function returned."""
+    names = list(terms)
+    if isinstance(per_token, torch.Tensor):
+        if len(names) != 1:
+            raise ValueError(
+                f"Micro-batch {index}: the hook has terms {names} but the per-token loss "
+                "function returned a single tensor; return {term name: per-token loss}."
+            )
+        return {names[0]: per_token}
+    if isinstance(per_token, Mapping):
+        if set(per_token) != set(names):
+            raise ValueError(
+                f"Micro-batch {index}: the per-token loss function returned terms "
+                f"{sorted(per_token)}, expected exactly {sorted(names)}."
+            )
+        return dict(per_token)
+    raise ValueError(
+        f"Micro-batch {index}: expected a per-token loss tensor or a mapping of them, got "
+        f"{type(per_token).__name__}."
+    )

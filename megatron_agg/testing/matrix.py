@@ -106,11 +106,12 @@ class Variant:
     loss_return: LossReturn
     per_token: bool = False  # TransformerConfig.calculate_per_token_loss
     average_in_collective: bool = False  # DistributedDataParallelConfig
+    deferred: bool = False  # DeferredLossHook: data streamed, num_tokens channel, no collective
 
     @property
     def name(self) -> str:
         return (
-            f"{self.loss_return.value}"
+            f"{'deferred-' if self.deferred else ''}{self.loss_return.value}"
             f"{'+per-token' if self.per_token else ''}"
             f"{'+avg-in-collective' if self.average_in_collective else ''}"
         )
@@ -123,7 +124,17 @@ VARIANTS: List[Variant] = [
     Variant(LossReturn.THREE_TUPLE),
     Variant(LossReturn.THREE_TUPLE, average_in_collective=True),
     Variant(LossReturn.THREE_TUPLE, per_token=True),
+    Variant(LossReturn.THREE_TUPLE, per_token=True, deferred=True),
 ]
+
+
+def runs_in(variant: Variant, spec: LossSpec) -> bool:
+    """The deferred mode carries one denominator: specs whose terms have several are not run
+    there (DeferredLossHook refuses them, tested in tests/test_deferred.py)."""
+    if not variant.deferred:
+        return True
+    kinds = {(t.agg_mode is AggMode.TOKEN_MEAN, t.exclude_fully_masked_seqs) for t in spec.terms.values()}
+    return len(kinds) == 1
 
 #: Layouts of each suite by world size (every layout uses the whole world; dp = world / tp·pp·cp).
 SUITES: Dict[str, Dict[int, List[Layout]]] = {
@@ -364,6 +375,7 @@ class Harness:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from ..deferred import DeferredLossHook
         from ..hook import LossHook
 
         t0 = time.perf_counter()
@@ -381,7 +393,8 @@ class Harness:
         split = data_mod.split_for_rank_packed if packed else data_mod.split_for_rank
         mbs = split(self.batch, dp, dp_rank, cp, cp_rank)
         is_last = ps.is_pipeline_last_stage()
-        hook = LossHook(terms=spec.terms, loss_return=variant.loss_return)
+        deferred = variant.deferred and not (control and control.plain)
+        hook: Any = DeferredLossHook(terms=spec.terms) if deferred else LossHook(terms=spec.terms, loss_return=variant.loss_return)
         plain = _plain_masked_mean(control.plain) if control and control.plain else None
 
         def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
@@ -390,7 +403,11 @@ class Harness:
                            packed_seq_params=mb.packed_seq_params)
             if plain is not None:
                 return output, plain(mb.loss_mask)
-            inner = hook.loss_func(mb.loss_mask, spec.fn)
+            if deferred:  # counts from whole sequences, as a data pipeline would before the CP split
+                counts = DeferredLossHook.sequence_token_counts(mb.full_loss_mask, mb.packed) if cp > 1 else None
+                inner = hook.loss_func(mb.loss_mask, spec.fn, sequence_token_counts=counts, packed_seqs=mb.packed)
+            else:
+                inner = hook.loss_func(mb.loss_mask, spec.fn)
 
             def guarded(*args: Any, **kwargs: Any):
                 with forbid_host_sync():
@@ -415,7 +432,7 @@ class Harness:
             kwargs.update(schedule_group_kwargs(layout, model[0].config))
         breaker = control.breaker() if control and control.breaker else contextlib.nullcontext()
         with breaker, count_collectives() as counter:
-            if plain is not None:
+            if plain is not None or deferred:
                 losses = fb(**kwargs)
             else:
                 losses = hook.wrap(fb)(
@@ -428,15 +445,17 @@ class Harness:
         grad_err = max(grad_error(model, ref_grads).values())
         loss_err = report_err = 0.0
         broken_totals = control is not None and control.breaker is _local_times_dp_totals
-        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals) else 0
+        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals and not deferred) else 0
         collectives_ok = counter.count == expected_collectives
         if plain is None and is_last:
             scale = max(abs(ref_loss), 1e-12)
-            global_loss = float(hook.global_loss()["loss"])
-            loss_err = abs(global_loss - ref_loss) / scale
             pair = torch.stack([r["loss"] for r in losses]).sum(dim=0)
             dist.all_reduce(pair, group=ps.get_data_parallel_group(with_context_parallel=True))
             report_err = abs(float(pair[0] / pair[1]) - ref_loss) / scale
+            if deferred:  # no global_loss() in the deferred mode: its value is the report's
+                loss_err = report_err
+            else:
+                loss_err = abs(float(hook.global_loss()["loss"]) - ref_loss) / scale
         stats = torch.tensor([grad_err, loss_err, report_err, 0.0 if collectives_ok else 1.0], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         result = Result(
@@ -502,11 +521,13 @@ def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpe
     harness = Harness(model, tol=tol, cp_layer_spec=cp_layer_spec)
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
-    total = len(layouts) * len(packing) * (len(variants) * len(specs) + len(controls))
+    per_layout = sum(1 for v in variants for s in specs if runs_in(v, s)) + len(controls)
+    total = len(layouts) * len(packing) * per_layout
     for layout in layouts:
         with model_parallel(layout):
             for packed in packing:
-                jobs = [(v, s, None) for v in variants for s in specs] + [(c.variant, c.spec, c) for c in controls]
+                jobs = [(v, s, None) for v in variants for s in specs if runs_in(v, s)]
+                jobs += [(c.variant, c.spec, c) for c in controls]
                 for variant, spec, control in jobs:
                     res = harness.run(layout, variant, spec, control, packed=packed)
                     results.append(res)
