@@ -22,6 +22,7 @@ __all__ = [
     "MICROBATCH_PLANS",
     "split_for_rank",
     "split_for_rank_packed",
+    "rows_for_rank",
     "MicroBatch",
 ]
 
@@ -77,6 +78,17 @@ def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> G
         mask[i, prompt : prompt + response] = 1.0
         lengths.append(prompt + response)
     return GlobalBatch(tokens, labels, mask, lengths)
+
+
+def rows_for_rank(dp_size: int, dp_rank: int) -> List[slice]:
+    """The global-batch rows of each micro-batch of a data-parallel rank (per :data:`MICROBATCH_PLANS`)."""
+    plan = MICROBATCH_PLANS[dp_size]
+    start = sum(sum(sizes) for sizes in plan[:dp_rank])
+    out = []
+    for size in plan[dp_rank]:
+        out.append(slice(start, start + size))
+        start += size
+    return out
 
 
 def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int = 1,
