@@ -23,3 +23,15 @@ def test_example_pp2_vpp2_dp2_seq_mean_token_sum_norm():
                         "--loss-return", "2-tuple"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "EXACT" in proc.stdout
+
+
+def test_grpo_example_is_exact_with_two_terms_under_one_collective():
+    proc = torchrun(4, ["examples/grpo_step.py", "--tp", "2", "--steps", "2"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("max grad err vs reference") == 2 and "EXACT" in proc.stdout
+
+
+def test_grpo_example_with_pipeline_parallelism():
+    proc = torchrun(4, ["examples/grpo_step.py", "--tp", "1", "--pp", "2", "--steps", "1"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "EXACT" in proc.stdout
