@@ -132,7 +132,10 @@ class _Step:
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
         for mask, packed, view in zip(loss_masks, packed_seqs, views):
             positions = None
-            if cp_size > 1 and packed is not None:
+            if cp_size > 1 and groups.cp_layout == "contiguous":
+                local = mask.shape[-1] // cp_size
+                positions = torch.arange(cp_rank * local, (cp_rank + 1) * local, device=device)
+            elif cp_size > 1 and packed is not None:
                 _, cu_padded = packed.boundaries(device)
                 positions = thd_cp_local_positions(cu_padded, mask.shape[-1], cp_size, cp_rank)
             weights = {
@@ -546,13 +549,13 @@ def _check_loss_masks(loss_masks: Any, num_microbatches: Any) -> List[torch.Tens
             "this rank's loss masks, one per micro-batch, so that megatron_agg can count the "
             "step's totals before the first loss."
         )
-    if not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be a positive int, got {num_microbatches!r}.")
     if isinstance(loss_masks, torch.Tensor):
         raise ValueError(
             "loss_masks must be a list with one mask per micro-batch, got a single tensor; "
             "pass list(masks) if they are stacked."
         )
+    if not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive int, got {num_microbatches!r}.")
     masks = list(loss_masks)
     if len(masks) != num_microbatches:
         raise ValueError(

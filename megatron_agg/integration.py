@@ -105,6 +105,9 @@ class ParallelGroups:
     cp: Any
     dp_cp: Any
     pp: Any
+    #: How a sequence is split over ``cp``: Megatron's load-balanced chunks, or contiguous
+    #: slices (Ulysses-style sequence parallelism).
+    cp_layout: str = "load-balanced"
 
     @staticmethod
     def _size(group: Any) -> int:

@@ -34,6 +34,13 @@ MICROBATCH_PLANS: Dict[int, List[List[int]]] = {
     2: [[4, 1, 6, 2], [3, 5, 1, 2]],
     4: [[2, 3], [4, 2, 1, 3], [1, 1], [3, 4]],
 }
+#: The same sizes, but every rank with the same *number* of micro-batches: what FSDP needs (its
+#: all-gathers run once per forward on every rank). Still ragged, still rank 2 of 4 all masked.
+EQUAL_COUNT_PLANS: Dict[int, List[List[int]]] = {
+    1: [[5, 3, 7, 1, 4, 4]],
+    2: [[4, 1, 6, 2], [3, 5, 1, 2]],
+    4: [[2, 3], [4, 6], [1, 1], [3, 4]],
+}
 NUM_SEQUENCES = 24
 FULLY_MASKED = (7, 15, 16)
 _MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
@@ -80,9 +87,9 @@ def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> G
     return GlobalBatch(tokens, labels, mask, lengths)
 
 
-def rows_for_rank(dp_size: int, dp_rank: int) -> List[slice]:
+def rows_for_rank(dp_size: int, dp_rank: int, plans: Optional[Dict[int, List[List[int]]]] = None) -> List[slice]:
     """The global-batch rows of each micro-batch of a data-parallel rank (per :data:`MICROBATCH_PLANS`)."""
-    plan = MICROBATCH_PLANS[dp_size]
+    plan = (plans or MICROBATCH_PLANS)[dp_size]
     start = sum(sum(sizes) for sizes in plan[:dp_rank])
     out = []
     for size in plan[dp_rank]:
@@ -185,4 +192,4 @@ def all_rows(plan: Sequence[Sequence[int]]) -> int:
     return sum(sum(s) for s in plan)
 
 
-assert all(all_rows(p) == NUM_SEQUENCES for p in MICROBATCH_PLANS.values())
+assert all(all_rows(p) == NUM_SEQUENCES for p in (*MICROBATCH_PLANS.values(), *EQUAL_COUNT_PLANS.values()))

@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-__all__ = ["init_full_weights", "per_token_loss", "param_names"]
+__all__ = ["init_full_weights", "per_token_loss", "param_names", "TorchGPT"]
 
 
 def param_names(spec) -> Dict[str, tuple]:
@@ -95,3 +95,31 @@ def per_token_loss(
     x = _layer_norm(x, w, "decoder.final_layernorm")
     logits = x @ w["embedding.word_embeddings.weight"].T
     return F.cross_entropy(logits.reshape(b * s, -1).float(), labels.reshape(-1), reduction="none").view(b, s)
+
+
+class TorchGPT(torch.nn.Module):
+    """:func:`per_token_loss` as an ``nn.Module`` (e.g. to shard with FSDP2).
+
+    Parameters are kept flat under Megatron's names (``.`` written as ``__``);
+    :meth:`named_full_grads` returns gradients under Megatron's names again.
+    """
+
+    def __init__(self, spec, weights: Dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.weights = torch.nn.ParameterDict(
+            {name.replace(".", "__"): torch.nn.Parameter(t.detach().clone()) for name, t in weights.items()}
+        )
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        w = {name.replace("__", "."): p for name, p in self.weights.items()}
+        return per_token_loss(w, self.spec, tokens, position_ids, labels)
+
+    def named_full_grads(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.weights.items():
+            g = p.grad
+            if g is not None and hasattr(g, "full_tensor"):
+                g = g.full_tensor()  # a DTensor shard (FSDP2): all-gather it
+            out[name.replace("__", ".")] = g.detach().clone() if g is not None else torch.zeros_like(p)
+        return out
