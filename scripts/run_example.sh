@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The main job: set up .venv, then train the tiny GPT for a few steps on 4 CPU ranks
-# (TP=2 × DP=2, gloo) with megatron_agg's hook, printing the hooked global loss next to the
-# single-process reference and the largest gradient difference. Extra arguments go to
-# examples/train_tiny_gpt.py (e.g. --loss-agg-mode token-mean --pp 2 --tp 1).
+# The main job: set up .venv, then `megatron-agg compare` on 4 CPU ranks (gloo): the same small GPT
+# trained from one initial state on one stream of ragged batches with Megatron (TP=2 × DP=2) + the
+# hook, FSDP2 (DP=4) + the hook, and Megatron's plain averaging. Prints a per-step table (loss,
+# gradient norm, gradient difference from the FSDP path), writes results/compare/compare.png and
+# .json, and exits non-zero if the hooked Megatron path and the FSDP path disagree. Extra arguments
+# go to `megatron-agg compare` (e.g. --loss-agg-mode token-mean --tp 1 --pp 2 --steps 20).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 VENV="${MEGATRON_AGG_VENV:-$ROOT/.venv}"
 cd "$ROOT"
-PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 exec "$VENV/bin/python" -m torch.distributed.run \
-  --nproc-per-node "${NPROC:-4}" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29511}" \
-  examples/train_tiny_gpt.py --tp 2 --steps 10 "$@" 2> >(grep -v "^W[0-9]* \|^\*\*\*\|OMP_NUM_THREADS" >&2)
+PYTHONWARNINGS=ignore exec "$VENV/bin/megatron-agg" compare --nproc "${NPROC:-4}" --tp 2 --steps 8 \
+  --out results/compare "$@"

@@ -187,7 +187,7 @@ def _plain_masked_mean(loss_return: LossReturn):
             count = valid.sum(dtype=torch.int)
             if loss_return is LossReturn.TWO_TUPLE:
                 mean = total / torch.clamp(count, min=1)
-                return mean, {"loss": mean.detach()}
+                return mean, {"loss": mean.detach().clone()}  # the schedule rescales `mean` in place
             return total, count, {"loss": torch.stack([total.detach(), count.float()])}
 
         return loss_func

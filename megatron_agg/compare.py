@@ -1,0 +1,284 @@
+"""``megatron-agg compare``: the same objective on Megatron and on FSDP2, side by side.
+
+Trains one small GPT from one initial state on one stream of ragged batches for ``--steps`` steps
+on three paths, in the same processes:
+
+- **megatron+hook**: Megatron-Core (the TP/PP/VPP layout of the command line, DP from the rest) with
+  :class:`~megatron_agg.LossHook`;
+- **fsdp+hook**: the same model in plain PyTorch sharded with FSDP2 over all ranks, with
+  :class:`~megatron_agg.fsdp.FSDPLossHook`;
+- **megatron-plain**: Megatron-Core with its own per-micro-batch averaging (a 2-tuple masked mean).
+
+Each path steps with SGD and gradient-norm clipping. Per step it prints the loss and gradient norm
+of each path and the largest relative difference of each Megatron path's gradients from the FSDP
+path's (gathered to full tensors), writes the table as JSON and a PNG plot of the loss curves and
+the per-step gradient differences, and exits non-zero when the hooked Megatron path and the FSDP
+path differ by more than ``--tol``. Runs on CPU with gloo (the default) and on GPUs with NCCL
+(``--device cuda``). ``megatron-agg compare`` starts ``torchrun`` itself when it is not already
+running under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .modes import AggMode
+
+__all__ = ["add_arguments", "run", "main"]
+
+PATHS = ("megatron+hook", "fsdp+hook", "megatron-plain")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=4, help="ranks to start when not under torchrun (default 4)")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--loss-agg-mode", default="seq-mean-token-mean", choices=[m.value for m in AggMode])
+    p.add_argument("--exclude-fully-masked-seqs", action="store_true")
+    p.add_argument("--loss-scale-factor", type=float, default=None)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--clip-grad", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="largest relative gradient difference allowed between megatron+hook and fsdp+hook")
+    p.add_argument("--out", default="results/compare", help="folder for compare.json and compare.png")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--inject-bug", default="none", choices=["none", "local-denominator"],
+                   help="self-test: break the hooked Megatron path on purpose (totals local × dp)")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def _log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _progress(step: int, total: int) -> None:
+    if dist.get_rank() == 0 and sys.stderr.isatty():
+        width = 30
+        done = width * step // total
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total}")
+        sys.stderr.write("\n" if step == total else "")
+        sys.stderr.flush()
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from . import LossHook, LossTerm
+    from .fsdp import FSDPLossHook
+    from .testing import data as data_mod
+    from .testing.cpu import cpu_shim
+    from .testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, wrap_ddp
+    from .testing.matrix import _local_times_dp_totals, _plain_masked_mean
+    from .testing.parallel import Layout, model_parallel
+    from .testing.reference_gpt import TorchGPT, init_full_weights
+    from .averaging import LossReturn
+
+    dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+    world = dist.get_world_size()
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    term = LossTerm(args.loss_agg_mode, exclude_fully_masked_seqs=args.exclude_fully_masked_seqs,
+                    loss_scale_factor=args.loss_scale_factor)
+    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp)
+    dp_m = layout.dp(world)
+    for dp in (dp_m, world):
+        if dp not in data_mod.MICROBATCH_PLANS:
+            raise SystemExit(f"compare splits its batches for data-parallel sizes {sorted(data_mod.MICROBATCH_PLANS)}; "
+                             f"this run needs {dp} (Megatron dp={dp_m}, FSDP dp={world})")
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    shim = cpu_shim() if args.device == "cpu" else contextlib.nullcontext()
+    rows: List[Dict[str, Any]] = []
+    with shim, model_parallel(layout):
+        from megatron.core import parallel_state as ps
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        spec = TinyGPT()
+        full = init_full_weights(spec, seed=args.seed)
+
+        def megatron_path():
+            chunks = build_chunks(spec, layout)
+            load_full_weights(chunks, full)
+            model = wrap_ddp(chunks)
+            opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="sgd", lr=args.lr, sgd_momentum=0.0, weight_decay=0.0,
+                                clip_grad=args.clip_grad, bf16=False, fp16=False),
+                model, use_gloo_process_groups=False)
+            return model, opt
+
+        hooked, hooked_opt = megatron_path()
+        plain, plain_opt = megatron_path()
+        hook = LossHook(term.mode, exclude_fully_masked_seqs=term.exclude_fully_masked_seqs,
+                        loss_scale_factor=term.loss_scale_factor)
+        fb = get_forward_backward_func()
+        hooked_fb = hook.wrap(fb)
+        plain_loss = _plain_masked_mean(LossReturn.TWO_TUPLE)
+
+        fsdp_model = TorchGPT(spec, full).to(device)
+        fully_shard(fsdp_model, mesh=init_device_mesh(device.type, (world,)))
+        fsdp_hook = FSDPLossHook(term.mode, exclude_fully_masked_seqs=term.exclude_fully_masked_seqs,
+                                 loss_scale_factor=term.loss_scale_factor)
+        fsdp_hook.prepare(fsdp_model)
+        fsdp_opt = torch.optim.SGD(fsdp_model.parameters(), lr=args.lr)
+
+        dp_rank_m = ps.get_data_parallel_rank()
+        is_last = ps.is_pipeline_last_stage()
+        dp_group_m = ps.get_data_parallel_group()
+        _log(f"megatron-agg compare: {args.steps} steps, mode={term.mode.value}"
+             f"{' +exclude_fully_masked_seqs' if term.exclude_fully_masked_seqs else ''}, "
+             f"megatron {layout.name(world)} vs FSDP2 dp{world}, {world} ranks on {args.device}"
+             + (f"  [injected bug: {args.inject_bug}]" if args.inject_bug != "none" else ""))
+        _log(f"{'step':>4}  {'loss hook':>10}  {'loss fsdp':>10}  {'loss plain':>10}  {'norm hook':>9}  "
+             f"{'norm fsdp':>9}  {'norm plain':>10}  {'Δgrad hook':>10}  {'Δgrad plain':>11}")
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            batch = data_mod.make_global_batch(spec.vocab_size, seed=args.seed * 1000 + step)
+            mbs = data_mod.split_for_rank(batch, dp_m, dp_rank_m)
+
+            def megatron_step(model, opt, loss_fn, fb_call, **extra):
+                for m in model:
+                    m.zero_grad_buffer()
+                opt.zero_grad()  # as Megatron-LM's train_step: param.grad must not alias main_grad
+
+                def forward_step(it, chunk):
+                    mb = next(it)
+                    return chunk(mb.tokens, mb.position_ids, None, labels=mb.labels), loss_fn(mb.loss_mask)
+
+                return fb_call(forward_step_func=forward_step,
+                               data_iterator=[iter(mbs) for _ in model] if layout.vpp else iter(mbs),
+                               model=model, num_microbatches=len(mbs), seq_length=batch.seq_length,
+                               micro_batch_size=1, forward_only=False, **extra)
+
+            breaker = _local_times_dp_totals() if args.inject_bug == "local-denominator" else contextlib.nullcontext()
+            with breaker:
+                megatron_step(hooked, hooked_opt, hook.loss_func, hooked_fb,
+                              loss_masks=[mb.full_loss_mask for mb in mbs])
+            hooked_loss = hook.global_loss()
+            reports = megatron_step(plain, plain_opt, plain_loss, fb)
+
+            # FSDP: every rank is a data-parallel rank; equal micro-batch counts per rank.
+            fsdp_opt.zero_grad()
+            rows_f = data_mod.rows_for_rank(world, dist.get_rank(), data_mod.EQUAL_COUNT_PLANS)
+            s = batch.seq_length
+            with fsdp_hook.step([batch.loss_mask[r].to(device) for r in rows_f]) as fstep:
+                for r in rows_f:
+                    pos = torch.arange(s, device=device).unsqueeze(0).expand(r.stop - r.start, s)
+                    out = fsdp_model(batch.tokens[r].to(device), pos, batch.labels[r].to(device))
+                    fstep.loss(out, batch.loss_mask[r].to(device)).backward()
+            fsdp_loss = float(fsdp_hook.global_loss()["loss"])
+            fsdp_grads = fsdp_model.named_full_grads()
+            d_hook = _max_over_ranks(max(grad_error(hooked, fsdp_grads).values()))
+            d_plain = _max_over_ranks(max(grad_error(plain, fsdp_grads).values()))
+            fsdp_norm = float(torch.nn.utils.clip_grad_norm_(fsdp_model.parameters(), args.clip_grad))
+            fsdp_opt.step()
+            _, hook_norm, _ = hooked_opt.step()
+            _, plain_norm, _ = plain_opt.step()
+
+            # Losses live on the last pipeline stage: send them to rank 0. The plain path's logged
+            # loss is Megatron's: the mean of the micro-batch means, averaged over DP ranks.
+            plain_value = sum(float(r["loss"]) for r in reports) / len(mbs) if is_last else 0.0
+            values = torch.tensor([float(hooked_loss["loss"]) if hooked_loss else -math.inf,
+                                   plain_value if is_last else -math.inf], dtype=torch.float64)
+            if is_last:
+                pv = torch.tensor([plain_value], dtype=torch.float64)
+                dist.all_reduce(pv, group=dp_group_m)
+                values[1] = float(pv) / dp_m
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+            row = {"step": step, "loss": {"megatron+hook": float(values[0]), "fsdp+hook": fsdp_loss,
+                                          "megatron-plain": float(values[1])},
+                   "grad_norm": {"megatron+hook": float(hook_norm), "fsdp+hook": fsdp_norm,
+                                 "megatron-plain": float(plain_norm)},
+                   "max_rel_grad_diff_vs_fsdp": {"megatron+hook": d_hook, "megatron-plain": d_plain},
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            if dist.get_rank() == 0 and sys.stderr.isatty():
+                sys.stderr.write("\r\033[K")
+            _log(f"{step:>4}  {row['loss']['megatron+hook']:>10.6f}  {fsdp_loss:>10.6f}  {row['loss']['megatron-plain']:>10.6f}  "
+                 f"{hook_norm:>9.5f}  {fsdp_norm:>9.5f}  {plain_norm:>10.5f}  {d_hook:>10.2e}  {d_plain:>11.2e}")
+            _progress(step + 1, args.steps)
+        fsdp_hook.restore()
+    worst = max(r["max_rel_grad_diff_vs_fsdp"]["megatron+hook"] for r in rows)
+    worst_plain = max(r["max_rel_grad_diff_vs_fsdp"]["megatron-plain"] for r in rows)
+    ok = worst <= args.tol
+    if dist.get_rank() == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"args": vars(args), "world_size": world, "megatron_layout": layout.name(world),
+                  "tolerance": args.tol, "max_rel_grad_diff": {"megatron+hook": worst, "megatron-plain": worst_plain},
+                  "agree": ok, "steps": rows}
+        (out / "compare.json").write_text(json.dumps(report, indent=1))
+        if not args.no_plot:
+            plot(rows, args, layout.name(world), world, out / "compare.png")
+        verdict = "AGREE" if ok else "DISAGREE"
+        print(f"{verdict}: megatron+hook vs fsdp+hook, largest relative gradient difference {worst:.2e} "
+              f"(tolerance {args.tol:.0e}); megatron-plain vs fsdp+hook {worst_plain:.2e}. "
+              f"Wrote {out / 'compare.json'}" + ("" if args.no_plot else f" and {out / 'compare.png'}"), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def plot(rows: List[Dict[str, Any]], args: argparse.Namespace, layout: str, world: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"megatron+hook": ("tab:blue", "-", "o"), "fsdp+hook": ("tab:orange", "--", "x"),
+              "megatron-plain": ("tab:red", ":", "s")}
+    for name in PATHS:
+        color, ls, marker = styles[name]
+        label = name + (" (its own logged loss)" if name == "megatron-plain" else "")
+        ax1.plot(steps, [r["loss"][name] for r in rows], ls, color=color, marker=marker, label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel(f"loss ({args.loss_agg_mode})")
+    ax1.set_title("loss")
+    ax1.legend()
+    for name in ("megatron+hook", "megatron-plain"):
+        color, ls, marker = styles[name]
+        ax2.semilogy(steps, [max(r["max_rel_grad_diff_vs_fsdp"][name], 1e-12) for r in rows], ls, color=color,
+                     marker=marker, label=f"{name} vs fsdp+hook")
+    ax2.axhline(args.tol, color="gray", lw=1, label=f"tolerance {args.tol:.0e}")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("max relative gradient difference")
+    ax2.set_title("gradients vs the FSDP path")
+    ax2.legend()
+    fig.suptitle(f"megatron-agg compare: Megatron {layout} vs FSDP2 dp{world} ({world} ranks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="megatron-agg compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
