@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron_agg import LossHook

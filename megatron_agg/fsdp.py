@@ -29,7 +29,7 @@ host sync per micro-batch, the same checks after the step as the Megatron hook.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent

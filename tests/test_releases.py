@@ -1,7 +1,6 @@
 """The release table and the group resolution: probed behaviour equals the documented one."""
 
 import pytest
-import torch
 
 from megatron_agg.averaging import RELEASES
 from megatron_agg.integration import (

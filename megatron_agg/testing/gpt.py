@@ -3,7 +3,7 @@ single-process reference gradients, and the comparison of a sharded run against 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
