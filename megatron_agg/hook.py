@@ -26,6 +26,14 @@ What one step does, on each rank of the last pipeline stage:
    ``S_j · F`` where ``F`` cancels Megatron's own averaging (:mod:`megatron_agg.averaging`), so
    that the gradients after ``finalize_model_grads`` are exactly ``∂L``. No host sync and no
    collective happen per micro-batch.
+4. After Megatron's schedule returns, one host sync reads the step's checks: the DP ranks agree
+   on the set-up (fingerprints carried by the same all-reduce, :mod:`megatron_agg.agreement`),
+   the loss functions saw ``loss_masks``, every term stayed finite. A failed check raises on the
+   ranks of the last stage; the next step starts clean either way.
+
+The all-reduced vector is ``[T, N, N_nonempty, f_0, f_0², ...]`` (15 float64 values); with
+context parallelism every CP rank does its own (identical) all-reduce over its DP group, so
+nothing is counted once per CP rank, and TP/PP replicas never add to the totals.
 
 The loss the hook reports per micro-batch is a Megatron-LM style ``{name: [sum, count]}`` dict
 whose sums over micro-batches and data×context-parallel ranks give ``L`` exactly
