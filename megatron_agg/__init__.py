@@ -5,7 +5,8 @@ micro-batch loss so that Megatron's own averaging lands exactly on the global-ba
 the chosen mode, under any TP/PP/VPP/CP/DP layout.
 
 Public API: :class:`LossHook`, :class:`LossTerm`, :class:`AggMode`, :class:`LossReturn`,
-:func:`reference_loss`.
+:class:`StepShares` (for loss functions that reduce
+themselves, e.g. verl's), :func:`reference_loss`.
 """
 
 from .averaging import LossReturn
@@ -14,6 +15,7 @@ from .definition import reference_loss
 from .hook import LossHook, NonFiniteLossError, PerTokenLossFn, StepSummary
 from .modes import AggMode
 from .packing import PackedSequences
+from .shares import StepShares
 from .terms import LossTerm
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "NonFiniteLossError",
     "PackedSequences",
     "PerTokenLossFn",
+    "StepShares",
     "StepSummary",
     "reference_loss",
     "__version__",

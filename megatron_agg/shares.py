@@ -1,0 +1,257 @@
+"""``StepShares``: exact scaling for loss functions that reduce per-token losses themselves.
+
+:class:`~megatron_agg.LossHook` owns the reduction: the loss function hands it per-token losses
+and the terms are fixed when the hook is built. Some trainers reduce inside their own loss
+functions instead, choosing the mode at call time (verl's ``core_algos.agg_loss``: a policy
+loss, an entropy bonus and a KL penalty, each reduced by its own call), and see *whole*
+sequences on every rank (under context parallelism they gather the model's outputs over the CP
+group first, the gather's backward keeping this rank's slice, as verl's
+``postprocess_packed_seqs`` does). ``StepShares`` gives such a loss function the step's global
+denominators and turns its result into what Megatron's ``loss_func`` must return::
+
+    shares = StepShares(loss_masks, model=model, num_microbatches=M)     # one all-reduce (async)
+    losses = forward_backward_func(..., forward_step_func=forward_step, ...)
+    shares.finish()                                                      # the step's checks
+
+    # in the loss function of micro-batch j (any number of calls, any modes):
+    S_j = shares.share(loss_mat, loss_mask, "seq-mean-token-mean") + ...
+    return shares.megatron_return(S_j, output)                           # (S_j·F, [nt_j,] output)
+
+Formula (:mod:`megatron_agg.aggregation`): ``share(l, m, mode) = Σ_{i,t} m·α_i·l / D`` with
+``α_i`` from the sequence itself (``1``, ``1/n_i``, ``1/C_i``) and ``D`` from the step totals
+(``T``, ``N`` or the non-empty ``N``), so that the shares of all micro-batches on all
+data-parallel ranks add up to the global-batch loss ``L``. ``megatron_return`` multiplies by
+the factor ``F`` of :func:`megatron_agg.averaging.loss_multiplier`, which cancels Megatron's
+averaging; after ``finalize_model_grads`` the gradients are exactly ``∂L``.
+
+Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per step, of
+``[T, N, N_nonempty, Σ num_tokens]``, on the last pipeline stage only (started at construction,
+awaited by the first ``share``); every CP rank does its own identical one, so nothing is
+counted once per CP rank. Host syncs: none per micro-batch; one in :meth:`finish`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
+import torch
+
+from . import aggregation as agg
+from .averaging import LossReturn, MegatronAveraging, loss_multiplier
+from .integration import ParallelGroups, check_megatron_version, resolve_groups, step_averaging
+from .modes import AggMode, AggModeLike
+from .terms import LossTerm
+
+__all__ = ["StepShares", "TOKEN_SUM"]
+
+#: verl's ``token-sum`` mode (``Σ m·l``, no denominator), accepted by :meth:`StepShares.share`
+#: besides the :class:`~megatron_agg.AggMode` values.
+TOKEN_SUM = "token-sum"
+
+
+def _padded(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """A ``[b, s]`` mask from a dense or nested (jagged, one row per sequence) one."""
+    if getattr(mask, "is_nested", False):
+        mask = mask.to_padded_tensor(0)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{what} must be a [batch, seq] mask (dense or nested), got {shape}.")
+    return mask
+
+
+class StepShares:
+    """The step's exact denominators and Megatron factor for self-reducing loss functions.
+
+    Args:
+        loss_masks: this rank's masks, one per micro-batch in Megatron's order, each ``[b_j, s_j]``
+            (or a nested tensor with one row per sequence), of whole sequences. They define
+            the step totals ``T``, ``N`` and ``N_nonempty``.
+        model: the model chunks handed to ``forward_backward_func`` (Megatron's DDP-wrapped
+            modules); read for ``calculate_per_token_loss`` and the DDP settings.
+        num_microbatches: ``M``, this rank's number of micro-batches (default ``len(loss_masks)``).
+        loss_return: ``"2-tuple"`` or ``"3-tuple"``, the ``loss_func`` convention the caller
+            returns with (``megatron_return`` builds it). Default: ``"3-tuple"`` when the model
+            config has ``calculate_per_token_loss``, else ``"2-tuple"``.
+        num_tokens: per micro-batch, the token count that Megatron's ``calculate_per_token_loss``
+            path divides the summed gradients by (``Σ`` over micro-batches and DP×CP ranks). By
+            default the micro-batch's valid tokens; verl passes the tokens fed to the MoE router,
+            whose auxiliary loss Megatron pre-multiplies by that count. Each CP rank returns an
+            exact integer part of it, so that the parts add up over the CP group.
+        exclude_fully_masked_seqs: the default of :meth:`share` (``N`` counts only sequences with
+            a valid token; verl's own definition at one rank).
+        pg_collection: Megatron's ``ProcessGroupCollection`` to take the groups from (default:
+            ``parallel_state``).
+        async_totals: start the all-reduce asynchronously (awaited by the first :meth:`share`).
+    """
+
+    def __init__(
+        self,
+        loss_masks: Sequence[torch.Tensor],
+        *,
+        model: Any,
+        num_microbatches: Optional[int] = None,
+        loss_return: Optional[Union[LossReturn, str]] = None,
+        num_tokens: Optional[Sequence[Any]] = None,
+        exclude_fully_masked_seqs: bool = True,
+        pg_collection: Any = None,
+        async_totals: bool = True,
+    ) -> None:
+        check_megatron_version()
+        if isinstance(loss_masks, torch.Tensor) and not getattr(loss_masks, "is_nested", False):
+            raise ValueError(
+                "loss_masks must be a list with one mask per micro-batch, got a single tensor; "
+                "pass list(masks) if they are stacked."
+            )
+        masks = [_padded(m, f"loss_masks[{j}]") for j, m in enumerate(loss_masks)]
+        if not masks:
+            raise ValueError("StepShares needs the masks of at least one micro-batch.")
+        m = len(masks) if num_microbatches is None else num_microbatches
+        if not isinstance(m, int) or isinstance(m, bool) or m != len(masks):
+            raise ValueError(
+                f"Got {len(masks)} loss_masks for num_microbatches={num_microbatches!r}; pass "
+                "exactly one mask per micro-batch, in order."
+            )
+        self.groups: ParallelGroups = resolve_groups(pg_collection)
+        if loss_return is None:
+            probe = step_averaging(model, LossReturn.TWO_TUPLE, m, self.groups)
+            loss_return = LossReturn.THREE_TUPLE if probe.calculate_per_token_loss else LossReturn.TWO_TUPLE
+        self.averaging: MegatronAveraging = step_averaging(model, LossReturn.parse(loss_return), m, self.groups)
+        self.exclude_fully_masked_seqs = bool(exclude_fully_masked_seqs)
+        self.num_microbatches = m
+        self.is_last_stage = self.groups.is_last_pipeline_stage
+        self.collectives = 0
+        self._next = 0
+        self._work: Any = None
+        self._ready = False
+        self._mismatch: List[torch.Tensor] = []
+        device = masks[0].device
+        self._device = device
+        views = [agg.sequence_view(mask) for mask in masks]
+        self._counts = [view.counts for view in views]
+        if num_tokens is None:
+            nt = torch.stack([view.counts.sum() for view in views])
+        else:
+            if len(num_tokens) != m:
+                raise ValueError(f"Got {len(num_tokens)} num_tokens for {m} micro-batches; pass one per micro-batch.")
+            nt = torch.stack([torch.as_tensor(n, device=device).to(torch.float64).reshape(()) for n in num_tokens])
+        # This CP rank's exact integer part of each micro-batch's num_tokens (parts add up over CP).
+        cp, r = self.groups.cp_size, self.groups.cp_rank
+        nt_int = nt.round().to(torch.int64)
+        self._num_tokens = (nt_int * (r + 1) // cp - nt_int * r // cp).to(torch.int)
+        if not self.averaging.calculate_per_token_loss:
+            self._num_tokens = torch.clamp(self._num_tokens, min=1)
+        self._num_tokens_list = self._num_tokens.unbind()
+        self.totals = torch.cat([agg.local_totals(views, device), nt.sum().reshape(1)])
+        if not self.is_last_stage:
+            return  # no loss is computed here: no totals, no collective
+        if self.groups.dp_size > 1:
+            self._work = torch.distributed.all_reduce(
+                self.totals, op=torch.distributed.ReduceOp.SUM, group=self.groups.dp, async_op=async_totals
+            )
+            self.collectives += 1
+
+    # -- per micro-batch ---------------------------------------------------------------------
+    def _wait(self) -> None:
+        if not self._ready:
+            if self._work is not None and hasattr(self._work, "wait"):
+                self._work.wait()
+            self._work = None
+            self._ready = True
+            totals = self.totals
+            self._multiplier = loss_multiplier(self.averaging, self._num_tokens, totals[3])
+
+    def share(
+        self,
+        loss_mat: torch.Tensor,
+        loss_mask: torch.Tensor,
+        mode: Union[AggModeLike, str],
+        *,
+        loss_scale_factor: Optional[float] = None,
+        exclude_fully_masked_seqs: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """This micro-batch's exact share of the global-batch loss of ``mode``.
+
+        ``Σ_{i,t} m·α_i·l / D`` over the whole sequences of ``loss_mat``/``loss_mask`` (``[b, s]``,
+        one row per sequence, in the order of this micro-batch's ``loss_masks`` entry), a 0-dim
+        tensor. ``mode`` is an :class:`AggMode` value or ``"token-sum"`` (``D = 1``). The token-level
+        modes also take a flattened ``[1, t]`` view. The rows' valid-token counts are checked
+        against ``loss_masks`` in :meth:`finish` (no host sync here).
+        """
+        if not self.is_last_stage:
+            raise ValueError("StepShares.share is for the last pipeline stage, where Megatron computes losses.")
+        index = self._next
+        if index >= self.num_microbatches:
+            raise ValueError(
+                f"StepShares.share was called for micro-batch {index}, but the step has "
+                f"{self.num_microbatches}; call megatron_return once per micro-batch."
+            )
+        if loss_mat.shape != loss_mask.shape:
+            raise ValueError(
+                f"share() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
+                f"loss_mask {tuple(loss_mask.shape)}."
+            )
+        if loss_mask.dim() != 2:
+            raise ValueError(f"share() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
+        token_sum = isinstance(mode, str) and mode == TOKEN_SUM
+        term = None
+        if not token_sum:
+            try:
+                agg_mode = AggMode.parse(mode)
+            except ValueError as err:
+                raise ValueError(f"{err} StepShares.share also accepts {TOKEN_SUM!r}.") from None
+            exclude = self.exclude_fully_masked_seqs if exclude_fully_masked_seqs is None else exclude_fully_masked_seqs
+            norm = agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM
+            term = LossTerm(agg_mode, exclude_fully_masked_seqs=bool(exclude),
+                            loss_scale_factor=loss_scale_factor if norm else None)
+        view = agg.sequence_view(loss_mask)
+        expected = self._counts[index]
+        per_sequence = term is not None and term.agg_mode is not AggMode.TOKEN_MEAN
+        if view.num_seqs == expected.numel():
+            self._mismatch.append((view.counts != expected.to(view.counts.device)).sum())
+        elif per_sequence:
+            raise ValueError(
+                f"Micro-batch {index}: mode {term.agg_mode.value!r} needs one row per sequence "
+                f"({expected.numel()} rows, as in loss_masks), got {view.num_seqs}."
+            )
+        else:  # a flattened view: only the token total can be compared
+            self._mismatch.append((view.counts.sum() != expected.sum()).to(torch.int64))
+        self._wait()
+        if token_sum:
+            return agg.masked_weighted_sum(loss_mat, view.valid, view.valid.to(torch.float32))
+        assert term is not None
+        weights = agg.sequence_weights(term, view)
+        scale = agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
+        return agg.masked_weighted_sum(loss_mat, view.valid, weights) * scale
+
+    def megatron_return(self, share: torch.Tensor, *extra: Any) -> tuple:
+        """What ``loss_func`` returns for the next micro-batch: ``(share·F, *extra)`` for the 2-tuple
+        convention, ``(share·F, num_tokens, *extra)`` for the 3-tuple one."""
+        index = self._next
+        if index >= self.num_microbatches:
+            raise ValueError(
+                f"megatron_return was called {index + 1} times in a step of {self.num_microbatches} "
+                "micro-batches; it must be called once per micro-batch."
+            )
+        self._next += 1
+        self._wait()
+        loss = share * self._multiplier[index] if self._multiplier.dim() else share * self._multiplier
+        if self.averaging.loss_return is LossReturn.TWO_TUPLE:
+            return (loss, *extra)
+        return (loss, self._num_tokens_list[index], *extra)
+
+    # -- after the step ----------------------------------------------------------------------
+    def finish(self) -> None:
+        """Check the step (one host sync): every micro-batch returned once, and the masks given to
+        :meth:`share` had the valid-token counts of ``loss_masks``. Raises ``ValueError``."""
+        if not self.is_last_stage:
+            return
+        if self._next != self.num_microbatches:
+            raise ValueError(
+                f"megatron_return was called for {self._next} of {self.num_microbatches} micro-batches."
+            )
+        if self._mismatch and int(torch.stack(self._mismatch).sum()) != 0:
+            raise ValueError(
+                "The masks given to StepShares.share do not have the valid-token counts of the "
+                "loss_masks the step was built from; build StepShares from the masks the loss "
+                "function reduces with (e.g. verl's response masks), in micro-batch order."
+            )

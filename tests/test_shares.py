@@ -1,0 +1,114 @@
+"""StepShares (for loss functions that reduce themselves, e.g. verl's agg_loss): shares add up to
+the definition, Megatron's return conventions, the checks, no host sync per micro-batch. The
+multi-rank gradient proof runs through the patched verl engine (tests/test_patches.py)."""
+
+import pytest
+import torch
+
+from megatron_agg import AggMode, LossTerm, StepShares, reference_loss
+from megatron_agg.testing.gpt import TinyGPT, build_chunks, wrap_ddp
+from megatron_agg.testing.parallel import Layout
+from megatron_agg.testing.sync_guard import HostSyncError, count_collectives, forbid_host_sync
+
+MASKS = [
+    torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.bool),
+    torch.tensor([[0, 1, 1, 1]], dtype=torch.bool),
+    torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool),
+]
+
+
+def model(per_token=False):
+    return wrap_ddp(build_chunks(TinyGPT(num_layers=1), Layout(), calculate_per_token_loss=per_token))
+
+
+def losses(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m.shape, generator=g) for m in MASKS]
+
+
+@pytest.mark.parametrize("mode", [m.value for m in AggMode])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_shares_add_up_to_the_definition(megatron_cpu, mode, exclude):
+    shares = StepShares(MASKS, model=model(), exclude_fully_masked_seqs=exclude)
+    ls = losses()
+    total = 0.0
+    for loss, mask in zip(ls, MASKS):
+        s = shares.share(loss, mask, mode, loss_scale_factor=3.0 if "norm" in mode else None)
+        total = total + s
+        shares.megatron_return(s)
+    shares.finish()
+    term = LossTerm(mode, exclude_fully_masked_seqs=exclude, loss_scale_factor=3.0 if "norm" in mode else None)
+    expected = float(reference_loss(ls, MASKS, term))
+    assert abs(float(total) - expected) <= 1e-6 * max(abs(expected), 1.0)
+
+
+def test_token_sum_and_nested_masks(megatron_cpu):
+    nested = [torch.nested.nested_tensor([row[: 2 + i % 3].float() for i, row in enumerate(m)], layout=torch.jagged)
+              for m in MASKS]
+    dense = [n.to_padded_tensor(0.0) for n in nested]
+    shares = StepShares(nested, model=model())
+    ls = [torch.randn(d.shape) for d in dense]
+    total = sum(shares.megatron_return(shares.share(l, d, "token-sum"))[0] for l, d in zip(ls, dense))
+    expected = sum(float((l * d).sum()) for l, d in zip(ls, dense))
+    assert abs(float(total) / len(MASKS) - expected) < 1e-5  # one rank: F = M for the 2-tuple
+    shares.finish()
+
+
+def test_flattened_view_for_token_modes_and_refused_for_sequence_modes(megatron_cpu):
+    shares = StepShares(MASKS, model=model())
+    flat_mask, flat_loss = MASKS[0].reshape(1, -1), torch.randn(1, MASKS[0].numel())
+    shares.share(flat_loss, flat_mask, "token-mean")
+    with pytest.raises(ValueError, match="needs one row per sequence"):
+        shares.share(flat_loss, flat_mask, "seq-mean-token-mean")
+
+
+def test_return_conventions(megatron_cpu):
+    two = StepShares(MASKS, model=model())
+    s = two.share(losses()[0], MASKS[0], "token-mean")
+    loss, extra = two.megatron_return(s, "out")
+    assert extra == "out" and torch.allclose(loss, s * 3)  # M = 3, one rank
+    three = StepShares(MASKS, model=model(per_token=True), num_tokens=[7, 2, 5])
+    s = three.share(losses()[0], MASKS[0], "token-mean")
+    loss, nt, extra = three.megatron_return(s, "out")
+    assert int(nt) == 7 and torch.allclose(loss, s * 14)  # F = Σ num_tokens = 14
+
+
+def test_no_host_sync_and_one_collective(megatron_cpu):
+    with count_collectives() as counter:
+        shares = StepShares(MASKS, model=model())
+    assert counter.count == 0  # one data-parallel rank: nothing to all-reduce
+    with forbid_host_sync():
+        for loss, mask in zip(losses(), MASKS):
+            shares.megatron_return(shares.share(loss, mask, "seq-mean-token-mean"))
+    shares.finish()
+    with pytest.raises(HostSyncError):
+        with forbid_host_sync():
+            float(torch.ones(()))
+
+
+def test_user_mistakes(megatron_cpu):
+    shares = StepShares(MASKS, model=model())
+    with pytest.raises(ValueError, match="'token-mean'.*token-sum"):
+        shares.share(losses()[0], MASKS[0], "token-avg")
+    with pytest.raises(ValueError, match="one loss per token"):
+        shares.share(torch.zeros(3, 3), MASKS[0], "token-mean")
+    with pytest.raises(ValueError, match="one mask per micro-batch"):
+        StepShares(MASKS, model=model(), num_microbatches=2)
+    with pytest.raises(ValueError, match="single tensor"):
+        StepShares(MASKS[0], model=model())
+    with pytest.raises(ValueError, match="1 of 3 micro-batches"):
+        shares.megatron_return(shares.share(losses()[0], MASKS[0], "token-mean"))
+        shares.finish()
+
+
+def test_finish_detects_masks_that_are_not_the_counted_ones(megatron_cpu):
+    shares = StepShares(MASKS, model=model())
+    for loss, mask in zip(losses(), MASKS):
+        shares.megatron_return(shares.share(loss, torch.ones_like(mask), "token-mean"))
+    with pytest.raises(ValueError, match="valid-token counts"):
+        shares.finish()
+    over = StepShares(MASKS, model=model())
+    for loss, mask in zip(losses(), MASKS):
+        over.megatron_return(over.share(loss, mask, "token-mean"))
+    with pytest.raises(ValueError, match="called 4 times"):
+        over.megatron_return(torch.zeros(()))
