@@ -38,6 +38,7 @@ import torch
 
 from . import aggregation as agg
 from .averaging import LossReturn, MegatronAveraging, loss_multiplier
+from .hook import _check_loss_masks, _start_totals_all_reduce
 from .integration import ParallelGroups, check_megatron_version, resolve_groups, step_averaging
 from .modes import AggMode, AggModeLike
 from .terms import LossTerm
@@ -49,14 +50,11 @@ __all__ = ["StepShares", "TOKEN_SUM"]
 TOKEN_SUM = "token-sum"
 
 
-def _padded(mask: torch.Tensor, what: str) -> torch.Tensor:
-    """A ``[b, s]`` mask from a dense or nested (jagged, one row per sequence) one."""
-    if getattr(mask, "is_nested", False):
-        mask = mask.to_padded_tensor(0)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{what} must be a [batch, seq] mask (dense or nested), got {shape}.")
-    return mask
+def _dense(loss_masks: Any) -> Any:
+    """Nested (jagged, one row per sequence) masks as padded ``[b, s]`` ones; the rest unchanged."""
+    if isinstance(loss_masks, torch.Tensor) or not isinstance(loss_masks, Sequence):
+        return loss_masks  # refused by _check_loss_masks
+    return [m.to_padded_tensor(0) if getattr(m, "is_nested", False) else m for m in loss_masks]
 
 
 class StepShares:
@@ -97,25 +95,14 @@ class StepShares:
         async_totals: bool = True,
     ) -> None:
         check_megatron_version()
-        if isinstance(loss_masks, torch.Tensor) and not getattr(loss_masks, "is_nested", False):
-            raise ValueError(
-                "loss_masks must be a list with one mask per micro-batch, got a single tensor; "
-                "pass list(masks) if they are stacked."
-            )
-        masks = [_padded(m, f"loss_masks[{j}]") for j, m in enumerate(loss_masks)]
-        if not masks:
-            raise ValueError("StepShares needs the masks of at least one micro-batch.")
-        m = len(masks) if num_microbatches is None else num_microbatches
-        if not isinstance(m, int) or isinstance(m, bool) or m != len(masks):
-            raise ValueError(
-                f"Got {len(masks)} loss_masks for num_microbatches={num_microbatches!r}; pass "
-                "exactly one mask per micro-batch, in order."
-            )
+        loss_masks = _dense(loss_masks)
+        m = num_microbatches if num_microbatches is not None else len(loss_masks)
+        masks = _check_loss_masks(loss_masks, m)
         self.groups: ParallelGroups = resolve_groups(pg_collection)
-        if loss_return is None:
-            probe = step_averaging(model, LossReturn.TWO_TUPLE, m, self.groups)
-            loss_return = LossReturn.THREE_TUPLE if probe.calculate_per_token_loss else LossReturn.TWO_TUPLE
-        self.averaging: MegatronAveraging = step_averaging(model, LossReturn.parse(loss_return), m, self.groups)
+        convention = LossReturn.TWO_TUPLE if loss_return is None else LossReturn.parse(loss_return)
+        self.averaging: MegatronAveraging = step_averaging(model, convention, m, self.groups)
+        if loss_return is None and self.averaging.calculate_per_token_loss:  # the default follows the config
+            self.averaging = step_averaging(model, LossReturn.THREE_TUPLE, m, self.groups)
         self.exclude_fully_masked_seqs = bool(exclude_fully_masked_seqs)
         self.num_microbatches = m
         self.is_last_stage = self.groups.is_last_pipeline_stage
@@ -145,15 +132,13 @@ class StepShares:
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective
         if self.groups.dp_size > 1:
-            self._work = torch.distributed.all_reduce(
-                self.totals, op=torch.distributed.ReduceOp.SUM, group=self.groups.dp, async_op=async_totals
-            )
+            self._work = _start_totals_all_reduce(self.totals, self.groups.dp, async_totals)
             self.collectives += 1
 
     # -- per micro-batch ---------------------------------------------------------------------
     def _wait(self) -> None:
         if not self._ready:
-            if self._work is not None and hasattr(self._work, "wait"):
+            if self._work is not None:  # None as well when the all-reduce ran synchronously
                 self._work.wait()
             self._work = None
             self._ready = True
