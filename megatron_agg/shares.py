@@ -111,6 +111,7 @@ class StepShares:
         self._work: Any = None
         self._ready = False
         self._mismatch: List[torch.Tensor] = []
+        self._view: Any = None  # (micro-batch, mask, SequenceView) of the last share() call
         device = masks[0].device
         self._device = device
         views = [agg.sequence_view(mask) for mask in masks]
@@ -188,18 +189,22 @@ class StepShares:
             norm = agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM
             term = LossTerm(agg_mode, exclude_fully_masked_seqs=bool(exclude),
                             loss_scale_factor=loss_scale_factor if norm else None)
-        view = agg.sequence_view(loss_mask)
         expected = self._counts[index]
-        per_sequence = term is not None and term.agg_mode is not AggMode.TOKEN_MEAN
-        if view.num_seqs == expected.numel():
-            self._mismatch.append((view.counts != expected.to(view.counts.device)).sum())
-        elif per_sequence:
+        cached = self._view
+        if cached is not None and cached[0] == index and cached[1] is loss_mask:
+            view = cached[2]  # the same mask again (verl: policy loss, entropy, KL): viewed and checked once
+        else:
+            view = agg.sequence_view(loss_mask)
+            if view.num_seqs == expected.numel():
+                self._mismatch.append((view.counts != expected.to(view.counts.device)).sum())
+            else:  # a flattened view: only the token total can be compared
+                self._mismatch.append((view.counts.sum() != expected.sum()).to(torch.int64))
+            self._view = (index, loss_mask, view)
+        if term is not None and term.agg_mode is not AggMode.TOKEN_MEAN and view.num_seqs != expected.numel():
             raise ValueError(
                 f"Micro-batch {index}: mode {term.agg_mode.value!r} needs one row per sequence "
                 f"({expected.numel()} rows, as in loss_masks), got {view.num_seqs}."
             )
-        else:  # a flattened view: only the token total can be compared
-            self._mismatch.append((view.counts.sum() != expected.sum()).to(torch.int64))
         self._wait()
         if token_sum:
             return agg.masked_weighted_sum(loss_mat, view.valid, view.valid.to(torch.float32))
