@@ -25,18 +25,19 @@ import torch
 
 from megatron_agg import LossHook, PackedSequences
 from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging
-from megatron_agg.hook import _Step
-from megatron_agg.integration import ParallelGroups
+from megatron_agg.engine import PreparedStep
+from megatron_agg.groups import ParallelGroups
+from megatron_agg.scaling import MegatronScaling
 
 
 def one_step(hook: LossHook, masks: List[torch.Tensor], losses: List[torch.Tensor], packed) -> float:
     groups = ParallelGroups(dp=None, cp=None, dp_cp=None, pp=None)  # one rank: sizes 1
     avg = MegatronAveraging(LossReturn.THREE_TUPLE, False, len(masks), 1, 1, GradReduction.MEAN)
     t0 = time.perf_counter()
-    step = _Step(hook, masks, groups, avg, packed)
+    step = PreparedStep(hook.config, masks, groups, MegatronScaling(avg), packed)
     for loss, mask in zip(losses, masks):
-        step.microbatch_loss(loss, mask)
-    step.finish(False, False)
+        step.microbatch_loss({"loss": loss}, mask)
+    step.finish()
     return time.perf_counter() - t0
 
 

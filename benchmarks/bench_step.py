@@ -58,54 +58,6 @@ def native_loss(mask: torch.Tensor):
     return f
 
 
-class HookTimer:
-    """Time spent inside the hook's own code (step set-up, loss evaluations, end checks)."""
-
-    def __init__(self) -> None:
-        from megatron_agg import hook as hook_mod
-
-        self.seconds = 0.0  # all of the hook's code, waits included (wall clock)
-        self.cpu_seconds = 0.0  # CPU time of the hook's code (4 ranks share 2 cores here)
-        self.wait_seconds = 0.0  # waiting for the step's all-reduce to complete
-        self.active = False
-        for name, attr in (("__init__", "seconds"), ("microbatch_loss", "seconds"), ("finish", "seconds")):
-            original = getattr(hook_mod._Step, name)
-
-            def timed(*args, _original=original, _attr=attr, **kwargs):
-                if not self.active:
-                    return _original(*args, **kwargs)
-                t0, c0 = time.perf_counter(), time.thread_time()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    setattr(self, _attr, getattr(self, _attr) + time.perf_counter() - t0)
-                    self.cpu_seconds += time.thread_time() - c0
-
-            setattr(hook_mod._Step, name, timed)
-        original_start = hook_mod._start_totals_all_reduce
-
-        def start(totals, group, async_op=True):
-            t0 = time.perf_counter()
-            work = original_start(totals, group, async_op)
-            if not async_op:
-                self.wait_seconds += time.perf_counter() - t0
-                return work
-            timer = self
-
-            class TimedWork:
-                def wait(self_inner):
-                    t1 = time.perf_counter()
-                    work.wait()
-                    timer.wait_seconds += time.perf_counter() - t1
-
-            return TimedWork()
-
-        hook_mod._start_totals_all_reduce = start
-
-
-TIMER: "HookTimer | None" = None
-
-
 class Path:
     def __init__(self, name: str, layout: Layout, full: Dict[str, torch.Tensor], per_token: bool,
                  hook: "LossHook | None", make_loss=None):
@@ -139,17 +91,17 @@ class Path:
         if self.hook is not None:
             kwargs["loss_masks"] = [mb.full_loss_mask for mb in mbs]
         dist.barrier()
-        TIMER.seconds, TIMER.wait_seconds, TIMER.cpu_seconds = 0.0, 0.0, 0.0
-        TIMER.active = self.hook is not None
         t0 = time.perf_counter()
         with count_collectives() as counter:
             self.fb(**kwargs)
         dist.barrier()
         self.times.append(time.perf_counter() - t0)
-        TIMER.active = False
-        self.hook_seconds.append(TIMER.seconds - TIMER.wait_seconds)
-        self.wait_seconds.append(TIMER.wait_seconds)
-        self.cpu_seconds.append(TIMER.cpu_seconds)
+        # The engine times its own code (StepSummary.engine_seconds / engine_cpu_seconds /
+        # wait_seconds): no patching of megatron_agg needed to measure it.
+        last = self.hook.last_step if self.hook is not None else None
+        self.hook_seconds.append(last.engine_seconds - last.wait_seconds if last else 0.0)
+        self.wait_seconds.append(last.wait_seconds if last else 0.0)
+        self.cpu_seconds.append(last.engine_cpu_seconds if last else 0.0)
         self.collectives.append(counter.count)
 
 
@@ -215,8 +167,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dist.init_process_group("gloo")
-    global TIMER
-    TIMER = HookTimer()
     results = []
     with cpu_shim():
         for layout in (Layout(tp=2), Layout(pp=2)):

@@ -4,15 +4,23 @@ Megatron averages micro-batch losses as a *mean of local means*; megatron_agg re
 micro-batch loss so that Megatron's own averaging lands exactly on the global-batch loss of
 the chosen mode, under any TP/PP/VPP/CP/DP layout.
 
-Public API: :class:`LossHook`, :class:`LossTerm`, :class:`AggMode`, :class:`LossReturn`,
-:class:`StepShares` (for loss functions that reduce
-themselves, e.g. verl's), :func:`reference_loss`.
+Public API: the entry points :class:`LossHook` (masks known up front), :class:`DeferredLossHook`
+(streamed data, Megatron's num_tokens channel), :class:`StepShares` (loss functions that reduce
+themselves, e.g. verl's) and ``megatron_agg.fsdp.FSDPLossHook``, all thin front ends over one
+engine (:mod:`megatron_agg.engine`) configured by one :class:`AggConfig`; :class:`LossTerm`,
+:class:`AggMode`, :class:`LossReturn`, :class:`ParallelGroups`, the :class:`Scaling` interface,
+:func:`reference_loss`.
 """
 
 from .averaging import LossReturn
+from .checks import NonFiniteLossError
+from .config import AggConfig
 from .deferred import DeferredLossHook
 from .definition import reference_loss
-from .hook import LossHook, NonFiniteLossError, PerTokenLossFn, StepSummary
+from .engine import StepSummary
+from .groups import ParallelGroups
+from .hook import LossHook, PerTokenLossFn
+from .scaling import MegatronScaling, Scaling, SumScaling
 from .modes import AggMode
 from .packing import PackedSequences
 from .shares import StepShares
@@ -21,6 +29,7 @@ from .terms import LossTerm
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggConfig",
     "AggMode",
     "DeferredLossHook",
     "LossHook",
@@ -28,6 +37,10 @@ __all__ = [
     "LossTerm",
     "NonFiniteLossError",
     "PackedSequences",
+    "ParallelGroups",
+    "MegatronScaling",
+    "Scaling",
+    "SumScaling",
     "PerTokenLossFn",
     "StepShares",
     "StepSummary",

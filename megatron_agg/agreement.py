@@ -2,17 +2,18 @@
 
 Each option that all DP ranks must share (the terms and their modes, their options, the loss
 return path, ``calculate_per_token_loss``) becomes a fingerprint ``f`` (an integer in
-``[1, 2**20)``, a CRC of its value). The hook appends ``[f, f²]`` per option to the totals it
-all-reduces (SUM) anyway. Over ``n`` ranks, ``n · Σf² = (Σf)²`` holds exactly (float64, no
-rounding at these sizes) if and only if every rank has the same ``f`` (Cauchy–Schwarz), so every
-rank learns which option differs without a second collective. Pure arithmetic: no
-``torch.distributed`` here.
+``[1, 2**20)``, a CRC of its value). The engine appends ``[p, p·f, p·f²]`` per option to a vector
+it all-reduces (SUM) anyway, with ``p = 1`` on ranks that hold the option and ``p = 0`` on ranks
+that have no say in it (e.g. a pipeline stage that computes no loss). Over the ``n = Σp`` ranks
+that hold it, ``n · Σf² = (Σf)²`` holds exactly (float64, no rounding at these sizes) if and only
+if they all have the same ``f`` (Cauchy–Schwarz), so every rank learns which option differs
+without a collective of its own. Pure arithmetic: no ``torch.distributed`` here.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Mapping, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 
@@ -36,26 +37,36 @@ def _fingerprint(value: object) -> float:
     return float(1 + zlib.crc32(repr(value).encode()) % _MODULUS)
 
 
-def fingerprints(terms: Mapping[str, LossTerm], loss_return: str, per_token: bool) -> Sequence[float]:
-    """One fingerprint per entry of :data:`AGREEMENT_FIELDS`."""
-    names = sorted(terms)
+def fingerprints(terms: Optional[Mapping[str, LossTerm]], loss_return: Optional[str],
+                 per_token: Optional[bool]) -> List[Optional[float]]:
+    """One fingerprint per entry of :data:`AGREEMENT_FIELDS` (``None`` where this rank has no say:
+    ``terms`` ``None`` for the four term fields). Numbers are normalized (16 and 16.0 agree)."""
+    names = sorted(terms) if terms is not None else []
+    term_prints: List[Optional[float]] = [None] * 4
+    if terms is not None:
+        factors = [None if terms[n].loss_scale_factor is None else float(terms[n].loss_scale_factor) for n in names]
+        term_prints = [
+            _fingerprint([(n, terms[n].agg_mode.value) for n in names]),
+            _fingerprint([bool(terms[n].exclude_fully_masked_seqs) for n in names]),
+            _fingerprint(factors),
+            _fingerprint([float(terms[n].weight) for n in names]),
+        ]
     return [
-        _fingerprint([(n, terms[n].agg_mode.value) for n in names]),
-        _fingerprint([terms[n].exclude_fully_masked_seqs for n in names]),
-        _fingerprint([terms[n].loss_scale_factor for n in names]),
-        _fingerprint([float(terms[n].weight) for n in names]),
-        _fingerprint(str(loss_return)),
-        _fingerprint(bool(per_token)),
+        *term_prints,
+        None if loss_return is None else _fingerprint(str(loss_return)),
+        None if per_token is None else _fingerprint(bool(per_token)),
     ]
 
 
-def agreement_block(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """``[f_0, f_0², f_1, f_1², ...]`` as float64, to be summed over the DP ranks."""
-    f = torch.tensor(list(values), dtype=torch.float64, device=device)
-    return torch.stack([f, f * f], dim=1).reshape(-1)
+def agreement_block(values: Sequence[Optional[float]], device: torch.device) -> torch.Tensor:
+    """``[p_0, p_0·f_0, p_0·f_0², p_1, ...]`` as float64 (``p = 0`` where the value is ``None``), to be
+    summed over the ranks."""
+    rows = [[0.0, 0.0, 0.0] if f is None else [1.0, f, f * f] for f in values]
+    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1)
 
 
-def disagreements(summed_block: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """Per option, 1 where the ranks' fingerprints differ (on the device; no host sync)."""
-    pairs = summed_block.reshape(-1, 2)
-    return (num_ranks * pairs[:, 1] != pairs[:, 0] * pairs[:, 0]).to(torch.int64)
+def disagreements(summed_block: torch.Tensor) -> torch.Tensor:
+    """Per option, 1 where the ranks that hold it have different fingerprints (on the device; no
+    host sync)."""
+    triples = summed_block.reshape(-1, 3)
+    return (triples[:, 0] * triples[:, 2] != triples[:, 1] * triples[:, 1]).to(torch.int64)

@@ -25,6 +25,21 @@ without ``exclude_fully_masked_seqs``) — one ``num_tokens`` channel carries on
 constructor raises and says so. Per-sequence token counts ``n_i`` (``seq-mean-token-mean``,
 ``exclude_fully_masked_seqs``) need whole sequences: with context parallelism pass
 ``sequence_token_counts`` computed before the CP split (:meth:`DeferredLossHook.sequence_token_counts`).
+
+Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg.checks`):
+
+- **before the first gradient**: :meth:`DeferredLossHook.install` (called by you, or by the first
+  ``loss_func(..., model=model)``) refuses a Megatron config without
+  ``calculate_per_token_loss=True`` or without ``finalize_model_grads_func`` — Megatron would
+  divide each micro-batch by its own ``num_tokens`` and the result would be silently wrong — and
+  checks synchronously (one all-reduce over the data-parallel group, one host sync, once) that
+  every DP rank built the same hook;
+- **every step**: ``install`` wraps ``config.finalize_model_grads_func`` (Megatron's own extension
+  point; :meth:`uninstall` puts it back) so that, before Megatron reduces and divides the
+  gradients, the step's checks run — NaN/Inf at valid tokens and at masked positions, mask values
+  other than 0/1, packing boundaries, ``sequence_token_counts`` that do not fit the micro-batch,
+  and agreement of the set-up — summed over the data×context- and tensor-parallel ranks of the
+  loss-computing stage (two small all-reduces, one host sync) and raised on all of them.
 """
 
 from __future__ import annotations
@@ -34,14 +49,22 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 
 from . import aggregation as agg
-from .hook import PerTokenLossFn
-from .integration import check_megatron_version, resolve_groups
+from .agreement import agreement_block
+from .checks import FrontEndNames, StepChecks
+from .config import AggConfig
+from .engine import raise_if_disagree, set_up_fingerprints
+from .integration import check_megatron_version, model_config, resolve_groups
 from .layout import thd_cp_local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
-from .terms import DEFAULT_TERM_NAME, LossTerm, normalize_terms, split_term_losses
+from .scaling import Scaling
+from .terms import DEFAULT_TERM_NAME, LossTerm, split_term_losses
+from .validation import boundary_problems, coerce_packed, mask_value_problems
 
 __all__ = ["DeferredLossHook"]
+
+PerTokenLossFn = Callable[[torch.Tensor], Any]
+_NAMES = FrontEndNames(entry="DeferredLossHook", loss_call="hook.loss_func(...)", masks="loss_mask")
 
 
 def _denominator_kind(term: LossTerm) -> str:
@@ -50,17 +73,27 @@ def _denominator_kind(term: LossTerm) -> str:
     return "non-empty sequences" if term.exclude_fully_masked_seqs else "sequences (N)"
 
 
+class _ChannelScaling(Scaling):
+    """The deferred mode's scaling: the numerator as is, the denominator through Megatron's
+    ``calculate_per_token_loss`` division (for the agreement fingerprints)."""
+
+    def __init__(self, per_token: bool) -> None:
+        from .averaging import LossReturn
+
+        self.loss_return = LossReturn.THREE_TUPLE
+        self.calculate_per_token_loss = per_token
+
+
 class DeferredLossHook:
-    """Exact loss aggregation through Megatron's ``num_tokens`` channel (no collective of its own).
+    """Exact loss aggregation through Megatron's ``num_tokens`` channel (no collective per micro-batch).
 
     Args:
-        mode, exclude_fully_masked_seqs, loss_scale_factor, terms: as for
-            :class:`~megatron_agg.LossHook`; every term must share one denominator.
-        pg_collection: where to read the context-parallel rank and size from (default
-            ``parallel_state``); no collective is issued on it.
+        mode, exclude_fully_masked_seqs, loss_scale_factor, terms, config and the check options:
+            as for :class:`~megatron_agg.LossHook`; every term must share one denominator.
+        pg_collection: where to read the groups from (default ``parallel_state``).
 
     Requires ``TransformerConfig(calculate_per_token_loss=True)`` with Megatron's DDP and
-    ``config.finalize_model_grads_func`` set (:meth:`check_config`).
+    ``config.finalize_model_grads_func`` set; :meth:`install` checks it before the first loss.
     """
 
     def __init__(
@@ -70,11 +103,17 @@ class DeferredLossHook:
         exclude_fully_masked_seqs: bool = False,
         loss_scale_factor: Optional[float] = None,
         terms: Optional[Mapping[str, LossTerm]] = None,
+        allow_nonfinite_masked: Optional[bool] = None,
+        raise_on_every_rank: Optional[bool] = None,
+        config: Optional[AggConfig] = None,
         pg_collection: Any = None,
     ) -> None:
-        self.terms: Dict[str, LossTerm] = normalize_terms(
-            mode, exclude_fully_masked_seqs, loss_scale_factor, terms
+        self.config = AggConfig.build(
+            mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
+            terms=terms, config=config, allow_nonfinite_masked=allow_nonfinite_masked,
+            raise_on_every_rank=raise_on_every_rank,
         )
+        self.terms: Dict[str, LossTerm] = dict(self.config.terms)
         kinds = {name: _denominator_kind(t) for name, t in self.terms.items()}
         if len(set(kinds.values())) > 1:
             detail = ", ".join(f"{n!r}: {k}" for n, k in kinds.items())
@@ -86,14 +125,22 @@ class DeferredLossHook:
             )
         self._term = next(iter(self.terms.values()))
         self._pg_collection = pg_collection
+        self._megatron_config: Any = None
+        self._original_finalize: Any = None
+        self._checks: Optional[StepChecks] = None
+        self._index = 0
+        self._groups: Any = None
         check_megatron_version()
 
+    # -- set-up ---------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
         """Raise ``ValueError`` unless Megatron's config routes ``num_tokens`` as needed."""
         if not getattr(config, "calculate_per_token_loss", False):
             raise ValueError(
                 "DeferredLossHook needs TransformerConfig(calculate_per_token_loss=True) "
-                "(Megatron-LM: --calculate-per-token-loss): its denominator travels in num_tokens."
+                "(Megatron-LM: --calculate-per-token-loss): its denominator travels in num_tokens; "
+                "without it Megatron divides every micro-batch by its own num_tokens and the "
+                "gradients would be silently wrong. Set it, or use the prepared LossHook."
             )
         if getattr(config, "finalize_model_grads_func", None) is None:
             raise ValueError(
@@ -101,15 +148,69 @@ class DeferredLossHook:
                 "(megatron.core.distributed.finalize_model_grads): it divides by the step's total."
             )
 
+    @property
+    def installed(self) -> bool:
+        return self._megatron_config is not None
+
+    def install(self, model_or_config: Any) -> None:
+        """Check Megatron's config and hook the step's checks into it (idempotent).
+
+        ``model_or_config``: the model (chunks, DDP-wrapped or not) or its ``TransformerConfig``.
+        Refuses a config that cannot make the deferred mode exact, checks synchronously that
+        the data-parallel ranks built the same hook (one all-reduce, one host sync), and wraps
+        ``config.finalize_model_grads_func`` so that every step's checks run before Megatron
+        reduces the gradients. Call it on every rank that computes losses (the last pipeline
+        stage), or let ``loss_func(..., model=model)`` call it. :meth:`uninstall` undoes it."""
+        config = model_config(model_or_config)
+        if self._megatron_config is config and getattr(config.finalize_model_grads_func, "__megatron_agg_hook__", None) is self:
+            return
+        if self._megatron_config is not None and self._megatron_config is not config:
+            raise ValueError("This DeferredLossHook is installed on another model's config; build one hook per model.")
+        self.check_config(config)
+        current = config.finalize_model_grads_func
+        owner = getattr(current, "__megatron_agg_hook__", None)
+        if owner is not None and owner is not self:
+            raise ValueError("config.finalize_model_grads_func is already wrapped by another DeferredLossHook.")
+        groups = resolve_groups(self._pg_collection)
+        prints = set_up_fingerprints(self.terms, _ChannelScaling(True))
+        if groups.dp_size > 1:
+            block = agreement_block(prints, torch.device("cpu"))
+            device = _device_of(model_or_config)
+            block = block.to(device)
+            groups.sum_over_dp(block, async_op=False)
+            raise_if_disagree(block, _NAMES, "checked at install")
+        original = current
+
+        def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
+            self._end_of_step(kwargs)
+            return original(*args, **kwargs)
+
+        finalize_model_grads_with_checks.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
+        finalize_model_grads_with_checks.__wrapped__ = original  # type: ignore[attr-defined]
+        config.finalize_model_grads_func = finalize_model_grads_with_checks
+        self._megatron_config = config
+        self._original_finalize = original
+
+    def uninstall(self) -> None:
+        """Put back the ``finalize_model_grads_func`` that :meth:`install` wrapped."""
+        config = self._megatron_config
+        if config is not None and getattr(config.finalize_model_grads_func, "__megatron_agg_hook__", None) is self:
+            config.finalize_model_grads_func = self._original_finalize
+        self._megatron_config = None
+        self._original_finalize = None
+        self._checks = None
+        self._index = 0
+
     @staticmethod
     def sequence_token_counts(
         full_loss_mask: torch.Tensor, packed_seqs: Union[PackedSequences, Any, None] = None
     ) -> torch.Tensor:
         """``n_i`` of every sequence of a micro-batch, from its whole-sequence (pre-CP-split)
         mask: ``[b]`` for unpacked rows, ``[K]`` for a packed row. No host sync."""
-        packed = PackedSequences.coerce(packed_seqs, "packed_seqs")
+        packed = coerce_packed(packed_seqs, full_loss_mask, "packed_seqs")
         return agg.sequence_view(full_loss_mask, packed).counts
 
+    # -- the loss function ----------------------------------------------------------------------
     def loss_func(
         self,
         loss_mask: torch.Tensor,
@@ -117,6 +218,7 @@ class DeferredLossHook:
         *,
         sequence_token_counts: Optional[torch.Tensor] = None,
         packed_seqs: Union[PackedSequences, Any, None] = None,
+        model: Any = None,
     ) -> Callable[..., tuple]:
         """The ``loss_func`` for ``forward_step`` to return (a 3-tuple one).
 
@@ -125,10 +227,18 @@ class DeferredLossHook:
             per_token_loss_fn: as for :meth:`LossHook.loss_func`.
             sequence_token_counts: ``n_i`` of whole sequences (before the CP split), needed
                 under context parallelism by ``seq-mean-token-mean`` and
-                ``exclude_fully_masked_seqs``; from :meth:`sequence_token_counts`.
-            packed_seqs: the sequences packed into the row (whole-row boundaries), or ``None``.
+                ``exclude_fully_masked_seqs``; from :meth:`sequence_token_counts`. One entry per
+                sequence of the micro-batch (rows, or packed sequences).
+            packed_seqs: the sequences packed into the row (whole-row boundaries), or ``None`` —
+                :class:`~megatron_agg.PackedSequences` or Megatron's ``PackedSeqParams``, as at
+                every entry point.
+            model: the model chunk ``forward_step`` received; installs the hook on its config the
+                first time (:meth:`install`). Not needed after an explicit ``install``.
         """
-        packed = PackedSequences.coerce(packed_seqs, "packed_seqs")
+        if not isinstance(loss_mask, torch.Tensor) or loss_mask.dim() != 2:
+            shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+            raise ValueError(f"DeferredLossHook.loss_func needs the micro-batch's [batch, seq] mask, got {shape}.")
+        packed = coerce_packed(packed_seqs, loss_mask, "packed_seqs")
 
         def deferred_loss_func(output_tensor: torch.Tensor, non_loss_data: bool = False) -> Any:
             per_token = per_token_loss_fn(output_tensor) if per_token_loss_fn is not None else output_tensor
@@ -136,30 +246,46 @@ class DeferredLossHook:
                 if isinstance(per_token, Mapping):
                     return {k: v.detach() for k, v in per_token.items()}
                 return per_token.detach()
-            losses = split_term_losses(self.terms, per_token, 0)
+            if not self.installed:
+                if model is None:
+                    raise ValueError(
+                        "DeferredLossHook must check Megatron's config before the first loss: call "
+                        "hook.install(model) once before training, or pass hook.loss_func(..., "
+                        "model=model) with the model chunk forward_step received."
+                    )
+                self.install(model)
+            losses = split_term_losses(self.terms, per_token, self._index)
             return self._loss(losses, loss_mask, sequence_token_counts, packed)
 
         return deferred_loss_func
 
     # -- one micro-batch ------------------------------------------------------------------------
+    def _step_checks(self) -> StepChecks:
+        if self._checks is None:
+            self._checks = StepChecks(list(self.terms), _NAMES, self.config.allow_nonfinite_masked)
+            self._index = 0
+            self._groups = resolve_groups(self._pg_collection)
+        return self._checks
+
     def _loss(self, losses: Dict[str, torch.Tensor], loss_mask: torch.Tensor,
               counts: Optional[torch.Tensor], packed: Optional[PackedSequences]) -> tuple:
-        groups = resolve_groups(self._pg_collection)
+        checks = self._step_checks()
+        index = self._index
+        self._index += 1
+        groups = self._groups
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        if packed is not None and loss_mask.shape[0] != 1:
-            raise ValueError(
-                f"packed_seqs packs sequences into one row (Megatron's THD layout), but the mask "
-                f"has {loss_mask.shape[0]} rows."
-            )
+        where = f"micro-batch {index}"
         for name, loss in losses.items():
-            if loss.shape != loss_mask.shape:
+            if not isinstance(loss, torch.Tensor) or loss.shape != loss_mask.shape:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(
-                    f"The per-token loss of term {name!r} has shape {tuple(loss.shape)} but the mask "
+                    f"The per-token loss of term {name!r} has shape {shape} but the mask "
                     f"has {tuple(loss_mask.shape)}; the loss function must return one loss per token."
                 )
         device = loss_mask.device
         local_len = loss_mask.shape[-1]
         valid = agg.valid_tokens(loss_mask)
+        checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
         # Sequence index of every local token, and the default C_i (whole-sequence padded length).
         if packed is None:
             num_seqs = loss_mask.shape[0]
@@ -167,14 +293,21 @@ class DeferredLossHook:
             lengths = torch.full((num_seqs,), float(local_len * cp_size), dtype=torch.float64, device=device)
         else:
             total = local_len * cp_size
+            checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(packed, total, cp_size, device)))
             whole = agg.sequence_view(torch.ones(1, total, dtype=torch.bool, device=device), packed)
             num_seqs = whole.num_seqs
             seq_index = whole.seq_index
             if cp_size > 1:
                 _, cu_padded = packed.boundaries(device)
-                seq_index = seq_index.index_select(-1, thd_cp_local_positions(cu_padded, total, cp_size, cp_rank))
+                positions = thd_cp_local_positions(cu_padded, total, cp_size, cp_rank).clamp(0, total - 1)
+                seq_index = seq_index.index_select(-1, positions)
             valid = valid & (seq_index < num_seqs)
             lengths = whole.padded_lengths
+        if seq_index is None:
+            local_counts = valid.sum(dim=-1, dtype=torch.float64)
+        else:
+            local_counts = torch.zeros(num_seqs + 1, dtype=torch.float64, device=device)
+            local_counts = local_counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).to(torch.float64))[:num_seqs]
         if counts is None:
             needs_counts = any(
                 t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or t.exclude_fully_masked_seqs
@@ -187,17 +320,27 @@ class DeferredLossHook:
                     "DeferredLossHook.sequence_token_counts(full_loss_mask[, packed_seqs]) computed "
                     "before the CP split."
                 )
-            if seq_index is None:
-                counts = valid.sum(dim=-1, dtype=torch.float64)
-            else:
-                counts = torch.zeros(num_seqs + 1, dtype=torch.float64, device=device)
-                counts = counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).to(torch.float64))[:num_seqs]
-        counts = counts.to(device=device, dtype=torch.float64)
+            counts = local_counts
+        else:
+            if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != num_seqs:
+                got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+                layout = "packed row (packed_seqs)" if packed is not None else f"[{loss_mask.shape[0]}, s] mask (one sequence per row)"
+                raise ValueError(
+                    f"sequence_token_counts of {where} has shape {got}, but the {layout} holds {num_seqs} "
+                    "sequence(s). Pass DeferredLossHook.sequence_token_counts(full_loss_mask, packed_seqs) "
+                    "with the same packed_seqs as loss_func (a packed row needs packed_seqs in both)."
+                )
+            counts = counts.to(device=device, dtype=torch.float64)
+            # Whole-sequence counts hold at least this slice's tokens; without CP exactly them.
+            wrong = (counts < local_counts) if cp_size > 1 else (counts != local_counts)
+            checks.counts.append((where, "counts that do not match the mask's valid tokens per sequence",
+                                  wrong.sum()))
         view = agg.SequenceView(valid, seq_index, num_seqs, counts, lengths)
         numerator = None
         report: Dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             part = agg.masked_weighted_sum(losses[name], valid, agg.sequence_weights(term, view))
+            checks.record_loss(index, name, part, losses[name])
             weighted = part * term.weight if term.weight != 1.0 else part
             numerator = weighted if numerator is None else numerator + weighted
             if len(self.terms) > 1:
@@ -216,3 +359,35 @@ class DeferredLossHook:
         for name, value in report.items():
             out[name] = torch.stack([value.to(torch.float32), count])
         return numerator, num_tokens, out
+
+    # -- the end of a step ------------------------------------------------------------------------
+    def _end_of_step(self, finalize_kwargs: Dict[str, Any]) -> None:
+        """Run by the wrapped ``finalize_model_grads_func``: the step's checks, before Megatron
+        reduces the gradients (one host sync; two small all-reduces over the loss stage)."""
+        checks = self._step_checks()
+        self._checks = None
+        self._index = 0
+        config = self._megatron_config
+        per_token = bool(getattr(config, "calculate_per_token_loss", False))
+        checks.fingerprints = set_up_fingerprints(self.terms, _ChannelScaling(per_token))
+        groups = self._groups
+        device = checks.shares[0][2].device if checks.shares else torch.device("cpu")
+        if not per_token:
+            checks.evaluations = (
+                "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "
+                "mode needs it on every step."
+            )
+        checks.finish(groups, self.config.raise_on_every_rank, device, stage_only=True)
+
+
+def _device_of(model_or_config: Any) -> torch.device:
+    """Where the install-time agreement block lives: the model's parameters' device (a config
+    alone: the current CUDA device when the default backend is NCCL, else the CPU)."""
+    chunks = model_or_config if isinstance(model_or_config, (list, tuple)) else [model_or_config]
+    for chunk in chunks:
+        if isinstance(chunk, torch.nn.Module):
+            for p in chunk.parameters():
+                return p.device
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -29,17 +29,30 @@ host sync per micro-batch, the same checks after the step as the Megatron hook.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
-from .averaging import GradReduction, LossReturn, MegatronAveraging
-from .hook import LossHook, PerTokenLossFn, StepSummary, _check_loss_masks, _check_packed_seqs, _Step
-from .integration import ParallelGroups
+from .checks import FrontEndNames
+from .config import AggConfig
+from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
+from .groups import ParallelGroups
 from .modes import AggModeLike
-from .terms import LossTerm
+from .scaling import SumScaling
+from .terms import LossTerm, split_term_losses
+from .validation import as_int, check_loss_masks, check_packed_seqs
 
 __all__ = ["FSDPLossHook"]
+
+PerTokenLossFn = Any
+_NAMES = FrontEndNames(entry="FSDPLossHook", loss_call="step.loss(output, loss_mask)",
+                       masks="loss_masks",
+                       mismatch_fix=("pass step.loss the masks of loss_masks, in micro-batch order (this "
+                                     "rank's slice under sequence parallelism), or set "
+                                     "FSDPLossHook(check_masks=False) if the loss function's mask is meant to differ"))
+_MISSING_MASKS = ("FSDPLossHook.step(loss_masks=[...]) needs this rank's loss masks, one per micro-batch, so "
+                  "that the step's totals are counted before the first loss.")
 
 
 def _fsdp_modules(model: torch.nn.Module) -> List[Any]:
@@ -51,15 +64,21 @@ def _fsdp_modules(model: torch.nn.Module) -> List[Any]:
 class _FSDPStep:
     """One step: the shares of its micro-batches (see :class:`FSDPLossHook`)."""
 
-    def __init__(self, step: _Step) -> None:
+    def __init__(self, step: PreparedStep) -> None:
         self._step = step
 
     def loss(
         self, output: Any, loss_mask: torch.Tensor, per_token_loss_fn: Optional[PerTokenLossFn] = None
     ) -> torch.Tensor:
         """The next micro-batch's exact share of the global loss; call ``.backward()`` on it."""
+        step = self._step
+        t0, c0 = time.perf_counter(), time.thread_time()
         per_token = per_token_loss_fn(output) if per_token_loss_fn is not None else output
-        return self._step.microbatch_loss(per_token, loss_mask)[0]
+        losses = split_term_losses(step.terms, per_token, step.next_microbatch)
+        loss = step.microbatch_loss(losses, loss_mask)[0]
+        step.engine_seconds += time.perf_counter() - t0
+        step.engine_cpu_seconds += time.thread_time() - c0
+        return loss
 
     @property
     def num_microbatches(self) -> int:
@@ -70,16 +89,16 @@ class FSDPLossHook:
     """Exact loss aggregation for FSDP2 models (see the module docstring).
 
     Args:
-        mode, exclude_fully_masked_seqs, loss_scale_factor, terms: as for
-            :class:`~megatron_agg.LossHook`.
+        mode, exclude_fully_masked_seqs, loss_scale_factor, terms, config and the check options:
+            as for :class:`~megatron_agg.LossHook` (:class:`~megatron_agg.AggConfig`;
+            ``loss_return`` does not apply).
         dp_group: the data-parallel group the totals are summed over (default: WORLD).
         sp_group: an optional sequence-parallel group (ranks holding slices of the same
             sequences); ``None`` for none.
         grad_group: the group FSDP reduces gradients over (default ``dp_group`` without SP; with
             SP it must be given: the data × sequence-parallel group of the FSDP mesh). Used for
-            :meth:`global_loss` and the report counts; no collective of the step runs on it.
+            :meth:`global_loss`, the report counts and the end-of-step check.
         sp_layout: ``"contiguous"`` (Ulysses) or ``"load-balanced"`` (Megatron CP chunks).
-        check_masks, async_totals: as for :class:`~megatron_agg.LossHook`.
     """
 
     def __init__(
@@ -93,8 +112,12 @@ class FSDPLossHook:
         sp_group: Any = None,
         grad_group: Any = None,
         sp_layout: str = "contiguous",
-        check_masks: bool = True,
-        async_totals: bool = True,
+        check_masks: Optional[bool] = None,
+        async_totals: Optional[bool] = None,
+        allow_nonfinite_masked: Optional[bool] = None,
+        raise_on_every_rank: Optional[bool] = None,
+        agreement: Optional[str] = None,
+        config: Optional[AggConfig] = None,
     ) -> None:
         if sp_layout not in ("contiguous", "load-balanced"):
             raise ValueError(f"sp_layout must be 'contiguous' or 'load-balanced', got {sp_layout!r}.")
@@ -103,16 +126,21 @@ class FSDPLossHook:
                 "With a sequence-parallel group, pass grad_group= (the data × sequence-parallel group "
                 "FSDP reduces gradients over) as well."
             )
-        # The prepared-mode machinery, with Megatron's averaging replaced by "sum, F = 1".
-        self._hook = LossHook(mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs,
-                              loss_scale_factor=loss_scale_factor, terms=terms, check_masks=check_masks,
-                              async_totals=async_totals)
-        self.terms: Dict[str, LossTerm] = self._hook.terms
+        self.config = AggConfig.build(
+            mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
+            terms=terms, config=config, check_masks=check_masks, async_totals=async_totals,
+            allow_nonfinite_masked=allow_nonfinite_masked, raise_on_every_rank=raise_on_every_rank,
+            agreement=agreement,
+        )
+        self.terms: Dict[str, LossTerm] = dict(self.config.terms)
         self._dp_group = dp_group if dp_group is not None else torch.distributed.group.WORLD
         self._sp_group = sp_group
         self._grad_group = grad_group if grad_group is not None else self._dp_group
         self._sp_layout = sp_layout
         self._saved: List[tuple] = []
+        self._tracker = AgreementTracker(self.config.agreement)
+        self._last: Optional[StepSummary] = None
+        self._failed: Optional[str] = None
 
     # -- the model --------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module) -> None:
@@ -152,32 +180,44 @@ class FSDPLossHook:
         """A step over ``loss_masks`` (this rank's whole-sequence masks, one per micro-batch).
 
         Starts the step's one all-reduce; on leaving the block, checks that every micro-batch's
-        loss was taken (and the checks of :class:`~megatron_agg.LossHook`)."""
+        loss was taken (and the checks of :class:`~megatron_agg.LossHook`), on every rank of
+        ``grad_group``."""
         if self._saved == []:
             raise ValueError(
                 "Call FSDPLossHook.prepare(model) before the first step: FSDP averages gradients "
                 "over its mesh unless told to sum them."
             )
-        masks = _check_loss_masks(loss_masks, len(loss_masks) if isinstance(loss_masks, (list, tuple)) else 0)
-        packed = _check_packed_seqs(packed_seqs, masks)
+        self._last, self._failed = None, "the step did not finish"
+        t0, c0 = time.perf_counter(), time.thread_time()
+        count = len(loss_masks) if isinstance(loss_masks, (list, tuple)) else 0
+        masks = check_loss_masks(loss_masks, as_int(max(count, 1), "len(loss_masks)"), missing_hint=_MISSING_MASKS)
+        packed = check_packed_seqs(packed_seqs, masks)
         groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,
                                 cp_layout=self._sp_layout)
-        averaging = MegatronAveraging(LossReturn.TWO_TUPLE, False, len(masks), groups.cp_size,
-                                      groups.dp_cp_size, GradReduction.SUM, direct=True)
+        scaling = SumScaling(len(masks), groups.dp_cp_size)
         if groups.cp_size > 1 and any(m.shape[-1] % groups.cp_size for m in masks):
             raise ValueError(
                 f"Sequence parallelism over {groups.cp_size} ranks needs padded lengths divisible by "
                 f"{groups.cp_size}; got {[m.shape[-1] for m in masks]}."
             )
-        step = _Step(self._hook, masks, groups, averaging, packed)
-        yield _FSDPStep(step)
-        step.finish(False, False)
-        self._hook._last = step.summary()
+        step = PreparedStep(self.config, masks, groups, scaling, packed, names=_NAMES, tracker=self._tracker)
+        step.engine_seconds += time.perf_counter() - t0
+        step.engine_cpu_seconds += time.thread_time() - c0
+        try:
+            yield _FSDPStep(step)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            step.finish()
+        except BaseException as exc:
+            self._failed = f"{type(exc).__name__}: {exc}"
+            raise
+        self._failed = None
+        self._last = step.summary(step.engine_seconds + time.perf_counter() - t0,
+                                  step.engine_cpu_seconds + time.thread_time() - c0)
 
     @property
     def last_step(self) -> Optional[StepSummary]:
-        return self._hook.last_step
+        return self._last
 
     def global_loss(self) -> Optional[Dict[str, torch.Tensor]]:
         """The exact global loss of the last step (one all-reduce over ``grad_group``)."""
-        return self._hook.global_loss()
+        return global_loss_of(self._last, self._failed)

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
 
 from .averaging import RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour
+from .groups import ParallelGroups, group_size
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE",
@@ -26,6 +26,7 @@ __all__ = [
     "ParallelGroups",
     "resolve_groups",
     "step_averaging",
+    "model_config",
     "detect_release_behaviour",
 ]
 
@@ -92,56 +93,6 @@ def check_megatron_version(version: Optional[str] = None) -> str:
     return version
 
 
-@dataclass(frozen=True)
-class ParallelGroups:
-    """The groups of one step and this rank's place in them.
-
-    ``dp`` is the *pure* data-parallel group (one rank per data-parallel replica: the group the
-    hook's totals are all-reduced over); ``dp_cp`` the data×context group DDP reduces gradients
-    over; ``cp`` and ``pp`` the context- and pipeline-parallel groups.
-    """
-
-    dp: Any
-    cp: Any
-    dp_cp: Any
-    pp: Any
-    #: How a sequence is split over ``cp``: Megatron's load-balanced chunks, or contiguous
-    #: slices (Ulysses-style sequence parallelism).
-    cp_layout: str = "load-balanced"
-
-    @staticmethod
-    def _size(group: Any) -> int:
-        return _group_size(group)
-
-    @staticmethod
-    def _rank(group: Any) -> int:
-        return 0 if group is None else torch.distributed.get_rank(group)
-
-    @property
-    def dp_size(self) -> int:
-        return self._size(self.dp)
-
-    @property
-    def cp_size(self) -> int:
-        return self._size(self.cp)
-
-    @property
-    def cp_rank(self) -> int:
-        return self._rank(self.cp)
-
-    @property
-    def dp_cp_size(self) -> int:
-        return self._size(self.dp_cp)
-
-    @property
-    def is_last_pipeline_stage(self) -> bool:
-        return self._rank(self.pp) == self._size(self.pp) - 1
-
-
-def _group_size(group: Any) -> int:
-    return 1 if group is None else torch.distributed.get_world_size(group)
-
-
 def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> ParallelGroups:
     """The step's :class:`ParallelGroups`, from the caller's groups where the release has them.
 
@@ -171,6 +122,8 @@ def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> 
             cp=ps.get_context_parallel_group(),
             dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
             pp=ps.get_pipeline_model_parallel_group(),
+            mp=ps.get_model_parallel_group(),
+            tp=ps.get_tensor_model_parallel_group(),
         )
     kind = "pg_collection" if pg_collection is not None else "grad_finalize_pgs"
     needed = ("dp", "cp", "dp_cp", "pp") if pg_collection is not None else ("cp", "dp_cp", "pp")
@@ -184,12 +137,31 @@ def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> 
         )
     dp_cp = given.dp_cp
     dp = getattr(given, "dp", None) if pg_collection is not None else None
-    if _group_size(getattr(given, "gtp_remat", None)) > 1:
+    if group_size(getattr(given, "gtp_remat", None)) > 1:
         dp_cp = getattr(given, "dp_cp_gtp_remat", None) or ps.get_data_parallel_group(with_context_parallel=True)
         dp = None
     if dp is None:
         dp = ps.get_data_parallel_group()
-    return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp)
+    mp = getattr(given, "mp", None)
+    if mp is None:  # 0.14's GradFinalizeProcessGroups has none; 0.15+ collections may leave it unset
+        mp = ps.get_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    tp = getattr(given, "tp", None)
+    if tp is None and ps.model_parallel_is_initialized():
+        tp = ps.get_tensor_model_parallel_group()
+    return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp, mp=mp, tp=tp)
+
+
+def model_config(model_or_config: Any) -> Any:
+    """Megatron's ``TransformerConfig`` of a model (chunks, DDP-wrapped or not), or the config itself."""
+    if not isinstance(model_or_config, (list, tuple, torch.nn.Module)) and hasattr(
+        model_or_config, "calculate_per_token_loss"
+    ):
+        return model_or_config
+    chunks = _model_chunks(model_or_config)
+    if not chunks:
+        raise ValueError("Expected Megatron model chunks (or a TransformerConfig), got an empty list.")
+    get_model_config = _import("megatron.core.utils", "get_model_config")
+    return get_model_config(chunks[0])
 
 
 def _model_chunks(model: Any) -> List[Any]:

@@ -8,6 +8,7 @@ plus, optionally, the padded length each sequence had before packing (the defaul
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -80,5 +81,8 @@ class PackedSequences:
                 f"{where}: cu_seqlens has {len(self.cu_seqlens)} boundaries but cu_seqlens_padded has "
                 f"{len(self.cu_seqlens_padded)}; both describe the same K sequences."
             )
-        if self.padded_length is not None and (not isinstance(self.padded_length, int) or self.padded_length <= 0):
+        if self.padded_length is not None and (
+            isinstance(self.padded_length, bool) or not isinstance(self.padded_length, numbers.Integral)
+            or self.padded_length <= 0
+        ):
             raise ValueError(f"{where}.padded_length must be a positive int, got {self.padded_length!r}.")

@@ -25,35 +25,53 @@ the factor ``F`` of :func:`megatron_agg.averaging.loss_multiplier`, which cancel
 averaging; after ``finalize_model_grads`` the gradients are exactly ``∂L``.
 
 Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per step, of
-``[T, N, N_nonempty, Σ num_tokens]``, on the last pipeline stage only (started at construction,
-awaited by the first ``share``); every CP rank does its own identical one, so nothing is
-counted once per CP rank. Host syncs: none per micro-batch; one in :meth:`finish`.
+``[T, N, N_nonempty, Σ num_tokens, agreement triples...]``, on the last pipeline stage only
+(started at construction, awaited by the first ``share``; awaited at once, with one host sync, the
+first time a set-up is seen in the process, so that disagreeing DP ranks raise before any
+gradient); every CP rank does its own identical one, so nothing is counted once per CP rank.
+:meth:`finish` runs the end-of-step check of :mod:`megatron_agg.checks` (NaN/Inf at valid tokens
+and at masked positions, mask values, the masks' counts, agreement on the modes used), summed over
+every rank of the step so that a failure raises on all of them. Host syncs: none per
+micro-batch; one in :meth:`finish`. Call :meth:`finish` on every rank, also off the last stage.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
 from . import aggregation as agg
-from .averaging import LossReturn, MegatronAveraging, loss_multiplier
-from .hook import _check_loss_masks, _start_totals_all_reduce
-from .integration import ParallelGroups, check_megatron_version, resolve_groups, step_averaging
+from .averaging import LossReturn
+from .checks import FrontEndNames, StepChecks
+from .config import AggConfig
+from .engine import AgreementTracker, raise_if_disagree, set_up_fingerprints
+from .agreement import agreement_block
+from .groups import ParallelGroups
+from .integration import check_megatron_version, resolve_groups
 from .modes import AggMode, AggModeLike
+from .scaling import MegatronScaling
 from .terms import LossTerm
+from .validation import as_bool, as_int, check_loss_masks, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
 #: verl's ``token-sum`` mode (``Σ m·l``, no denominator), accepted by :meth:`StepShares.share`
 #: besides the :class:`~megatron_agg.AggMode` values.
 TOKEN_SUM = "token-sum"
+_NAMES = FrontEndNames(entry="StepShares", loss_call="StepShares.share(...)", masks="loss_masks",
+                       mismatch_fix=("build StepShares from the masks the loss function reduces with (e.g. "
+                                     "verl's response masks), in micro-batch order: the denominators "
+                                     "(valid-token counts) come from them"))
+_MISSING_MASKS = "StepShares(loss_masks=[...]) needs this rank's loss masks, one per micro-batch."
+#: Set-ups whose DP agreement was checked synchronously in this process (first step / changes).
+_TRACKER = AgreementTracker()
 
 
 def _dense(loss_masks: Any) -> Any:
     """Nested (jagged, one row per sequence) masks as padded ``[b, s]`` ones; the rest unchanged."""
     if isinstance(loss_masks, torch.Tensor) or not isinstance(loss_masks, Sequence):
-        return loss_masks  # refused by _check_loss_masks
+        return loss_masks  # refused by check_loss_masks
     return [m.to_padded_tensor(0) if getattr(m, "is_nested", False) else m for m in loss_masks]
 
 
@@ -76,10 +94,12 @@ class StepShares:
             whose auxiliary loss Megatron pre-multiplies by that count. Each CP rank returns an
             exact integer part of it, so that the parts add up over the CP group.
         exclude_fully_masked_seqs: the default of :meth:`share` (``N`` counts only sequences with
-            a valid token; verl's own definition at one rank).
+            a valid token). Default ``False``, as at every entry point.
         pg_collection: Megatron's ``ProcessGroupCollection`` to take the groups from (default:
             ``parallel_state``).
-        async_totals: start the all-reduce asynchronously (awaited by the first :meth:`share`).
+        groups: a :class:`~megatron_agg.groups.ParallelGroups` instead of Megatron's.
+        async_totals, allow_nonfinite_masked, raise_on_every_rank, agreement: as for
+            :class:`~megatron_agg.AggConfig`.
     """
 
     def __init__(
@@ -90,51 +110,72 @@ class StepShares:
         num_microbatches: Optional[int] = None,
         loss_return: Optional[Union[LossReturn, str]] = None,
         num_tokens: Optional[Sequence[Any]] = None,
-        exclude_fully_masked_seqs: bool = True,
+        exclude_fully_masked_seqs: bool = False,
         pg_collection: Any = None,
+        groups: Optional[ParallelGroups] = None,
         async_totals: bool = True,
+        allow_nonfinite_masked: bool = False,
+        raise_on_every_rank: bool = True,
+        agreement: str = "on-change",
     ) -> None:
         check_megatron_version()
         loss_masks = _dense(loss_masks)
-        m = num_microbatches if num_microbatches is not None else len(loss_masks)
-        masks = _check_loss_masks(loss_masks, m)
-        self.groups: ParallelGroups = resolve_groups(pg_collection)
+        m = as_int(num_microbatches, "num_microbatches", minimum=1) if num_microbatches is not None else (
+            len(loss_masks) if isinstance(loss_masks, Sequence) else 0)
+        masks = check_loss_masks(loss_masks, m, missing_hint=_MISSING_MASKS)
+        self.exclude_fully_masked_seqs = as_bool(exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
+        # The options every entry point shares (terms are chosen per call here: none fixed).
+        self.config = AggConfig({"loss": LossTerm("token-mean")}, async_totals=async_totals,
+                                allow_nonfinite_masked=allow_nonfinite_masked,
+                                raise_on_every_rank=raise_on_every_rank, agreement=agreement)
+        self.groups: ParallelGroups = groups if groups is not None else resolve_groups(pg_collection)
         convention = LossReturn.TWO_TUPLE if loss_return is None else LossReturn.parse(loss_return)
-        self.averaging: MegatronAveraging = step_averaging(model, convention, m, self.groups)
-        if loss_return is None and self.averaging.calculate_per_token_loss:  # the default follows the config
-            self.averaging = step_averaging(model, LossReturn.THREE_TUPLE, m, self.groups)
-        self.exclude_fully_masked_seqs = bool(exclude_fully_masked_seqs)
+        self.scaling = MegatronScaling.for_step(model, convention, m, self.groups)
+        if loss_return is None and self.scaling.calculate_per_token_loss:  # the default follows the config
+            self.scaling = MegatronScaling.for_step(model, LossReturn.THREE_TUPLE, m, self.groups)
+        self.averaging = self.scaling.averaging
         self.num_microbatches = m
         self.is_last_stage = self.groups.is_last_pipeline_stage
         self.collectives = 0
         self._next = 0
         self._work: Any = None
         self._ready = False
-        self._mismatch: List[torch.Tensor] = []
         self._view: Any = None  # (micro-batch, mask, SequenceView) of the last share() call
+        self._used: Dict[str, LossTerm] = {}  # the modes share() was called with (agreement check)
         device = masks[0].device
         self._device = device
+        self.checks = StepChecks(["share"], _NAMES, self.config.allow_nonfinite_masked)
         views = [agg.sequence_view(mask) for mask in masks]
         self._counts = [view.counts for view in views]
         if num_tokens is None:
             nt = torch.stack([view.counts.sum() for view in views])
         else:
-            if len(num_tokens) != m:
+            if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() != 1 or len(num_tokens) != m:
                 raise ValueError(f"Got {len(num_tokens)} num_tokens for {m} micro-batches; pass one per micro-batch.")
             nt = torch.stack([torch.as_tensor(n, device=device).to(torch.float64).reshape(()) for n in num_tokens])
         # This CP rank's exact integer part of each micro-batch's num_tokens (parts add up over CP).
         cp, r = self.groups.cp_size, self.groups.cp_rank
         nt_int = nt.round().to(torch.int64)
         self._num_tokens = (nt_int * (r + 1) // cp - nt_int * r // cp).to(torch.int)
-        if not self.averaging.calculate_per_token_loss:
+        if not self.scaling.calculate_per_token_loss:
             self._num_tokens = torch.clamp(self._num_tokens, min=1)
         self._num_tokens_list = self._num_tokens.unbind()
-        self.totals = torch.cat([agg.local_totals(views, device), nt.sum().reshape(1)])
         if not self.is_last_stage:
-            return  # no loss is computed here: no totals, no collective
+            self.totals = None
+            return  # no loss is computed here: no totals, no collective (finish() still checks)
+        for j, mask in enumerate(masks):
+            self.checks.mask_values.append((f"loss_masks[{j}]", mask_value_problems(mask)))
+        prints = set_up_fingerprints(None, self.scaling)
+        totals = torch.cat([agg.local_totals(views, device), nt.sum().reshape(1)])
+        self.totals = torch.cat([totals, agreement_block(prints, device)])
+        sync = _TRACKER.needs_sync(("dp", id(self.groups.dp)), prints)
         if self.groups.dp_size > 1:
-            self._work = _start_totals_all_reduce(self.totals, self.groups.dp, async_totals)
+            self._work = self.groups.sum_over_dp(self.totals, async_op=async_totals and not sync)
             self.collectives += 1
+            if sync:
+                self._wait()
+                raise_if_disagree(self.totals[4:], _NAMES, "checked when the step's StepShares was built")
+        _TRACKER.verified(("dp", id(self.groups.dp)), prints)
 
     # -- per micro-batch ---------------------------------------------------------------------
     def _wait(self) -> None:
@@ -143,8 +184,8 @@ class StepShares:
                 self._work.wait()
             self._work = None
             self._ready = True
-            totals = self.totals
-            self._multiplier = loss_multiplier(self.averaging, self._num_tokens, totals[3])
+            assert self.totals is not None
+            self._multiplier = self.scaling.multipliers(self._num_tokens, self.totals[3])
 
     def share(
         self,
@@ -161,7 +202,8 @@ class StepShares:
         one row per sequence, in the order of this micro-batch's ``loss_masks`` entry), a 0-dim
         tensor. ``mode`` is an :class:`AggMode` value or ``"token-sum"`` (``D = 1``). The token-level
         modes also take a flattened ``[1, t]`` view. The rows' valid-token counts are checked
-        against ``loss_masks`` in :meth:`finish` (no host sync here).
+        against ``loss_masks`` in :meth:`finish` (no host sync here), and so is the finiteness of
+        ``loss_mat`` (at valid tokens, and at masked positions unless ``allow_nonfinite_masked``).
         """
         if not self.is_last_stage:
             raise ValueError("StepShares.share is for the last pipeline stage, where Megatron computes losses.")
@@ -171,6 +213,8 @@ class StepShares:
                 f"StepShares.share was called for micro-batch {index}, but the step has "
                 f"{self.num_microbatches}; call megatron_return once per micro-batch."
             )
+        if not isinstance(loss_mat, torch.Tensor) or not isinstance(loss_mask, torch.Tensor):
+            raise ValueError("share() needs tensors: share(loss_mat, loss_mask, mode).")
         if loss_mat.shape != loss_mask.shape:
             raise ValueError(
                 f"share() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
@@ -185,10 +229,13 @@ class StepShares:
                 agg_mode = AggMode.parse(mode)
             except ValueError as err:
                 raise ValueError(f"{err} StepShares.share also accepts {TOKEN_SUM!r}.") from None
-            exclude = self.exclude_fully_masked_seqs if exclude_fully_masked_seqs is None else exclude_fully_masked_seqs
+            exclude = self.exclude_fully_masked_seqs if exclude_fully_masked_seqs is None else as_bool(
+                exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
             norm = agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM
-            term = LossTerm(agg_mode, exclude_fully_masked_seqs=bool(exclude),
+            term = LossTerm(agg_mode, exclude_fully_masked_seqs=exclude,
                             loss_scale_factor=loss_scale_factor if norm else None)
+        key = TOKEN_SUM if term is None else f"{term.agg_mode.value}|{term.exclude_fully_masked_seqs}|{term.loss_scale_factor}"
+        self._used.setdefault(key, term if term is not None else LossTerm("token-mean", weight=0.0))
         expected = self._counts[index]
         cached = self._view
         if cached is not None and cached[0] == index and cached[1] is loss_mask:
@@ -196,9 +243,9 @@ class StepShares:
         else:
             view = agg.sequence_view(loss_mask)
             if view.num_seqs == expected.numel():
-                self._mismatch.append((view.counts != expected.to(view.counts.device)).sum())
+                self.checks.mismatch.append((index, (view.counts != expected.to(view.counts.device)).sum()))
             else:  # a flattened view: only the token total can be compared
-                self._mismatch.append((view.counts.sum() != expected.sum()).to(torch.int64))
+                self.checks.mismatch.append((index, (view.counts.sum() != expected.sum()).to(torch.int64)))
             self._view = (index, loss_mask, view)
         if term is not None and term.agg_mode is not AggMode.TOKEN_MEAN and view.num_seqs != expected.numel():
             raise ValueError(
@@ -207,11 +254,14 @@ class StepShares:
             )
         self._wait()
         if token_sum:
-            return agg.masked_weighted_sum(loss_mat, view.valid, view.valid.to(torch.float32))
-        assert term is not None
-        weights = agg.sequence_weights(term, view)
-        scale = agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
-        return agg.masked_weighted_sum(loss_mat, view.valid, weights) * scale
+            result = agg.masked_weighted_sum(loss_mat, view.valid, view.valid.to(torch.float32))
+        else:
+            assert term is not None and self.totals is not None
+            weights = agg.sequence_weights(term, view)
+            scale = agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
+            result = agg.masked_weighted_sum(loss_mat, view.valid, weights) * scale
+        self.checks.record_loss(index, key, result, loss_mat)
+        return result
 
     def megatron_return(self, share: torch.Tensor, *extra: Any) -> tuple:
         """What ``loss_func`` returns for the next micro-batch: ``(share·F, *extra)`` for the 2-tuple
@@ -231,17 +281,18 @@ class StepShares:
 
     # -- after the step ----------------------------------------------------------------------
     def finish(self) -> None:
-        """Check the step (one host sync): every micro-batch returned once, and the masks given to
-        :meth:`share` had the valid-token counts of ``loss_masks``. Raises ``ValueError``."""
-        if not self.is_last_stage:
-            return
-        if self._next != self.num_microbatches:
-            raise ValueError(
-                f"megatron_return was called for {self._next} of {self.num_microbatches} micro-batches."
-            )
-        if self._mismatch and int(torch.stack(self._mismatch).sum()) != 0:
-            raise ValueError(
-                "The masks given to StepShares.share do not have the valid-token counts of the "
-                "loss_masks the step was built from; build StepShares from the masks the loss "
-                "function reduces with (e.g. verl's response masks), in micro-batch order."
-            )
+        """Check the step (one host sync, on every rank of the step): every micro-batch returned
+        once, the masks given to :meth:`share` had the valid-token counts of ``loss_masks``, mask
+        values are 0/1, every share is finite (and every ``loss_mat`` at masked positions), and the
+        ranks used the same modes. Raises ``ValueError`` / ``NonFiniteLossError`` on every rank."""
+        if self.is_last_stage:
+            if self._next != self.num_microbatches:
+                self.checks.evaluations = (
+                    f"megatron_return was called for {self._next} of {self.num_microbatches} micro-batches."
+                )
+            self.checks.fingerprints = set_up_fingerprints(self._used, self.scaling)
+            if self._work is not None or not self._ready:
+                self._wait()
+        else:
+            self.checks.fingerprints = set_up_fingerprints(None, self.scaling)
+        self.collectives += self.checks.finish(self.groups, self.config.raise_on_every_rank, self._device)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from .modes import AggMode, AggModeLike
+from .validation import as_bool
 
 __all__ = ["LossTerm", "DEFAULT_TERM_NAME", "normalize_terms", "split_term_losses"]
 
@@ -36,15 +38,14 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", AggMode.parse(self.mode))
-        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+        if (isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real)
+                or not math.isfinite(float(self.weight))):
             raise ValueError(
                 f"LossTerm weight must be a finite number, got {self.weight!r}; pass e.g. weight=0.1."
             )
-        if not isinstance(self.exclude_fully_masked_seqs, bool):
-            raise ValueError(
-                "exclude_fully_masked_seqs must be True or False, got "
-                f"{self.exclude_fully_masked_seqs!r}."
-            )
+        object.__setattr__(self, "weight", float(self.weight))  # 16 and 16.0 (or numpy's) are one weight
+        object.__setattr__(self, "exclude_fully_masked_seqs",
+                           as_bool(self.exclude_fully_masked_seqs, "exclude_fully_masked_seqs"))
         if self.loss_scale_factor is not None:
             if self.mode is not AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
                 raise ValueError(
@@ -54,14 +55,22 @@ class LossTerm:
                 )
             if (
                 isinstance(self.loss_scale_factor, bool)
-                or not isinstance(self.loss_scale_factor, (int, float))
-                or not math.isfinite(self.loss_scale_factor)
+                or not isinstance(self.loss_scale_factor, numbers.Real)
+                or not math.isfinite(float(self.loss_scale_factor))
                 or self.loss_scale_factor <= 0
             ):
                 raise ValueError(
                     "loss_scale_factor must be a positive finite number (or None for the padded "
                     f"sequence length), got {self.loss_scale_factor!r}."
                 )
+            factor = float(self.loss_scale_factor)
+            if not math.isfinite(float(torch.tensor(1.0 / factor, dtype=torch.float32))):
+                raise ValueError(
+                    f"loss_scale_factor={factor!r} is so small that 1/C overflows float32 (the per-token "
+                    "weights are float32); use a factor of at least 1e-38, typically the padded "
+                    "sequence length."
+                )
+            object.__setattr__(self, "loss_scale_factor", factor)  # 16 and 16.0 are one factor
 
     @property
     def agg_mode(self) -> AggMode:

@@ -20,17 +20,19 @@ number of collectives. Negative controls (Megatron's plain per-micro-batch avera
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..averaging import LossReturn
+from ..groups import ParallelGroups
+from ..scaling import MegatronScaling
 from ..definition import reference_loss
 from ..modes import AggMode
 from ..terms import LossTerm
@@ -194,22 +196,47 @@ def _plain_masked_mean(loss_return: LossReturn):
     return make
 
 
-@contextlib.contextmanager
-def _local_times_dp_totals() -> Iterator[None]:
-    """Break the hook on purpose: local totals × dp instead of an all-reduce (verl's shortcut)."""
-    from .. import hook as hook_mod
+class LocalTimesDpGroups(ParallelGroups):
+    """A broken set of groups, injected as a user would pass groups: the step's totals are this
+    rank's local totals × dp instead of their all-reduced sum (verl's old shortcut)."""
 
-    original = hook_mod._start_totals_all_reduce
-
-    def local_times_dp(totals: torch.Tensor, group: Any, async_op: bool = True) -> None:
-        totals.mul_(dist.get_world_size(group))
+    def sum_over_dp(self, tensor: torch.Tensor, async_op: bool = True) -> None:
+        tensor.mul_(self.dp_size)
         return None
 
-    hook_mod._start_totals_all_reduce = local_times_dp
-    try:
-        yield
-    finally:
-        hook_mod._start_totals_all_reduce = original
+
+class CpFactorLeftIn(MegatronScaling):
+    """A broken scaling, injected through ``LossHook(scaling=...)``: Megatron's × cp of the 2-tuple
+    path is left uncancelled."""
+
+    def multipliers(self, num_tokens: torch.Tensor, total_tokens: torch.Tensor) -> torch.Tensor:
+        return super().multipliers(num_tokens, total_tokens) * self.averaging.cp_size
+
+
+def _groups_like(groups: ParallelGroups, cls: type = ParallelGroups, **changes: Any) -> ParallelGroups:
+    values = {f.name: getattr(groups, f.name) for f in dataclass_fields(groups)}
+    values.update(changes)
+    return cls(**values)
+
+
+def _local_times_dp(groups: ParallelGroups) -> Dict[str, Any]:
+    return {"groups": _groups_like(groups, LocalTimesDpGroups)}
+
+
+def _cp_uncancelled(groups: ParallelGroups) -> Dict[str, Any]:
+    return {"scaling": CpFactorLeftIn}
+
+
+def _dp_cp_as_dp(groups: ParallelGroups) -> Dict[str, Any]:
+    """The user hands the hook the data×context group as its data-parallel group: every CP rank's
+    totals are summed (N and T × cp)."""
+    return {"groups": _groups_like(groups, dp=groups.dp_cp)}
+
+
+def _told_no_cp(groups: ParallelGroups) -> Dict[str, Any]:
+    """The user does not tell the hook about context parallelism and gives it the CP-local masks:
+    per-sequence counts come from the slice, sequences are counted per CP rank."""
+    return {"groups": _groups_like(groups, cp=None), "local_masks": True}
 
 
 @dataclass(frozen=True)
@@ -219,58 +246,9 @@ class Control:
     spec: LossSpec  # the reference it is compared against
     expect_pass: Callable[[int, int], bool]  # of the dp and cp sizes
     plain: Optional[LossReturn] = None  # Megatron's plain loss instead of the hook
-    breaker: Optional[Callable[[], Any]] = None  # a context manager that breaks the hook
-
-
-@contextlib.contextmanager
-def _sequences_counted_per_cp_rank() -> Iterator[None]:
-    """Break the hook on purpose: every CP rank counts every sequence (N × cp)."""
-    from .. import aggregation as agg
-
-    original = agg.local_totals
-
-    def per_cp_rank(views, device=None):
-        from megatron.core import parallel_state as ps
-
-        totals = original(views, device=device)
-        cp = ps.get_context_parallel_world_size()
-        totals[agg.SEQUENCES] *= cp
-        totals[agg.NONEMPTY_SEQUENCES] *= cp
-        return totals
-
-    agg.local_totals = per_cp_rank
-    try:
-        yield
-    finally:
-        agg.local_totals = original
-
-
-@contextlib.contextmanager
-def _sequence_means_over_the_cp_slice() -> Iterator[None]:
-    """Break the hook on purpose: per-sequence quantities (n_i) from this rank's CP slice."""
-    from .. import aggregation as agg
-    from .. import hook as hook_mod
-    from ..layout import to_cp_local
-
-    original = hook_mod._microbatch_weights
-
-    def from_slice(term, view, cp_size, cp_rank, positions):
-        local = lambda t: to_cp_local(t, cp_size, cp_rank, positions)  # noqa: E731
-        valid = local(view.valid)
-        seq_index = None if view.seq_index is None else local(view.seq_index)
-        if seq_index is None:
-            counts = valid.sum(dim=-1, dtype=torch.float64)
-        else:
-            counts = torch.zeros(view.num_seqs + 1, dtype=torch.float64)
-            counts = counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).double())[: view.num_seqs]
-        sliced = agg.SequenceView(valid, seq_index, view.num_seqs, counts, view.padded_lengths)
-        return agg.sequence_weights(term, sliced)
-
-    hook_mod._microbatch_weights = from_slice
-    try:
-        yield
-    finally:
-        hook_mod._microbatch_weights = original
+    #: Builds LossHook arguments from the step's real groups: the broken variant, injected through
+    #: the hook's public arguments (groups=, scaling=), never by patching megatron_agg.
+    breaker: Optional[Callable[[ParallelGroups], Dict[str, Any]]] = None
 
 
 CONTROLS: List[Control] = [
@@ -281,32 +259,15 @@ CONTROLS: List[Control] = [
         lambda dp, cp: True, plain=LossReturn.THREE_TUPLE,
     ),
     Control("hook-local-x-dp", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN, lambda dp, cp: dp == 1,
-            breaker=_local_times_dp_totals),
+            breaker=_local_times_dp),
 ]
-@contextlib.contextmanager
-def _cp_factor_left_in() -> Iterator[None]:
-    """Break the hook on purpose: leave Megatron's × cp of the 2-tuple path uncancelled."""
-    from .. import hook as hook_mod
-
-    original = hook_mod.loss_multiplier
-
-    def uncancelled(avg, local_num_tokens, global_num_tokens):
-        return original(avg, local_num_tokens, global_num_tokens) * avg.cp_size
-
-    hook_mod.loss_multiplier = uncancelled
-    try:
-        yield
-    finally:
-        hook_mod.loss_multiplier = original
-
-
 CP_CONTROLS: List[Control] = [
     Control("hook-2-tuple-cp-uncancelled", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN,
-            lambda dp, cp: cp == 1, breaker=_cp_factor_left_in),
+            lambda dp, cp: cp == 1, breaker=_cp_uncancelled),
     Control("hook-seqs-counted-per-cp-rank", Variant(LossReturn.THREE_TUPLE), SEQ_MEAN_TOKEN_MEAN,
-            lambda dp, cp: cp == 1, breaker=_sequences_counted_per_cp_rank),
-    Control("hook-seq-mean-over-cp-slice", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN,
-            lambda dp, cp: cp == 1, breaker=_sequence_means_over_the_cp_slice),
+            lambda dp, cp: cp == 1, breaker=_dp_cp_as_dp),
+    Control("hook-seq-mean-over-cp-slice", Variant(LossReturn.THREE_TUPLE), SEQ_MEAN_TOKEN_MEAN,
+            lambda dp, cp: cp == 1, breaker=_told_no_cp),
 ]
 
 
@@ -393,7 +354,15 @@ class Harness:
         mbs = split(self.batch, dp, dp_rank, cp, cp_rank)
         is_last = ps.is_pipeline_last_stage()
         deferred = variant.deferred and not (control and control.plain)
-        hook: Any = DeferredLossHook(terms=spec.terms) if deferred else LossHook(terms=spec.terms, loss_return=variant.loss_return)
+        from ..integration import resolve_groups
+
+        broken = control.breaker(resolve_groups()) if control and control.breaker else {}
+        local_masks = bool(broken.pop("local_masks", False))
+        if deferred:
+            hook: Any = DeferredLossHook(terms=spec.terms)
+            hook.install(model)  # checks the config and the ranks' agreement before the step
+        else:
+            hook = LossHook(terms=spec.terms, loss_return=variant.loss_return, **broken)
         plain = _plain_masked_mean(control.plain) if control and control.plain else None
 
         def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
@@ -429,22 +398,28 @@ class Harness:
         # hook must take its groups from); the 2-tuple runs leave them to parallel_state.
         if variant.loss_return is LossReturn.THREE_TUPLE:
             kwargs.update(schedule_group_kwargs(layout, model[0].config))
-        breaker = control.breaker() if control and control.breaker else contextlib.nullcontext()
-        with breaker, count_collectives() as counter:
+        with count_collectives() as counter:
             if plain is not None or deferred:
                 losses = fb(**kwargs)
             else:
+                told_cp = not local_masks or cp == 1
                 losses = hook.wrap(fb)(
-                    loss_masks=[mb.full_loss_mask for mb in mbs],
-                    packed_seqs=[mb.packed for mb in mbs] if packed else None,
+                    loss_masks=[mb.loss_mask if local_masks else mb.full_loss_mask for mb in mbs],
+                    packed_seqs=[mb.packed for mb in mbs] if packed and told_cp else None,
                     **kwargs,
                 )
+        if deferred:
+            hook.uninstall()
 
         ref_grads, ref_loss = self.ref[spec.name]
         grad_err = max(grad_error(model, ref_grads).values())
         loss_err = report_err = 0.0
-        broken_totals = control is not None and control.breaker is _local_times_dp_totals
+        broken_totals = isinstance(broken.get("groups"), LocalTimesDpGroups)
         expected_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals and not deferred) else 0
+        if plain is None:  # the end-of-step check, spread over the step (deferred: over the loss stage)
+            groups = resolve_groups()
+            spread = groups.loss_groups() if deferred else groups.step_groups()
+            expected_collectives += len(spread)  # the harness installs the deferred hook on every rank
         collectives_ok = counter.count == expected_collectives
         if plain is None and is_last:
             scale = max(abs(ref_loss), 1e-12)

@@ -1,16 +1,18 @@
-"""Run under torchrun with 2 ranks: data-parallel ranks that disagree on the hook's set-up.
+"""Run under torchrun with 2 ranks: misuse that only shows across ranks, at every entry point.
 
-For each scenario, rank 1 changes one option; both ranks must raise a ValueError that names
-it (detected inside the step's one all-reduce). Prints one line per scenario on rank 0 and
-exits non-zero on any unexpected outcome.
+For each scenario rank 1 (or both) does something wrong; *both* ranks must raise the expected
+error (the rank that did not see the problem says another rank found it), and nothing may hang
+(the pytest caller runs this under a timeout). Prints one line per scenario on rank 0 and exits
+non-zero on any unexpected outcome.
 """
 
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
 
-from megatron_agg import LossHook, LossTerm
+from megatron_agg import DeferredLossHook, LossHook, LossTerm, NonFiniteLossError, StepShares
 from megatron_agg.testing import data as data_mod
 from megatron_agg.testing.cpu import cpu_shim
 from megatron_agg.testing.gpt import TinyGPT, build_chunks, load_full_weights, wrap_ddp
@@ -18,58 +20,172 @@ from megatron_agg.testing.parallel import Layout, model_parallel
 from megatron_agg.testing.reference_gpt import init_full_weights
 
 BASE = dict(mode="seq-mean-token-mean", exclude=False, weight=1.0, loss_return="3-tuple", per_token=False)
-SCENARIOS = {
-    "agree": ({}, None),
-    "mode": ({"mode": "token-mean"}, "terms and their modes"),
-    "exclude": ({"exclude": True}, "exclude_fully_masked_seqs"),
-    "weight": ({"weight": 0.5}, "term weights"),
-    "loss_return": ({"loss_return": "2-tuple"}, "loss_return"),
-    "mode+weight": ({"mode": "token-mean", "weight": 2.0}, "terms and their modes, term weights"),
-}
-# Ranks that disagree on calculate_per_token_loss are not a scenario here: Megatron's own
-# finalize_model_grads then all-reduces num_tokens on some ranks only and hangs before the hook
-# can report (the fingerprint still covers it for set-ups that reach the check).
+SPEC = TinyGPT(num_layers=1)
 
 
-def run(rank: int, changes: dict) -> str:
+def _model(per_token: bool):
+    chunks = build_chunks(SPEC, Layout(), calculate_per_token_loss=per_token)
+    load_full_weights(chunks, init_full_weights(SPEC))
+    return wrap_ddp(chunks)
+
+
+def _mbs():
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    cfg = dict(BASE, **(changes if rank == 1 else {}))
-    spec = TinyGPT(num_layers=1)
-    chunks = build_chunks(spec, Layout(), calculate_per_token_loss=cfg["per_token"])
-    load_full_weights(chunks, init_full_weights(spec))
-    model = wrap_ddp(chunks)
-    term = LossTerm(cfg["mode"], exclude_fully_masked_seqs=cfg["exclude"], weight=cfg["weight"])
-    hook = LossHook(terms={"loss": term}, loss_return=cfg["loss_return"])
-    mbs = data_mod.split_for_rank(data_mod.make_global_batch(spec.vocab_size), 2, ps.get_data_parallel_rank())
+    return data_mod.split_for_rank(data_mod.make_global_batch(SPEC.vocab_size), 2, ps.get_data_parallel_rank())
+
+
+def _run(model, mbs, loss_func_of, fb_wrapper=None, **extra):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(it, chunk):
         mb = next(it)
-        return chunk(mb.tokens, mb.position_ids, None, labels=mb.labels), hook.loss_func(mb.loss_mask)
+        return chunk(mb.tokens, mb.position_ids, None, labels=mb.labels), loss_func_of(mb, chunk)
+
+    fb = get_forward_backward_func()
+    fb = fb_wrapper(fb) if fb_wrapper else fb
+    return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=model, num_microbatches=len(mbs),
+              seq_length=16, micro_batch_size=1, **extra)
+
+
+# -- LossHook -------------------------------------------------------------------------------------
+def hook_setup(rank: int, changes: dict) -> None:
+    cfg = dict(BASE, **(changes if rank == 1 else {}))
+    model = _model(cfg["per_token"])
+    term = LossTerm(cfg["mode"], exclude_fully_masked_seqs=cfg["exclude"], weight=cfg["weight"])
+    hook = LossHook(terms={"loss": term}, loss_return=cfg["loss_return"])
+    mbs = _mbs()
+    _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask), hook.wrap,
+         loss_masks=[mb.full_loss_mask for mb in mbs])
+
+
+def hook_nan_on_rank_1(rank: int) -> None:
+    model, mbs = _model(False), _mbs()
+    hook = LossHook("token-mean")
+
+    def fn(out):
+        return out * float("nan") if rank == 1 else out
+
+    _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask, fn), hook.wrap,
+         loss_masks=[mb.full_loss_mask for mb in mbs])
+
+
+def hook_mask_mismatch_on_rank_1(rank: int) -> None:
+    model, mbs = _model(False), _mbs()
+    hook = LossHook("token-mean")
+    _run(model, mbs, lambda mb, chunk: hook.loss_func(torch.ones_like(mb.loss_mask) if rank == 1 else mb.loss_mask),
+         hook.wrap, loss_masks=[mb.full_loss_mask for mb in mbs])
+
+
+def hook_skipped_loss_on_rank_1(rank: int) -> None:
+    """Rank 1's last micro-batch returns a loss function of its own instead of the hook's."""
+    model, mbs = _model(False), _mbs()
+    hook = LossHook("token-mean")
+
+    def own_loss(out):
+        return out.sum(), torch.tensor(1, dtype=torch.int), {}
+
+    def loss_func_of(mb, chunk):
+        return own_loss if (rank == 1 and mb is mbs[-1]) else hook.loss_func(mb.loss_mask)
+
+    _run(model, mbs, loss_func_of, hook.wrap, loss_masks=[mb.full_loss_mask for mb in mbs])
+
+
+# -- StepShares -----------------------------------------------------------------------------------
+def shares_setup(rank: int, loss_return: str, mode_of_rank_1: str) -> None:
+    model, mbs = _model(False), _mbs()
+    shares = StepShares([mb.full_loss_mask for mb in mbs], model=model,
+                        loss_return=loss_return if rank == 1 else "3-tuple")
+    mode = mode_of_rank_1 if rank == 1 else "seq-mean-token-mean"
+    _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+        shares.share(out, mb.loss_mask, mode), {})))
+    shares.finish()
+
+
+def shares_nan_on_rank_1(rank: int) -> None:
+    model, mbs = _model(False), _mbs()
+    shares = StepShares([mb.full_loss_mask for mb in mbs], model=model)
+    poison = float("nan") if rank == 1 else 1.0
+    _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+        shares.share(out * poison, mb.loss_mask, "token-mean"), {})))
+    shares.finish()
+
+
+# -- DeferredLossHook -----------------------------------------------------------------------------
+def deferred_mode(rank: int) -> None:
+    model, mbs = _model(True), _mbs()
+    hook = DeferredLossHook("token-mean" if rank == 1 else "seq-mean-token-mean")
+    try:
+        _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask, model=chunk))
+    finally:
+        hook.uninstall()
+
+
+def deferred_nan_on_rank_1(rank: int) -> None:
+    model, mbs = _model(True), _mbs()
+    hook = DeferredLossHook("token-mean")
+    hook.install(model)
+
+    def fn(out):
+        return out * float("nan") if rank == 1 else out
 
     try:
-        hook.wrap(get_forward_backward_func())(
-            forward_step_func=forward_step, data_iterator=iter(mbs), model=model, num_microbatches=len(mbs),
-            seq_length=16, micro_batch_size=1, loss_masks=[mb.full_loss_mask for mb in mbs])
-    except ValueError as exc:
-        return str(exc)
-    return ""
+        _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask, fn))
+    finally:
+        hook.uninstall()
+
+
+SCENARIOS = {
+    # name: (function, expected error type, text both ranks' messages must contain)
+    "agree": (lambda r: hook_setup(r, {}), None, None),
+    "mode": (lambda r: hook_setup(r, {"mode": "token-mean"}), ValueError, "disagree on: terms and their modes"),
+    "exclude": (lambda r: hook_setup(r, {"exclude": True}), ValueError, "disagree on: exclude_fully_masked_seqs"),
+    "weight": (lambda r: hook_setup(r, {"weight": 0.5}), ValueError, "disagree on: term weights"),
+    "loss_return": (lambda r: hook_setup(r, {"loss_return": "2-tuple"}), ValueError, "disagree on: loss_return"),
+    "mode+weight": (lambda r: hook_setup(r, {"mode": "token-mean", "weight": 2.0}), ValueError,
+                    "disagree on: terms and their modes, term weights"),
+    # Megatron's finalize would all-reduce num_tokens on one rank only and hang: refused before.
+    "calculate_per_token_loss": (lambda r: hook_setup(r, {"per_token": True}), ValueError,
+                                 "disagree on: calculate_per_token_loss"),
+    "hook: NaN on rank 1 only": (hook_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
+    "hook: mask mismatch on rank 1 only": (hook_mask_mismatch_on_rank_1, ValueError, "differ"),
+    "hook: a loss skipped on rank 1 only": (hook_skipped_loss_on_rank_1, ValueError, "evaluated"),
+    "shares: loss_return": (lambda r: shares_setup(r, "2-tuple", "seq-mean-token-mean"), ValueError,
+                            "disagree on: loss_return"),
+    "shares: modes used": (lambda r: shares_setup(r, "3-tuple", "token-mean"), ValueError,
+                           "disagree on: terms and their modes"),
+    "shares: NaN on rank 1 only": (shares_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
+    "deferred: mode": (deferred_mode, ValueError, "disagree on: terms and their modes"),
+    "deferred: NaN on rank 1 only": (deferred_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
+}
 
 
 def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     failures = 0
+    only = sys.argv[1:]
     with cpu_shim(), model_parallel(Layout()):
-        for name, (changes, option) in SCENARIOS.items():
-            message = run(rank, changes)
-            ok = (message == "") if option is None else (f"disagree on: {option}" in message)
+        for name, (fn, error, text) in SCENARIOS.items():
+            if only and name not in only:
+                continue
+            message, kind = "", None
+            try:
+                fn(rank)
+            except Exception as exc:  # noqa: BLE001 - every outcome is compared below
+                message, kind = str(exc), type(exc)
+                if error is None or not isinstance(exc, error):
+                    traceback.print_exc()
+            if error is None:
+                ok = kind is None
+            else:
+                ok = kind is not None and issubclass(kind, error) and text in message
             flags = torch.tensor([0 if ok else 1])
             dist.all_reduce(flags)
             failures += int(flags)
             if rank == 0:
-                print(f"{'ok  ' if int(flags) == 0 else 'FAIL'} {name}: {message or 'no error'}", flush=True)
+                print(f"{'ok  ' if int(flags) == 0 else 'FAIL'} {name}: {message[:160] or 'no error'}", flush=True)
+            dist.barrier()
     dist.destroy_process_group()
     return 1 if failures else 0
 

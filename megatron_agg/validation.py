@@ -1,0 +1,150 @@
+"""Checks of what users hand the engine: options, masks and packing boundaries.
+
+Two kinds of checks live here:
+
+- *eager* ones on Python values (options, shapes, list lengths), raising ``ValueError`` at once
+  with what was expected, what came and what to do;
+- *device-side* ones on tensor contents (mask values other than 0/1, packing boundaries that are
+  not cumulative, leave the row or break context parallelism's chunking), computed vectorized as
+  counts that the end-of-step check (:mod:`megatron_agg.checks`) reads with its one host sync.
+  No host sync here.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from .packing import PackedSequences
+
+__all__ = [
+    "as_bool",
+    "as_int",
+    "check_loss_masks",
+    "check_packed_seqs",
+    "mask_value_problems",
+    "boundary_problems",
+]
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a bool (Python's or numpy's); anything else (``"no"``, 0, None) raises."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` as an int if it is an integer (Python's, numpy's, a 0-dim integer tensor is not:
+    it would need a host sync); bools and floats raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        try:
+            if isinstance(value, (bool, float, str, torch.Tensor)) or value is None:
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int, got {value!r}.") from None
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
+    return value
+
+
+def check_loss_masks(loss_masks: Any, num_microbatches: Any, *, missing_hint: str) -> List[torch.Tensor]:
+    """This rank's whole-sequence masks, one ``[b, s]`` tensor per micro-batch, in order."""
+    if loss_masks is None:
+        raise ValueError(missing_hint)
+    if isinstance(loss_masks, torch.Tensor):
+        raise ValueError(
+            "loss_masks must be a list with one mask per micro-batch, got a single tensor; "
+            "pass list(masks) if they are stacked."
+        )
+    if not isinstance(loss_masks, Sequence):
+        raise ValueError(f"loss_masks must be a list of [batch, seq] tensors, got {type(loss_masks).__name__}.")
+    num_microbatches = as_int(num_microbatches, "num_microbatches", minimum=1)
+    masks = list(loss_masks)
+    if len(masks) != num_microbatches:
+        raise ValueError(
+            f"Got {len(masks)} loss_masks for num_microbatches={num_microbatches}; pass exactly "
+            "one mask per micro-batch, in order."
+        )
+    for j, mask in enumerate(masks):
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"loss_masks[{j}] must be a [batch, seq] tensor (bool, int or float 0/1), got {shape}."
+            )
+        if mask.is_complex():
+            raise ValueError(f"loss_masks[{j}] must be bool, int or float 0/1, got {mask.dtype}.")
+    return masks
+
+
+def check_packed_seqs(packed_seqs: Any, masks: Sequence[torch.Tensor]) -> Optional[List[Optional[PackedSequences]]]:
+    """One :class:`PackedSequences` (or ``None``) per micro-batch, shapes checked against the masks."""
+    if packed_seqs is None:
+        return None
+    if isinstance(packed_seqs, (torch.Tensor, PackedSequences)) or not isinstance(packed_seqs, Sequence):
+        raise ValueError(
+            "packed_seqs must be a list with one entry per micro-batch (None for an unpacked one), "
+            f"got {type(packed_seqs).__name__}."
+        )
+    if len(packed_seqs) != len(masks):
+        raise ValueError(
+            f"Got {len(packed_seqs)} packed_seqs for {len(masks)} loss_masks; pass one entry per "
+            "micro-batch (None where a micro-batch is not packed)."
+        )
+    return [coerce_packed(entry, mask, f"packed_seqs[{j}]") for j, (entry, mask) in enumerate(zip(packed_seqs, masks))]
+
+
+def coerce_packed(entry: Any, mask: torch.Tensor, where: str) -> Optional[PackedSequences]:
+    """``entry`` as :class:`PackedSequences` (or ``None``), checked against its ``[1, t]`` mask."""
+    packed = PackedSequences.coerce(entry, where)
+    if packed is not None:
+        packed.validate(where)
+        if mask.dim() != 2 or mask.shape[0] != 1:
+            raise ValueError(
+                f"{where} packs sequences into one row (Megatron's THD layout), but its mask has "
+                f"shape {tuple(mask.shape)}; give packed micro-batches as [1, t] whole rows."
+            )
+    return packed
+
+
+def mask_value_problems(mask: torch.Tensor) -> torch.Tensor:
+    """Number of entries of ``mask`` that are neither 0 nor 1 (NaN included), as an int64 0-dim
+    tensor on the mask's device (0 for bool masks without any op)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=torch.int64, device=mask.device)
+    return ((mask != 0) & (mask != 1)).sum()
+
+
+#: The problems :func:`boundary_problems` counts, in order (used in messages).
+BOUNDARY_PROBLEMS = (
+    "cu_seqlens/cu_seqlens_padded do not start at 0",
+    "boundaries are not cumulative (they decrease somewhere)",
+    "cu_seqlens_padded[-1] lies past the end of the row",
+    "a sequence's real length exceeds its padded length",
+    "a padded length (or the row's tail after the last sequence) is not a multiple of 2·cp",
+)
+
+
+def boundary_problems(packed: PackedSequences, total: int, cp_size: int, device: torch.device) -> torch.Tensor:
+    """Per entry of :data:`BOUNDARY_PROBLEMS`, how many boundaries of ``packed`` show it, for a row
+    of ``total`` positions under context parallelism of ``cp_size`` (int64 ``[5]``, no host sync)."""
+    cu, cu_padded = packed.boundaries(device)
+    real = cu[1:] - cu[:-1]
+    padded = cu_padded[1:] - cu_padded[:-1]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    counts = [
+        (cu[:1] != 0).sum() + (cu_padded[:1] != 0).sum(),
+        (real < 0).sum() + (padded < 0).sum(),
+        (cu_padded[-1:] > total).sum(),
+        (real > padded).sum(),
+        zero,
+    ]
+    if cp_size > 1:
+        tail = total - cu_padded[-1:]
+        counts[4] = (padded % (2 * cp_size) != 0).sum() + (tail % (2 * cp_size) != 0).sum()
+    return torch.stack([c.to(torch.int64) for c in counts])
