@@ -82,6 +82,9 @@ def _max_over_ranks(value: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .compare_checks import check_in_worker
+
+    check_in_worker(args)  # the command line, checked before anything is built: one line and exit 2
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from .testing import data as data_mod
     from .testing.cpu import cpu_shim
     from .testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, wrap_ddp
-    from .testing.matrix import _local_times_dp_totals, _plain_masked_mean
+    from .testing.matrix import LocalTimesDpGroups, _groups_like, _plain_masked_mean
     from .testing.parallel import Layout, model_parallel
     from .testing.reference_gpt import TorchGPT, init_full_weights
     from .averaging import LossReturn
@@ -130,8 +133,14 @@ def run(args: argparse.Namespace) -> int:
 
         hooked, hooked_opt = megatron_path()
         plain, plain_opt = megatron_path()
+        # --inject-bug: the broken variant goes in through the hook's public groups= argument
+        # (totals = local × dp instead of their all-reduce), never by patching megatron_agg.
+        from .integration import resolve_groups
+
+        broken = ({"groups": _groups_like(resolve_groups(), LocalTimesDpGroups)}
+                  if args.inject_bug == "local-denominator" else {})
         hook = LossHook(term.mode, exclude_fully_masked_seqs=term.exclude_fully_masked_seqs,
-                        loss_scale_factor=term.loss_scale_factor)
+                        loss_scale_factor=term.loss_scale_factor, **broken)
         fb = get_forward_backward_func()
         hooked_fb = hook.wrap(fb)
         plain_loss = _plain_masked_mean(LossReturn.TWO_TUPLE)
@@ -171,10 +180,8 @@ def run(args: argparse.Namespace) -> int:
                                model=model, num_microbatches=len(mbs), seq_length=batch.seq_length,
                                micro_batch_size=1, forward_only=False, **extra)
 
-            breaker = _local_times_dp_totals() if args.inject_bug == "local-denominator" else contextlib.nullcontext()
-            with breaker:
-                megatron_step(hooked, hooked_opt, hook.loss_func, hooked_fb,
-                              loss_masks=[mb.full_loss_mask for mb in mbs])
+            megatron_step(hooked, hooked_opt, hook.loss_func, hooked_fb,
+                          loss_masks=[mb.full_loss_mask for mb in mbs])
             hooked_loss = hook.global_loss()
             reports = megatron_step(plain, plain_opt, plain_loss, fb)
 
