@@ -52,6 +52,7 @@ __all__ = [
     "safe_reciprocal",
     "sequence_weights",
     "masked_weighted_sum",
+    "weighted_share",
 ]
 
 #: Fields of the totals vector, in order. All are sums over sequences (float64, exact to 2**53).
@@ -193,3 +194,15 @@ def masked_weighted_sum(
     if weights.dtype != dtype:
         weights = weights.to(dtype)
     return (torch.where(valid, per_token, 0.0) * weights).sum()
+
+
+def weighted_share(per_token: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_{i,t} weights[i,t] · l[i,t]`` over valid tokens in two tensor ops (``where``, then one
+    contraction), in the weights' dtype (float32) or wider; the per-micro-batch path of the engine,
+    whose weights already carry ``1/D``. NaN/Inf at masked positions is selected away, as in
+    :func:`masked_weighted_sum`."""
+    selected = torch.where(valid, per_token, 0.0)
+    if selected.dtype != weights.dtype:
+        dtype = torch.promote_types(selected.dtype, weights.dtype)
+        selected, weights = selected.to(dtype), weights.to(dtype)
+    return torch.tensordot(selected, weights, dims=selected.dim())

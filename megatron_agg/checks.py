@@ -81,16 +81,23 @@ class StepChecks:
 
     # -- recording (no host sync) -----------------------------------------------------------------
     def record_loss(self, microbatch: int, term: str, share: torch.Tensor, per_token: torch.Tensor) -> None:
-        """A term's share of micro-batch ``microbatch`` and its per-token loss (one op: its sum)."""
-        self.shares.append((microbatch, term, share.detach()))
+        """A term's share of micro-batch ``microbatch`` (kept as is: read after the step) and its
+        per-token loss (one op: its sum, outside autograd)."""
+        self.shares.append((microbatch, term, share))
         if not self.allow_nonfinite_masked:
-            self.sums.append((microbatch, term, per_token.detach().sum(dtype=torch.float32)))
+            with torch.no_grad():
+                self.sums.append((microbatch, term, per_token.sum(dtype=torch.float32)))
 
     # -- the end of the step ----------------------------------------------------------------------
     def finish(self, groups: Optional[ParallelGroups], spread: bool, device: torch.device,
                stage_only: bool = False) -> int:
         """Read everything with one host sync and raise the first problem (see the module
         docstring). Returns the number of collectives issued."""
+        with torch.no_grad():
+            return self._finish(groups, spread, device, stage_only)
+
+    def _finish(self, groups: Optional[ParallelGroups], spread: bool, device: torch.device,
+                stage_only: bool) -> int:
         details = self._details(device)  # per kind, this rank's per-item counts (vectorized)
         local = torch.stack([
             torch.tensor(1.0 if self.evaluations else 0.0, dtype=torch.float64, device=device),

@@ -53,7 +53,7 @@ from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
-from .integration import check_megatron_version, model_config, resolve_groups
+from .integration import check_megatron_version, model_config, refuse_unsupported_layouts, resolve_groups
 from .layout import thd_cp_local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
@@ -147,6 +147,7 @@ class DeferredLossHook:
                 "DeferredLossHook needs config.finalize_model_grads_func "
                 "(megatron.core.distributed.finalize_model_grads): it divides by the step's total."
             )
+        refuse_unsupported_layouts(config, "DeferredLossHook")
 
     @property
     def installed(self) -> bool:

@@ -179,7 +179,7 @@ class PreparedStep:
         self._device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
         prints = set_up_fingerprints(self.terms, scaling)
         self.checks = StepChecks(list(self.terms), names, config.allow_nonfinite_masked, fingerprints=prints)
-        self._local_parts: Dict[str, List[torch.Tensor]] = {}
+        self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
         if groups.cp_size > 1:
@@ -196,14 +196,32 @@ class PreparedStep:
                             f"loss_masks[{j}] has padded length {mask.shape[-1]}, not divisible by the "
                             f"{groups.cp_size} ranks that share each sequence."
                         )
-        packed_seqs = packed_seqs or [None] * len(loss_masks)
+        packed_seqs = list(packed_seqs or [None] * len(loss_masks))
         device = self._device
-        for j, (mask, packed) in enumerate(zip(loss_masks, packed_seqs)):
-            self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
-            if packed is not None:
-                problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device)
-                self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
-        views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
+        sizes = [mask.shape[0] for mask in loss_masks]
+        # The common case, vectorized over the step: unpacked micro-batches of one padded length
+        # are stacked into one [Σ b_j, s] mask; views, weights and the CP layout are computed once
+        # and split back per micro-batch (views of one buffer, scaled in place at the first loss).
+        batched = all(p is None for p in packed_seqs) and len({m.shape[-1] for m in loss_masks}) == 1 and (
+            len({m.dtype for m in loss_masks}) == 1)
+        self._batched = batched
+        self._row_to_mb = None
+        if batched:
+            whole = torch.cat(list(loss_masks)) if len(loss_masks) > 1 else loss_masks[0]
+            self._row_to_mb = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+            values = mask_value_problems(whole, per_row=True)
+            per_mb_values = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
+            self.checks.mask_values.extend((f"{names.masks}[{j}]", v) for j, v in enumerate(per_mb_values.unbind()))
+            views = [agg.sequence_view(whole)]
+            groups_of_masks = [(whole, None, views[0], sizes)]
+        else:
+            for j, (mask, packed) in enumerate(zip(loss_masks, packed_seqs)):
+                self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
+                if packed is not None:
+                    problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device)
+                    self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
+            views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
+            groups_of_masks = [(m, p, v, [m.shape[0]]) for m, p, v in zip(loss_masks, packed_seqs, views)]
         totals = agg.local_totals(views, device=device)
         sync = tracker is not None and tracker.needs_sync(("dp", id(groups.dp)), prints)
         if groups.dp_size > 1:
@@ -219,26 +237,45 @@ class PreparedStep:
             tracker.verified(("dp", id(groups.dp)), prints)
         self.totals = totals
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        for mask, packed, view in zip(loss_masks, packed_seqs, views):
+        #: The buffers the per-token weights live in (scaled by 1/D_k in place at the first loss).
+        self._weight_buffers: Dict[str, List[torch.Tensor]] = {name: [] for name in self.terms}
+        self._valid_all: List[torch.Tensor] = []
+        self._member_all: List[Optional[torch.Tensor]] = []
+        for mask, packed, view, rows in groups_of_masks:
             positions = _local_positions(mask, packed, groups)
-            weights = {
-                name: to_cp_local(agg.sequence_weights(term, view), cp_size, cp_rank, positions)
-                for name, term in self.terms.items()
-            }
-            local_shape = torch.Size((*mask.shape[:-1], mask.shape[-1] // cp_size))
+            weights = {}
+            for name, term in self.terms.items():
+                w = to_cp_local(agg.sequence_weights(term, view), cp_size, cp_rank, positions)
+                if not w.is_contiguous():
+                    w = w.contiguous()
+                self._weight_buffers[name].append(w)
+                weights[name] = w.split(rows) if len(rows) > 1 else (w,)
             valid = to_cp_local(view.valid, cp_size, cp_rank, positions)
             membership = view.membership()
             member = None if membership is None else to_cp_local(membership, cp_size, cp_rank, positions)
-            self.plans.append(_MicroBatchPlan(mask.shape, local_shape, weights, valid, member))
+            self._valid_all.append(valid)
+            self._member_all.append(member)
+            valids = valid.split(rows) if len(rows) > 1 else (valid,)
+            members = member.split(rows) if (member is not None and len(rows) > 1) else (member,) * len(rows)
+            for i, b in enumerate(rows):
+                shape = torch.Size((b, mask.shape[-1]))
+                local_shape = torch.Size((b, mask.shape[-1] // cp_size))
+                self.plans.append(_MicroBatchPlan(shape, local_shape, {n: weights[n][i] for n in self.terms},
+                                                  valids[i], members[i]))
         # num_tokens of every micro-batch: this CP slice's valid tokens; clamped to >= 1 where only
         # the schedule's division uses it (megatron-core < 0.15 divides unclamped; F has the clamp).
-        num_tokens = torch.stack([plan.valid.sum(dtype=torch.int) for plan in self.plans])
+        if batched:
+            per_row = self._valid_all[0].sum(dim=-1, dtype=torch.int)
+            num_tokens = torch.zeros(len(sizes), dtype=torch.int, device=device).index_add_(0, self._row_to_mb, per_row)
+        else:
+            num_tokens = torch.stack([plan.valid.sum(dtype=torch.int) for plan in self.plans])
         if not scaling.calculate_per_token_loss:
             num_tokens = torch.clamp(num_tokens, min=1)
         self._num_tokens_all = num_tokens
         self._num_tokens = num_tokens.unbind()
         self._multipliers: Sequence[torch.Tensor] = ()
-        self._local_parts = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms)}
+        self._given: List[Optional[torch.Tensor]] = [None] * len(self.plans)
+        self._reports: Dict[str, List[torch.Tensor]] = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms)}
         self.report_count = torch.tensor(scaling.report_count(), dtype=torch.float32, device=device)
 
     def _wait(self) -> None:
@@ -259,6 +296,9 @@ class PreparedStep:
                 name: agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
                 for name, term in self.terms.items()
             }
+            for name, buffers in self._weight_buffers.items():  # 1/D_k folded into the weights, once
+                for buffer in buffers:
+                    buffer.mul_(self._scales[name])
             self._multipliers = self.scaling.multipliers(
                 self._num_tokens_all, self.totals[agg.TOKENS]
             ).expand(self.num_microbatches).unbind()
@@ -293,15 +333,13 @@ class PreparedStep:
                 f"micro-batch order, or a loss function was skipped or evaluated twice: every "
                 f"micro-batch's {self.names.loss_call} must be evaluated exactly once, in order."
             )
-        valid = plan.valid
         if self.config.check_masks:
-            given = agg.valid_tokens(loss_mask)
-            if plan.member is not None:
-                given = given & plan.member
-            self.checks.mismatch.append((index, (given != valid).sum()))
-        scales = self.scales()
+            self._given[index] = loss_mask  # compared with loss_masks after the step, vectorized
+        self.scales()
+        valid = plan.valid
         total = None
         report: Dict[str, torch.Tensor] = {}
+        several = len(self.terms) > 1
         for name, term in self.terms.items():
             per_token_loss = losses[name]
             if not isinstance(per_token_loss, torch.Tensor) or per_token_loss.shape != loss_mask.shape:
@@ -311,30 +349,53 @@ class PreparedStep:
                     f"mask has shape {tuple(loss_mask.shape)}; the loss function must return one loss per "
                     "token ([b, s])."
                 )
-            share = agg.masked_weighted_sum(per_token_loss, valid, plan.weights[name]) * scales[name]
+            # S_k = Σ where(mask, l, 0) · (m·α/D_k): masked positions selected away, never multiplied.
+            share = agg.weighted_share(per_token_loss, valid, plan.weights[name])
             self.checks.record_loss(index, name, share, per_token_loss)
             weighted = share * term.weight if term.weight != 1.0 else share
             total = weighted if total is None else total + weighted
-            if len(self.terms) > 1:
-                self._accumulate(name, share, report)
+            if several:
+                self._report(name, share, report)
         assert total is not None
-        self._accumulate(DEFAULT_TERM_NAME, total, report)
+        self._report(DEFAULT_TERM_NAME, total, report)
         loss = total * self._multipliers[index]
         num_tokens = self._num_tokens[index] if self.scaling.loss_return is LossReturn.THREE_TUPLE else None
         return loss, num_tokens, report
 
-    def _accumulate(self, name: str, share: torch.Tensor, report: Dict[str, torch.Tensor]) -> None:
-        detached = share.detach()
-        self._local_parts[name].append(detached)
-        report[name] = torch.stack([detached, self.report_count])
+    def _report(self, name: str, share: torch.Tensor, report: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            pair = torch.stack([share, self.report_count])
+        self._reports[name].append(pair)
+        report[name] = pair
 
     @property
     def local_losses(self) -> Dict[str, torch.Tensor]:
         """This rank's share of each term's ``L_k`` and of the total, summed over micro-batches."""
-        return {
-            name: torch.stack(values).sum() if values else torch.zeros((), device=self._device)
-            for name, values in self._local_parts.items()
-        }
+        with torch.no_grad():
+            return {
+                name: torch.stack(values)[:, 0].sum() if values else torch.zeros((), device=self._device)
+                for name, values in self._reports.items()
+            }
+
+    def _mask_mismatches(self) -> None:
+        """Tokens where the loss functions' masks differ from ``loss_masks``, per micro-batch
+        (vectorized over the step where the micro-batches were batched)."""
+        given = self._given
+        if not self.config.check_masks or any(g is None for g in given) or not given:
+            return
+        with torch.no_grad():
+            if self._batched and len({g.shape[-1] for g in given}) == 1:
+                whole = torch.cat(given) if len(given) > 1 else given[0]
+                per_row = (agg.valid_tokens(whole) != self._valid_all[0]).sum(dim=-1)
+                counts = torch.zeros(len(given), dtype=per_row.dtype, device=per_row.device)
+                counts = counts.index_add_(0, self._row_to_mb, per_row)
+                self.checks.mismatch.extend(enumerate(counts.unbind()))
+                return
+            for j, (g, plan) in enumerate(zip(given, self.plans)):
+                tokens = agg.valid_tokens(g)
+                if plan.member is not None:
+                    tokens = tokens & plan.member
+                self.checks.mismatch.append((j, (tokens != plan.valid).sum()))
 
     def finish(self, evaluated_all: bool = True) -> None:
         """After the step: every micro-batch's loss evaluated once (``evaluated_all=False`` for
@@ -346,6 +407,8 @@ class PreparedStep:
                 f"{self.names.loss_call} was evaluated for {self.next_microbatch} micro-batches; every "
                 f"micro-batch's loss must come from {self.names.loss_call}, evaluated once."
             )
+        if self.is_last_stage:
+            self._mask_mismatches()
         if self._reduced is not None:
             self._wait()
             if not self.config.raise_on_every_rank:  # the totals' block is the DP-wide agreement
@@ -353,7 +416,8 @@ class PreparedStep:
         self.collectives += self.checks.finish(self.groups, self.config.raise_on_every_rank, self._device)
 
     def state_bytes(self) -> int:
-        tensors = [t for p in self.plans for t in (*p.weights.values(), p.valid, p.member) if t is not None]
+        tensors = [t for ts in self._weight_buffers.values() for t in ts] if self.is_last_stage else []
+        tensors += [t for t in (*self._valid_all, *self._member_all) if t is not None] if self.is_last_stage else []
         if self.is_last_stage and self.totals is not None:
             tensors += [self.totals if self._reduced is None else self._reduced]
         return sum(t.numel() * t.element_size() for t in tensors)

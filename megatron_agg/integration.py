@@ -27,6 +27,7 @@ __all__ = [
     "resolve_groups",
     "step_averaging",
     "model_config",
+    "refuse_unsupported_layouts",
     "detect_release_behaviour",
 ]
 
@@ -151,6 +152,22 @@ def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> 
     return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp, mp=mp, tp=tp)
 
 
+def refuse_unsupported_layouts(config: Any, entry: str) -> None:
+    """Raise ``ValueError`` for Megatron set-ups whose token layout megatron_agg cannot make exact.
+
+    Hybrid context parallelism (``hybrid_context_parallel=True``, Megatron-LM
+    ``--hybrid-context-parallel``) assigns the sub-samples of a packed batch over the DP×CP ranks
+    with a context-parallel group size chosen per sample, so neither the pure data-parallel totals
+    nor the fixed ``2·cp`` chunk layout describe where a sequence's tokens are."""
+    if getattr(config, "hybrid_context_parallel", False) is True:
+        raise ValueError(
+            f"{entry} does not support hybrid context parallelism (hybrid_context_parallel=True): "
+            "each sample gets its own context-parallel group size there, so the step's totals and "
+            "the per-sequence token layout megatron_agg relies on do not hold and the loss would not "
+            "be exact. Use fixed context parallelism (context_parallel_size) with megatron_agg."
+        )
+
+
 def model_config(model_or_config: Any) -> Any:
     """Megatron's ``TransformerConfig`` of a model (chunks, DDP-wrapped or not), or the config itself."""
     if not isinstance(model_or_config, (list, tuple, torch.nn.Module)) and hasattr(
@@ -187,6 +204,7 @@ def step_averaging(
     chunks = _model_chunks(model)
     get_model_config = _import("megatron.core.utils", "get_model_config")
     config = get_model_config(chunks[0])
+    refuse_unsupported_layouts(config, "megatron_agg")
     per_token = bool(getattr(config, "calculate_per_token_loss", False))
     ddp_configs = [_ddp_config(c) for c in chunks]
     if any(cfg is None for cfg in ddp_configs):

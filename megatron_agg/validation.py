@@ -112,12 +112,14 @@ def coerce_packed(entry: Any, mask: torch.Tensor, where: str) -> Optional[Packed
     return packed
 
 
-def mask_value_problems(mask: torch.Tensor) -> torch.Tensor:
+def mask_value_problems(mask: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """Number of entries of ``mask`` that are neither 0 nor 1 (NaN included), as an int64 0-dim
-    tensor on the mask's device (0 for bool masks without any op)."""
+    tensor on the mask's device, or one count per row with ``per_row`` (zeros for bool masks)."""
     if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=torch.int64, device=mask.device)
-    return ((mask != 0) & (mask != 1)).sum()
+        shape = mask.shape[:1] if per_row else ()
+        return torch.zeros(shape, dtype=torch.int64, device=mask.device)
+    bad = (mask != 0) & (mask != 1)
+    return bad.sum(dim=-1) if per_row else bad.sum()
 
 
 #: The problems :func:`boundary_problems` counts, in order (used in messages).

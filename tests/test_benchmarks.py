@@ -7,14 +7,16 @@ import sys
 from conftest import REPO, torchrun
 
 
-def test_bench_step_runs_and_counts_one_collective(tmp_path):
+def test_bench_step_runs_and_counts_the_hooks_collectives(tmp_path):
+    """One asynchronous all-reduce of the totals, plus the end-of-step check's two small ones
+    (over DP×CP and over the model-parallel group: both of size 2 in TP2×DP2 and PP2×DP2)."""
     out = tmp_path / "step.json"
     proc = torchrun(4, [str(REPO / "benchmarks" / "bench_step.py"), "--steps", "2", "--warmup", "1", "--out", str(out)],
                     timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     for layout in report["layouts"]:
-        assert layout["paths"]["hooked"]["hook_collectives_per_step"] == 1
+        assert layout["paths"]["hooked"]["hook_collectives_per_step"] == 1 + 2
         assert layout["paths"]["plain-2-tuple"]["hook_collectives_per_step"] == 0
     assert "hooked-sync" in report["layouts"][1]["paths"]
 

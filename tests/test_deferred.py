@@ -144,3 +144,10 @@ def test_deferred_checks_run_before_megatron_reduces_the_gradients(megatron_cpu,
         config.finalize_model_grads_func([])  # the wrapped finalize: before Megatron's own
     hook.loss_func(torch.ones(2, 4))(torch.ones(2, 4))  # the next step starts clean
     assert config.finalize_model_grads_func([]) == "finalized"
+
+
+def test_hybrid_context_parallelism_is_refused_before_the_first_loss(megatron_cpu):
+    config = _Config()
+    config.hybrid_context_parallel = True
+    with pytest.raises(ValueError, match="does not support hybrid context parallelism"):
+        DeferredLossHook("token-mean").install(config)

@@ -253,3 +253,12 @@ def test_loss_func_masks_that_disagree_with_loss_masks_are_reported_after_the_st
     term = LossTerm("token-mean")
     setup.step(LossHook(term.mode, check_masks=False), loss_masks=masks)
     assert setup.grad_err(term) < 1e-5
+
+
+def test_hybrid_context_parallelism_is_refused_before_the_step(setup):
+    setup.model[0].config.hybrid_context_parallel = True
+    try:
+        with pytest.raises(ValueError, match="does not support hybrid context parallelism"):
+            setup.step(LossHook("token-mean"))
+    finally:
+        setup.model[0].config.hybrid_context_parallel = False
