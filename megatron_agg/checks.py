@@ -194,21 +194,13 @@ class StepChecks:
                 )
             raise ValueError(f"The masks given to {names.loss_call} differ from {names.masks}{elsewhere}.")
         if totals["nonfinite_valid"]:
-            bad: Dict[str, List[int]] = {}
-            for (j, term, _), v in zip(self.shares, nonfinite):
-                if v:
-                    bad.setdefault(term, []).append(j)
-            detail = "; ".join(f"term {t!r} in micro-batch(es) {mbs}" for t, mbs in bad.items()) or found_elsewhere
+            detail = _by_term([(j, t) for j, t, _ in self.shares], nonfinite) or found_elsewhere
             raise NonFiniteLossError(
                 f"A valid token's loss was NaN or Inf: {detail}. The step's gradients are not finite; "
                 "do not apply them. Raised on every rank of the step."
             )
         if totals["nonfinite_masked"] and not self.allow_nonfinite_masked:
-            bad = {}
-            for (j, term, _, _), v in zip(self._masked_pairs(), masked):
-                if v:
-                    bad.setdefault(term, []).append(j)
-            detail = "; ".join(f"term {t!r} in micro-batch(es) {mbs}" for t, mbs in bad.items()) or found_elsewhere
+            detail = _by_term([(j, t) for j, t, _, _ in self._masked_pairs()], masked) or found_elsewhere
             raise NonFiniteLossError(
                 f"The per-token loss is NaN or Inf at masked positions: {detail}. The loss itself "
                 "selects them away, but an op that produced them (e.g. exp(logp - old_logp) with NaN "
@@ -217,3 +209,12 @@ class StepChecks:
                 "its output. If the non-finite values are written into the per-token loss itself "
                 "(torch.where(mask, loss, nan)), set allow_nonfinite_masked=True."
             )
+
+
+def _by_term(items: Sequence[Tuple[int, str]], flags: Sequence[float]) -> str:
+    """``"term 'kl' in micro-batch(es) [0, 3]; ..."`` for the flagged (micro-batch, term) items."""
+    bad: Dict[str, List[int]] = {}
+    for (j, term), flag in zip(items, flags):
+        if flag:
+            bad.setdefault(term, []).append(j)
+    return "; ".join(f"term {t!r} in micro-batch(es) {mbs}" for t, mbs in bad.items())

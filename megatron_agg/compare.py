@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from .testing import data as data_mod
     from .testing.cpu import cpu_shim
     from .testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, wrap_ddp
-    from .testing.matrix import LocalTimesDpGroups, _groups_like, _plain_masked_mean
+    from .testing.matrix import LocalTimesDpGroups, groups_like, plain_masked_mean
     from .testing.parallel import Layout, model_parallel
     from .testing.reference_gpt import TorchGPT, init_full_weights
     from .averaging import LossReturn
@@ -137,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
         # (totals = local × dp instead of their all-reduce), never by patching megatron_agg.
         from .integration import resolve_groups
 
-        broken = ({"groups": _groups_like(resolve_groups(), LocalTimesDpGroups)}
+        broken = ({"groups": groups_like(resolve_groups(), LocalTimesDpGroups)}
                   if args.inject_bug == "local-denominator" else {})
         hook = LossHook(term.mode, exclude_fully_masked_seqs=term.exclude_fully_masked_seqs,
                         loss_scale_factor=term.loss_scale_factor, **broken)
         fb = get_forward_backward_func()
         hooked_fb = hook.wrap(fb)
-        plain_loss = _plain_masked_mean(LossReturn.TWO_TUPLE)
+        plain_loss = plain_masked_mean(LossReturn.TWO_TUPLE)
 
         fsdp_model = TorchGPT(spec, full).to(device)
         fully_shard(fsdp_model, mesh=init_device_mesh(device.type, (world,)))

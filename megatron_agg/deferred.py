@@ -130,6 +130,7 @@ class DeferredLossHook:
         self._checks: Optional[StepChecks] = None
         self._index = 0
         self._groups: Any = None
+        self._device = torch.device("cpu")
         check_megatron_version()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -174,10 +175,9 @@ class DeferredLossHook:
             raise ValueError("config.finalize_model_grads_func is already wrapped by another DeferredLossHook.")
         groups = resolve_groups(self._pg_collection)
         prints = set_up_fingerprints(self.terms, _ChannelScaling(True))
+        self._device = _device_of(model_or_config)
         if groups.dp_size > 1:
-            block = agreement_block(prints, torch.device("cpu"))
-            device = _device_of(model_or_config)
-            block = block.to(device)
+            block = agreement_block(prints, self._device)
             groups.sum_over_dp(block, async_op=False)
             raise_if_disagree(block, _NAMES, "checked at install")
         original = current
@@ -372,7 +372,7 @@ class DeferredLossHook:
         per_token = bool(getattr(config, "calculate_per_token_loss", False))
         checks.fingerprints = set_up_fingerprints(self.terms, _ChannelScaling(per_token))
         groups = self._groups
-        device = checks.shares[0][2].device if checks.shares else torch.device("cpu")
+        device = checks.shares[0][2].device if checks.shares else self._device
         if not per_token:
             checks.evaluations = (
                 "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "

@@ -43,7 +43,8 @@ from .parallel import Layout, model_parallel
 from .reference_gpt import init_full_weights, per_token_loss
 from .sync_guard import count_collectives, forbid_host_sync
 
-__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "CONTROLS", "CP_CONTROLS", "main"]
+__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "CONTROLS", "CP_CONTROLS", "LocalTimesDpGroups",
+           "CpFactorLeftIn", "groups_like", "plain_masked_mean", "main"]
 
 TOLERANCE = 1e-5
 #: A negative control must miss the reference by at least this much (not a borderline pass).
@@ -178,7 +179,7 @@ CP_CONTROL_SUITES = {"cp", "release"}
 # ---------------------------------------------------------------------------------------------
 # Controls: loss functions that do *not* use the hook's exact scaling
 # ---------------------------------------------------------------------------------------------
-def _plain_masked_mean(loss_return: LossReturn):
+def plain_masked_mean(loss_return: LossReturn):
     """Megatron's classic per-micro-batch loss: the local masked mean (or sum + count)."""
 
     def make(mask: torch.Tensor):
@@ -213,14 +214,14 @@ class CpFactorLeftIn(MegatronScaling):
         return super().multipliers(num_tokens, total_tokens) * self.averaging.cp_size
 
 
-def _groups_like(groups: ParallelGroups, cls: type = ParallelGroups, **changes: Any) -> ParallelGroups:
+def groups_like(groups: ParallelGroups, cls: type = ParallelGroups, **changes: Any) -> ParallelGroups:
     values = {f.name: getattr(groups, f.name) for f in dataclass_fields(groups)}
     values.update(changes)
     return cls(**values)
 
 
 def _local_times_dp(groups: ParallelGroups) -> Dict[str, Any]:
-    return {"groups": _groups_like(groups, LocalTimesDpGroups)}
+    return {"groups": groups_like(groups, LocalTimesDpGroups)}
 
 
 def _cp_uncancelled(groups: ParallelGroups) -> Dict[str, Any]:
@@ -230,13 +231,13 @@ def _cp_uncancelled(groups: ParallelGroups) -> Dict[str, Any]:
 def _dp_cp_as_dp(groups: ParallelGroups) -> Dict[str, Any]:
     """The user hands the hook the data×context group as its data-parallel group: every CP rank's
     totals are summed (N and T × cp)."""
-    return {"groups": _groups_like(groups, dp=groups.dp_cp)}
+    return {"groups": groups_like(groups, dp=groups.dp_cp)}
 
 
 def _told_no_cp(groups: ParallelGroups) -> Dict[str, Any]:
     """The user does not tell the hook about context parallelism and gives it the CP-local masks:
     per-sequence counts come from the slice, sequences are counted per CP rank."""
-    return {"groups": _groups_like(groups, cp=None), "local_masks": True}
+    return {"groups": groups_like(groups, cp=None), "local_masks": True}
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,7 @@ class Harness:
             hook.install(model)  # checks the config and the ranks' agreement before the step
         else:
             hook = LossHook(terms=spec.terms, loss_return=variant.loss_return, **broken)
-        plain = _plain_masked_mean(control.plain) if control and control.plain else None
+        plain = plain_masked_mean(control.plain) if control and control.plain else None
 
         def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
             mb = next(data_iterator)
