@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .agreement import AGREEMENT_FIELDS, agreement_block, disagreements
+from .agreement import AGREEMENT_FIELDS, disagreements
 from .groups import ParallelGroups
 from .validation import BOUNDARY_PROBLEMS
 
@@ -80,12 +80,17 @@ class StepChecks:
     fingerprints: Optional[Sequence[Optional[float]]] = None
 
     # -- recording (no host sync) -----------------------------------------------------------------
-    def record_loss(self, microbatch: int, term: str, share: torch.Tensor, per_token: torch.Tensor) -> None:
+    def record_loss(self, microbatch: int, term: str, share: torch.Tensor, per_token: torch.Tensor,
+                    grad_mode: bool = True) -> None:
         """A term's share of micro-batch ``microbatch`` (kept as is: read after the step) and its
-        per-token loss (one op: its sum, outside autograd)."""
+        per-token loss (one op: its sum, outside autograd; ``grad_mode=False`` when the caller is
+        already under ``torch.no_grad()``)."""
         self.shares.append((microbatch, term, share))
         if not self.allow_nonfinite_masked:
-            with torch.no_grad():
+            if grad_mode:
+                with torch.no_grad():
+                    self.sums.append((microbatch, term, per_token.sum(dtype=torch.float32)))
+            else:
                 self.sums.append((microbatch, term, per_token.sum(dtype=torch.float32)))
 
     # -- the end of the step ----------------------------------------------------------------------
@@ -98,54 +103,70 @@ class StepChecks:
 
     def _finish(self, groups: Optional[ParallelGroups], spread: bool, device: torch.device,
                 stage_only: bool) -> int:
-        details = self._details(device)  # per kind, this rank's per-item counts (vectorized)
-        local = torch.stack([
-            torch.tensor(1.0 if self.evaluations else 0.0, dtype=torch.float64, device=device),
-            *[d.sum() for d in details],
-        ])
-        summary = torch.cat([local, agreement_block(self.fingerprints or [None] * len(AGREEMENT_FIELDS), device)])
+        details, lengths = self._details(device)  # this rank's per-item counts, one flat vector
+        kinds = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], dtype=torch.int64, device=device)
+        head = [1.0 if self.evaluations else 0.0] + [0.0] * len(lengths)
+        for row in ([0.0, 0.0, 0.0] if f is None else [1.0, f, f * f]
+                    for f in (self.fingerprints or [None] * len(AGREEMENT_FIELDS))):
+            head += row
+        summary = torch.tensor(head, dtype=torch.float64, device=device)
+        summary[1 : 1 + len(lengths)].index_add_(0, kinds, details)  # per-kind totals of this rank
         collectives = groups.sum_over_step(summary, stage_only) if (spread and groups is not None) else 0
-        values = torch.cat([summary, *details]).tolist()  # the one host sync
+        values = torch.cat([summary, details]).tolist()  # the one host sync
         n = len(_KINDS)
         totals = dict(zip(_KINDS, values[:n]))
         block = torch.tensor(values[n : n + 3 * len(AGREEMENT_FIELDS)], dtype=torch.float64)
         differing = [f for f, d in zip(AGREEMENT_FIELDS, disagreements(block).tolist()) if d]
         rest, parts = values[n + 3 * len(AGREEMENT_FIELDS):], []
-        for d in details:
-            parts.append(rest[: d.numel()])
-            rest = rest[d.numel():]
+        for length in lengths:
+            parts.append(rest[:length])
+            rest = rest[length:]
         self._raise(totals, differing, parts)
         return collectives
 
     def _masked_pairs(self) -> List[Tuple[int, str, torch.Tensor, torch.Tensor]]:
         """``(micro-batch, term, Σ per-token loss, share)`` for every recorded sum."""
+        if len(self.sums) == len(self.shares):  # recorded together (record_loss): already aligned
+            return [(j, t, s, share) for (j, t, s), (_, _, share) in zip(self.sums, self.shares)]
         shares = {(j, t): s for j, t, s in self.shares}
         return [(j, t, s, shares[(j, t)]) for j, t, s in self.sums if (j, t) in shares]
 
-    def _details(self, device: torch.device) -> List[torch.Tensor]:
-        """Per problem kind after ``evaluations`` (see :data:`_KINDS`), float64 counts per item."""
-        empty = torch.zeros(0, dtype=torch.float64, device=device)
+    def _details(self, device: torch.device) -> Tuple[torch.Tensor, List[int]]:
+        """Per problem kind after ``evaluations`` (see :data:`_KINDS`) this rank's per-item counts,
+        concatenated into one float64 vector, and the number of items of each kind."""
+        parts: List[torch.Tensor] = []
+        lengths: List[int] = []
 
-        def stack(parts: List[torch.Tensor]) -> torch.Tensor:
-            return torch.stack([p.reshape(()) for p in parts]).to(torch.float64) if parts else empty
+        def add(items: List[torch.Tensor], stacked: Optional[torch.Tensor] = None) -> None:
+            if stacked is None and items:  # 0-dim counts, or one labelled vector (vectorized set-ups)
+                stacked = torch.stack(items) if all(i.dim() == 0 for i in items) else torch.cat(
+                    [i.reshape(-1) for i in items])
+            if stacked is not None and stacked.numel():
+                parts.append(stacked.reshape(-1))
+            lengths.append(0 if stacked is None else stacked.numel())
 
-        shares = stack([s for _, _, s in self.shares])
+        add([c for _, c in self.mask_values])
+        add([], torch.cat([c for _, c in self.boundaries]) if self.boundaries else None)
+        add([c for _, _, c in self.counts])
+        add([c for _, c in self.mismatch])
+        shares = torch.stack([s for _, _, s in self.shares]) if self.shares else None
+        add([], None if shares is None else ~torch.isfinite(shares))
         pairs = self._masked_pairs()
-        masked = empty
+        masked = None
         if pairs:
-            sums = stack([s for _, _, s, _ in pairs])
-            masked = (~torch.isfinite(sums) & torch.isfinite(stack([sh for _, _, _, sh in pairs]))).to(torch.float64)
-        return [
-            stack([c for _, c in self.mask_values]),
-            torch.cat([c for _, c in self.boundaries]).to(torch.float64) if self.boundaries else empty,
-            stack([c for _, _, c in self.counts]),
-            stack([c for _, c in self.mismatch]),
-            (~torch.isfinite(shares)).to(torch.float64),
-            masked,
-        ]
+            sums = torch.stack([s for _, _, s, _ in pairs])
+            finite_shares = torch.isfinite(shares) if len(pairs) == len(self.shares) else torch.isfinite(
+                torch.stack([sh for _, _, _, sh in pairs]))
+            masked = ~torch.isfinite(sums) & finite_shares
+        add([], masked)
+        if not parts:
+            return torch.zeros(0, dtype=torch.float64, device=device), lengths
+        return torch.cat(parts).to(torch.float64), lengths  # cat promotes bool/int to one dtype
 
     def _raise(self, totals: Dict[str, float], differing: List[str], parts: List[List[float]]) -> None:
         names = self.names
+        mask_labels = _labels(self.mask_values)
+        mismatch_labels = _labels(self.mismatch)
         mask_values, boundaries, counts, mismatch, nonfinite, masked = parts
         elsewhere = " (found on another rank of this step; this rank's own data passed the check)"
         found_elsewhere = "found on another rank of this step (this rank's own data passed the check)"
@@ -160,7 +181,7 @@ class StepChecks:
             raise ValueError((self.evaluations or "A rank evaluated the loss function a wrong number of times")
                              + ("" if self.evaluations else elsewhere))
         if totals["mask_values"]:
-            bad = [(w, int(v)) for (w, _), v in zip(self.mask_values, mask_values) if v]
+            bad = [(w, int(v)) for w, v in zip(mask_labels, mask_values) if v]
             where = "; ".join(f"{w}: {v} value(s)" for w, v in bad) if bad else found_elsewhere
             raise ValueError(
                 f"Mask values other than 0 and 1 (e.g. 0.5, 2, -1 or NaN): {where}. Masks select tokens; "
@@ -184,7 +205,7 @@ class StepChecks:
             raise ValueError("sequence_token_counts do not fit the micro-batch: "
                              + ("; ".join(bad) if bad else found_elsewhere))
         if totals["mismatch"]:
-            bad = [(j, int(v)) for (j, _), v in zip(self.mismatch, mismatch) if v]
+            bad = [(j, int(v)) for j, v in zip(mismatch_labels, mismatch) if v]
             if bad:
                 j, v = bad[0]
                 raise ValueError(
@@ -218,3 +239,11 @@ def _by_term(items: Sequence[Tuple[int, str]], flags: Sequence[float]) -> str:
         if flag:
             bad.setdefault(term, []).append(j)
     return "; ".join(f"term {t!r} in micro-batch(es) {mbs}" for t, mbs in bad.items())
+
+
+def _labels(items: Sequence[Tuple[object, torch.Tensor]]) -> List[object]:
+    """One label per counted item: an entry is ``(label, 0-dim count)`` or ``([labels], vector)``."""
+    out: List[object] = []
+    for label, _ in items:
+        out.extend(label if isinstance(label, list) else [label])
+    return out

@@ -208,15 +208,17 @@ class PreparedStep:
         self._row_to_mb = None
         if batched:
             whole = torch.cat(list(loss_masks)) if len(loss_masks) > 1 else loss_masks[0]
-            self._row_to_mb = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
-            values = mask_value_problems(whole, per_row=True)
-            per_mb_values = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
-            self.checks.mask_values.extend((f"{names.masks}[{j}]", v) for j, v in enumerate(per_mb_values.unbind()))
+            self._row_to_mb = torch.tensor([j for j, b in enumerate(sizes) for _ in range(b)], device=device)
+            if whole.dtype != torch.bool:  # bool masks hold nothing but 0/1
+                values = mask_value_problems(whole, per_row=True)
+                per_mb = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
+                self.checks.mask_values.append(([f"{names.masks}[{j}]" for j in range(len(sizes))], per_mb))
             views = [agg.sequence_view(whole)]
             groups_of_masks = [(whole, None, views[0], sizes)]
         else:
             for j, (mask, packed) in enumerate(zip(loss_masks, packed_seqs)):
-                self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
+                if mask.dtype != torch.bool:
+                    self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
                 if packed is not None:
                     problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device)
                     self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
@@ -320,7 +322,8 @@ class PreparedStep:
             raise ValueError(
                 f"{self.names.loss_call} needs a tensor mask; micro-batch {index} got {type(loss_mask).__name__}."
             )
-        if loss_mask.shape != plan.local_shape:
+        mask_shape = loss_mask.shape
+        if mask_shape != plan.local_shape:
             cp_note = (
                 f" (the CP-local slice, 1/{self.groups.cp_size} of the sequence, of the whole-sequence "
                 f"mask {tuple(plan.shape)} in {self.names.masks})"
@@ -328,7 +331,7 @@ class PreparedStep:
                 else f" (the shape of {self.names.masks}[{index}])"
             )
             raise ValueError(
-                f"Loss evaluation {index + 1} of this step got a mask of shape {tuple(loss_mask.shape)}, "
+                f"Loss evaluation {index + 1} of this step got a mask of shape {tuple(mask_shape)}, "
                 f"expected {tuple(plan.local_shape)}{cp_note}. Either {self.names.masks} is not in "
                 f"micro-batch order, or a loss function was skipped or evaluated twice: every "
                 f"micro-batch's {self.names.loss_call} must be evaluated exactly once, in order."
@@ -338,33 +341,35 @@ class PreparedStep:
         self.scales()
         valid = plan.valid
         total = None
-        report: Dict[str, torch.Tensor] = {}
-        several = len(self.terms) > 1
+        shares: Dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             per_token_loss = losses[name]
-            if not isinstance(per_token_loss, torch.Tensor) or per_token_loss.shape != loss_mask.shape:
+            if not isinstance(per_token_loss, torch.Tensor) or per_token_loss.shape != mask_shape:
                 shape = tuple(per_token_loss.shape) if isinstance(per_token_loss, torch.Tensor) else type(per_token_loss).__name__
                 raise ValueError(
                     f"Micro-batch {index}: the per-token loss of term {name!r} has shape {shape} but its "
-                    f"mask has shape {tuple(loss_mask.shape)}; the loss function must return one loss per "
+                    f"mask has shape {tuple(mask_shape)}; the loss function must return one loss per "
                     "token ([b, s])."
                 )
             # S_k = Σ where(mask, l, 0) · (m·α/D_k): masked positions selected away, never multiplied.
             share = agg.weighted_share(per_token_loss, valid, plan.weights[name])
-            self.checks.record_loss(index, name, share, per_token_loss)
+            shares[name] = share
             weighted = share * term.weight if term.weight != 1.0 else share
             total = weighted if total is None else total + weighted
-            if several:
-                self._report(name, share, report)
         assert total is not None
-        self._report(DEFAULT_TERM_NAME, total, report)
+        report: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # the step's checks and reports: outside autograd, one block
+            for name, share in shares.items():
+                self.checks.record_loss(index, name, share, losses[name], grad_mode=False)
+                if len(shares) > 1:
+                    self._report(name, share, report)
+            self._report(DEFAULT_TERM_NAME, total, report)
         loss = total * self._multipliers[index]
         num_tokens = self._num_tokens[index] if self.scaling.loss_return is LossReturn.THREE_TUPLE else None
         return loss, num_tokens, report
 
     def _report(self, name: str, share: torch.Tensor, report: Dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            pair = torch.stack([share, self.report_count])
+        pair = torch.stack([share, self.report_count])  # under the caller's no_grad
         self._reports[name].append(pair)
         report[name] = pair
 
@@ -389,7 +394,7 @@ class PreparedStep:
                 per_row = (agg.valid_tokens(whole) != self._valid_all[0]).sum(dim=-1)
                 counts = torch.zeros(len(given), dtype=per_row.dtype, device=per_row.device)
                 counts = counts.index_add_(0, self._row_to_mb, per_row)
-                self.checks.mismatch.extend(enumerate(counts.unbind()))
+                self.checks.mismatch.append((list(range(len(given))), counts))  # one vector, labelled
                 return
             for j, (g, plan) in enumerate(zip(given, self.plans)):
                 tokens = agg.valid_tokens(g)
