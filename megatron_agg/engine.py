@@ -25,6 +25,7 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -229,7 +230,11 @@ class PreparedStep:
         if groups.dp_size > 1:
             # One collective: the totals and the fingerprints of the set-up the ranks must share.
             self._reduced = torch.cat([totals, agreement_block(prints, device)])
-            self._work = groups.sum_over_dp(self._reduced, async_op=config.async_totals and not sync)
+            async_op = config.async_totals and not sync
+            t0 = time.perf_counter()
+            self._work = groups.sum_over_dp(self._reduced, async_op=async_op)
+            if not async_op:  # a blocking all-reduce is a wait as well
+                self.wait_seconds += time.perf_counter() - t0
             self.collectives += 1
             totals = self._reduced[: len(agg.TOTALS_FIELDS)]
             if sync:
@@ -282,8 +287,6 @@ class PreparedStep:
 
     def _wait(self) -> None:
         if self._work is not None:
-            import time
-
             t0 = time.perf_counter()
             self._work.wait()
             self.wait_seconds += time.perf_counter() - t0
