@@ -157,6 +157,19 @@ def test_patched_loss_func_packed_and_unchanged_without_the_flag(tmp_path, megat
     assert float(loss) == pytest.approx(float((output * mask).sum())) and int(num_tokens) == 6
 
 
+def test_loss_agg_mode_with_distillation_or_modelopt_is_refused_not_ignored(tmp_path, megatron_cpu):
+    """Offline distillation (--logits-load-dir) and ModelOpt come first in loss_func and reduce the
+    per-token losses themselves: --loss-agg-mode with them raises instead of being ignored."""
+    mlm = load_patched_pretrain_gpt(tmp_path, mlm_args(loss_agg_mode="token-mean", logits_load_dir="/teacher"))
+    with pytest.raises(ValueError, match="--logits-load-dir"):
+        mlm.loss_func(torch.ones(1, 4), torch.ones(1, 4), model=megatron_config())
+    (tmp_path / "mo").mkdir()
+    mlm = load_patched_pretrain_gpt(tmp_path / "mo", mlm_args(loss_agg_mode="token-mean", modelopt_enabled=True))
+    mlm.has_nvidia_modelopt = True
+    with pytest.raises(ValueError, match="ModelOpt"):
+        mlm.loss_func(torch.ones(1, 4), torch.ones(1, 4), model=megatron_config())
+
+
 def test_patched_loss_func_requires_per_token_loss(tmp_path, megatron_cpu):
     mlm = load_patched_pretrain_gpt(tmp_path, mlm_args(loss_agg_mode="token-mean", calculate_per_token_loss=False))
     with pytest.raises(ValueError, match="--calculate-per-token-loss"):
