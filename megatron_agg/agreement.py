@@ -19,7 +19,7 @@ import torch
 
 from .terms import LossTerm
 
-__all__ = ["AGREEMENT_FIELDS", "fingerprints", "agreement_block", "disagreements"]
+__all__ = ["AGREEMENT_FIELDS", "fingerprints", "agreement_values", "agreement_block", "disagreements"]
 
 #: The options DP ranks must agree on, in the order of the fingerprints.
 AGREEMENT_FIELDS = (
@@ -58,11 +58,17 @@ def fingerprints(terms: Optional[Mapping[str, LossTerm]], loss_return: Optional[
     ]
 
 
+def agreement_values(values: Sequence[Optional[float]]) -> List[float]:
+    """``[p_0, p_0·f_0, p_0·f_0², p_1, ...]`` (``p = 0`` where the value is ``None``), as Python floats."""
+    out: List[float] = []
+    for f in values:
+        out += [0.0, 0.0, 0.0] if f is None else [1.0, f, f * f]
+    return out
+
+
 def agreement_block(values: Sequence[Optional[float]], device: torch.device) -> torch.Tensor:
-    """``[p_0, p_0·f_0, p_0·f_0², p_1, ...]`` as float64 (``p = 0`` where the value is ``None``), to be
-    summed over the ranks."""
-    rows = [[0.0, 0.0, 0.0] if f is None else [1.0, f, f * f] for f in values]
-    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1)
+    """:func:`agreement_values` as a float64 tensor, to be summed over the ranks."""
+    return torch.tensor(agreement_values(values), dtype=torch.float64, device=device)
 
 
 def disagreements(summed_block: torch.Tensor) -> torch.Tensor:

@@ -129,9 +129,6 @@ class MegatronAveraging:
     cp_size: int
     dp_cp_size: int
     grad_reduction: GradReduction
-    #: Not Megatron: the loss is backpropagated as returned and the gradients are *summed* over
-    #: the data(×sequence)-parallel group (FSDP2 with a gradient divide factor of 1), so F = 1.
-    direct: bool = False
 
     def __post_init__(self) -> None:
         assert self.num_microbatches >= 1 and self.cp_size >= 1 and self.dp_cp_size >= 1
@@ -158,8 +155,6 @@ def loss_multiplier(
         local_num_tokens: the ``nt`` returned with each micro-batch (integer tensor, 0-dim or ``[M]``).
         global_num_tokens: the step's total valid tokens ``T`` (0-dim tensor).
     """
-    if avg.direct:
-        return torch.ones_like(local_num_tokens, dtype=torch.float32)
     ddp = 1.0 / avg.dp_cp_size if avg.grad_reduction is GradReduction.MEAN else 1.0
     if avg.loss_return is LossReturn.TWO_TUPLE:
         return torch.as_tensor(avg.num_microbatches / (avg.cp_size * ddp), dtype=torch.float32,

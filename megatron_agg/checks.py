@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .agreement import AGREEMENT_FIELDS, disagreements
+from .agreement import AGREEMENT_FIELDS, agreement_values, disagreements
 from .groups import ParallelGroups
 from .validation import BOUNDARY_PROBLEMS
 
@@ -59,7 +59,6 @@ _KINDS = ("evaluations", "mask_values", "boundaries", "counts", "mismatch", "non
 class StepChecks:
     """Device-side findings of one step on this rank (see the module docstring)."""
 
-    terms: Sequence[str]
     names: FrontEndNames = field(default_factory=FrontEndNames)
     allow_nonfinite_masked: bool = False
     #: (micro-batch, term, share) — a non-finite share means a NaN/Inf at a valid token.
@@ -106,9 +105,7 @@ class StepChecks:
         details, lengths = self._details(device)  # this rank's per-item counts, one flat vector
         kinds = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], dtype=torch.int64, device=device)
         head = [1.0 if self.evaluations else 0.0] + [0.0] * len(lengths)
-        for row in ([0.0, 0.0, 0.0] if f is None else [1.0, f, f * f]
-                    for f in (self.fingerprints or [None] * len(AGREEMENT_FIELDS))):
-            head += row
+        head += agreement_values(self.fingerprints or [None] * len(AGREEMENT_FIELDS))
         summary = torch.tensor(head, dtype=torch.float64, device=device)
         summary[1 : 1 + len(lengths)].index_add_(0, kinds, details)  # per-kind totals of this rank
         collectives = groups.sum_over_step(summary, stage_only) if (spread and groups is not None) else 0
@@ -125,11 +122,9 @@ class StepChecks:
         return collectives
 
     def _masked_pairs(self) -> List[Tuple[int, str, torch.Tensor, torch.Tensor]]:
-        """``(micro-batch, term, Σ per-token loss, share)`` for every recorded sum."""
-        if len(self.sums) == len(self.shares):  # recorded together (record_loss): already aligned
-            return [(j, t, s, share) for (j, t, s), (_, _, share) in zip(self.sums, self.shares)]
-        shares = {(j, t): s for j, t, s in self.shares}
-        return [(j, t, s, shares[(j, t)]) for j, t, s in self.sums if (j, t) in shares]
+        """``(micro-batch, term, Σ per-token loss, share)`` for every recorded sum (record_loss
+        records a sum with each share, or none at all)."""
+        return [(j, t, s, share) for (j, t, s), (_, _, share) in zip(self.sums, self.shares)]
 
     def _details(self, device: torch.device) -> Tuple[torch.Tensor, List[int]]:
         """Per problem kind after ``evaluations`` (see :data:`_KINDS`) this rank's per-item counts,
@@ -154,10 +149,7 @@ class StepChecks:
         pairs = self._masked_pairs()
         masked = None
         if pairs:
-            sums = torch.stack([s for _, _, s, _ in pairs])
-            finite_shares = torch.isfinite(shares) if len(pairs) == len(self.shares) else torch.isfinite(
-                torch.stack([sh for _, _, _, sh in pairs]))
-            masked = ~torch.isfinite(sums) & finite_shares
+            masked = ~torch.isfinite(torch.stack([s for _, _, s, _ in pairs])) & torch.isfinite(shares)
         add([], masked)
         if not parts:
             return torch.zeros(0, dtype=torch.float64, device=device), lengths

@@ -58,12 +58,13 @@ from .layout import thd_cp_local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
-from .terms import DEFAULT_TERM_NAME, LossTerm, split_term_losses
+from .averaging import LossReturn
+from .terms import (DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses, per_token_losses,
+                    split_term_losses)
 from .validation import boundary_problems, coerce_packed, mask_value_problems
 
 __all__ = ["DeferredLossHook"]
 
-PerTokenLossFn = Callable[[torch.Tensor], Any]
 _NAMES = FrontEndNames(entry="DeferredLossHook", loss_call="hook.loss_func(...)", masks="loss_mask")
 
 
@@ -78,8 +79,6 @@ class _ChannelScaling(Scaling):
     ``calculate_per_token_loss`` division (for the agreement fingerprints)."""
 
     def __init__(self, per_token: bool) -> None:
-        from .averaging import LossReturn
-
         self.loss_return = LossReturn.THREE_TUPLE
         self.calculate_per_token_loss = per_token
 
@@ -242,11 +241,9 @@ class DeferredLossHook:
         packed = coerce_packed(packed_seqs, loss_mask, "packed_seqs")
 
         def deferred_loss_func(output_tensor: torch.Tensor, non_loss_data: bool = False) -> Any:
-            per_token = per_token_loss_fn(output_tensor) if per_token_loss_fn is not None else output_tensor
+            per_token = per_token_losses(per_token_loss_fn, output_tensor)
             if non_loss_data:
-                if isinstance(per_token, Mapping):
-                    return {k: v.detach() for k, v in per_token.items()}
-                return per_token.detach()
+                return detached_losses(per_token)
             if not self.installed:
                 if model is None:
                     raise ValueError(
@@ -263,7 +260,7 @@ class DeferredLossHook:
     # -- one micro-batch ------------------------------------------------------------------------
     def _step_checks(self) -> StepChecks:
         if self._checks is None:
-            self._checks = StepChecks(list(self.terms), _NAMES, self.config.allow_nonfinite_masked)
+            self._checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)
             self._index = 0
             self._groups = resolve_groups(self._pg_collection)
         return self._checks

@@ -179,7 +179,7 @@ class PreparedStep:
         self.plans: List[_MicroBatchPlan] = []
         self._device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
         prints = set_up_fingerprints(self.terms, scaling)
-        self.checks = StepChecks(list(self.terms), names, config.allow_nonfinite_masked, fingerprints=prints)
+        self.checks = StepChecks(names, config.allow_nonfinite_masked, fingerprints=prints)
         self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)

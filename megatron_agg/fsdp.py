@@ -40,12 +40,11 @@ from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
 from .groups import ParallelGroups
 from .modes import AggModeLike
 from .scaling import SumScaling
-from .terms import LossTerm, split_term_losses
+from .terms import LossTerm, PerTokenLossFn, per_token_losses, split_term_losses
 from .validation import as_int, check_loss_masks, check_packed_seqs
 
 __all__ = ["FSDPLossHook"]
 
-PerTokenLossFn = Any
 _NAMES = FrontEndNames(entry="FSDPLossHook", loss_call="step.loss(output, loss_mask)",
                        masks="loss_masks",
                        mismatch_fix=("pass step.loss the masks of loss_masks, in micro-batch order (this "
@@ -73,7 +72,7 @@ class _FSDPStep:
         """The next micro-batch's exact share of the global loss; call ``.backward()`` on it."""
         step = self._step
         t0, c0 = time.perf_counter(), time.thread_time()
-        per_token = per_token_loss_fn(output) if per_token_loss_fn is not None else output
+        per_token = per_token_losses(per_token_loss_fn, output)
         losses = split_term_losses(step.terms, per_token, step.next_microbatch)
         loss = step.microbatch_loss(losses, loss_mask)[0]
         step.engine_seconds += time.perf_counter() - t0

@@ -60,14 +60,10 @@ from .groups import ParallelGroups
 from .integration import check_megatron_version, resolve_groups
 from .modes import AggModeLike
 from .scaling import MegatronScaling
-from .terms import LossTerm, split_term_losses
+from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses
 from .validation import check_loss_masks, check_packed_seqs
 
 __all__ = ["LossHook", "PerTokenLossFn", "StepSummary", "NonFiniteLossError"]
-
-#: Maps the model output of a micro-batch to its per-token loss ``[b, s]`` (one term), or to a
-#: ``{term name: [b, s]}`` mapping (several terms).
-PerTokenLossFn = Callable[[torch.Tensor], Union[torch.Tensor, Mapping[str, torch.Tensor]]]
 
 _MISSING = object()
 _NAMES = FrontEndNames()
@@ -76,16 +72,6 @@ _MISSING_MASKS = (
     "this rank's loss masks, one per micro-batch, so that megatron_agg can count the "
     "step's totals before the first loss."
 )
-
-
-def _per_token(per_token_loss_fn: Optional[PerTokenLossFn], output: Any) -> Any:
-    return per_token_loss_fn(output) if per_token_loss_fn is not None else output
-
-
-def _detached(per_token: Any) -> Any:
-    if isinstance(per_token, Mapping):
-        return {k: v.detach() for k, v in per_token.items()}
-    return per_token.detach()
 
 
 class LossHook:
@@ -249,9 +235,9 @@ class LossHook:
         """
 
         def megatron_agg_loss_func(output_tensor: torch.Tensor, non_loss_data: bool = False) -> Any:
-            per_token = _per_token(per_token_loss_fn, output_tensor)
+            per_token = per_token_losses(per_token_loss_fn, output_tensor)
             if non_loss_data:
-                return _detached(per_token)
+                return detached_losses(per_token)
             step = self._step
             if step is None:
                 raise ValueError(

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from .averaging import GradReduction, LossReturn, MegatronAveraging, loss_multiplier, report_count
+from .averaging import LossReturn, MegatronAveraging, loss_multiplier, report_count
 from .groups import ParallelGroups
 
 __all__ = ["Scaling", "MegatronScaling", "SumScaling"]
@@ -90,8 +90,6 @@ class SumScaling(Scaling):
     def __init__(self, num_microbatches: int, reduce_size: int) -> None:
         self.num_microbatches = int(num_microbatches)
         self.reduce_size = int(reduce_size)
-        self.averaging = MegatronAveraging(LossReturn.TWO_TUPLE, False, self.num_microbatches, 1,
-                                           self.reduce_size, GradReduction.SUM, direct=True)
 
     def multipliers(self, num_tokens: torch.Tensor, total_tokens: torch.Tensor) -> torch.Tensor:
         return torch.ones((), dtype=torch.float32, device=total_tokens.device)

@@ -144,7 +144,7 @@ class StepShares:
         self._used: Dict[str, LossTerm] = {}  # the modes share() was called with (agreement check)
         device = masks[0].device
         self._device = device
-        self.checks = StepChecks(["share"], _NAMES, self.config.allow_nonfinite_masked)
+        self.checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)
         views = [agg.sequence_view(mask) for mask in masks]
         self._counts = [view.counts for view in views]
         if num_tokens is None:
@@ -174,7 +174,8 @@ class StepShares:
             self.collectives += 1
             if sync:
                 self._wait()
-                raise_if_disagree(self.totals[4:], _NAMES, "checked when the step's StepShares was built")
+                raise_if_disagree(self.totals[len(agg.TOTALS_FIELDS) + 1:], _NAMES,
+                                  "checked when the step's StepShares was built")
         _TRACKER.verified(("dp", id(self.groups.dp)), prints)
 
     # -- per micro-batch ---------------------------------------------------------------------

@@ -5,14 +5,19 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from .modes import AggMode, AggModeLike
 from .validation import as_bool
 
-__all__ = ["LossTerm", "DEFAULT_TERM_NAME", "normalize_terms", "split_term_losses"]
+__all__ = ["LossTerm", "DEFAULT_TERM_NAME", "PerTokenLossFn", "normalize_terms", "split_term_losses",
+           "per_token_losses", "detached_losses"]
+
+#: Maps the model output of a micro-batch to its per-token loss ``[b, s]`` (one term), or to a
+#: ``{term name: [b, s]}`` mapping (several terms).
+PerTokenLossFn = Callable[[torch.Tensor], Union[torch.Tensor, Mapping[str, torch.Tensor]]]
 
 #: Name of the term when a :class:`~megatron_agg.LossHook` is built from a single mode.
 DEFAULT_TERM_NAME = "loss"
@@ -133,3 +138,16 @@ def split_term_losses(terms: Mapping[str, LossTerm], per_token: Any, index: int)
         f"Micro-batch {index}: expected a per-token loss tensor or a mapping of them, got "
         f"{type(per_token).__name__}."
     )
+
+
+def per_token_losses(per_token_loss_fn: Optional[PerTokenLossFn], output: Any) -> Any:
+    """What the loss function gets from the model output: ``per_token_loss_fn(output)``, or the
+    output itself (``GPTModel`` called with ``labels`` returns the per-token loss)."""
+    return per_token_loss_fn(output) if per_token_loss_fn is not None else output
+
+
+def detached_losses(per_token: Any) -> Any:
+    """The per-token loss(es), detached: what ``loss_func(output, non_loss_data=True)`` returns."""
+    if isinstance(per_token, Mapping):
+        return {k: v.detach() for k, v in per_token.items()}
+    return per_token.detach()
