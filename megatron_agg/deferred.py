@@ -53,8 +53,9 @@ from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
-from .integration import check_megatron_version, model_config, refuse_unsupported_layouts, resolve_groups
-from .layout import thd_cp_local_positions
+from .integration import (check_megatron_version, checked_cp_layout, model_config, refuse_unsupported_layouts,
+                          resolve_groups)
+from .layout import local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
@@ -90,6 +91,10 @@ class DeferredLossHook:
         mode, exclude_fully_masked_seqs, loss_scale_factor, terms, config and the check options:
             as for :class:`~megatron_agg.LossHook`; every term must share one denominator.
         pg_collection: where to read the groups from (default ``parallel_state``).
+        cp_layout: how the data loader cut each row over the context-parallel ranks:
+            ``"load-balanced"`` (default; packed rows per document) or ``"per-row"`` (a packed
+            row as a whole: Megatron-LM's ``--dataloader-inter-document-masking``); see
+            :class:`~megatron_agg.LossHook`.
 
     Requires ``TransformerConfig(calculate_per_token_loss=True)`` with Megatron's DDP and
     ``config.finalize_model_grads_func`` set; :meth:`install` checks it before the first loss.
@@ -106,7 +111,9 @@ class DeferredLossHook:
         raise_on_every_rank: Optional[bool] = None,
         config: Optional[AggConfig] = None,
         pg_collection: Any = None,
+        cp_layout: Optional[str] = None,
     ) -> None:
+        self._cp_layout = checked_cp_layout(cp_layout)
         self.config = AggConfig.build(
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
             terms=terms, config=config, allow_nonfinite_masked=allow_nonfinite_masked,
@@ -172,7 +179,7 @@ class DeferredLossHook:
         owner = getattr(current, "__megatron_agg_hook__", None)
         if owner is not None and owner is not self:
             raise ValueError("config.finalize_model_grads_func is already wrapped by another DeferredLossHook.")
-        groups = resolve_groups(self._pg_collection)
+        groups = resolve_groups(self._pg_collection, cp_layout=self._cp_layout)
         prints = set_up_fingerprints(self.terms, _ChannelScaling(True))
         self._device = _device_of(model_or_config)
         if groups.dp_size > 1:
@@ -262,7 +269,7 @@ class DeferredLossHook:
         if self._checks is None:
             self._checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)
             self._index = 0
-            self._groups = resolve_groups(self._pg_collection)
+            self._groups = resolve_groups(self._pg_collection, cp_layout=self._cp_layout)
         return self._checks
 
     def _loss(self, losses: Dict[str, torch.Tensor], loss_mask: torch.Tensor,
@@ -291,14 +298,16 @@ class DeferredLossHook:
             lengths = torch.full((num_seqs,), float(local_len * cp_size), dtype=torch.float64, device=device)
         else:
             total = local_len * cp_size
-            checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(packed, total, cp_size, device)))
+            per_document = groups.cp_layout == "load-balanced"
+            checks.boundaries.append((f"packed_seqs of {where}",
+                                      boundary_problems(packed, total, cp_size, device, per_document=per_document)))
             whole = agg.sequence_view(torch.ones(1, total, dtype=torch.bool, device=device), packed)
             num_seqs = whole.num_seqs
             seq_index = whole.seq_index
             if cp_size > 1:
                 _, cu_padded = packed.boundaries(device)
-                positions = thd_cp_local_positions(cu_padded, total, cp_size, cp_rank).clamp(0, total - 1)
-                seq_index = seq_index.index_select(-1, positions)
+                positions = local_positions(groups.cp_layout, total, cp_size, cp_rank, cu_padded)
+                seq_index = seq_index.index_select(-1, positions.clamp(0, total - 1))
             valid = valid & (seq_index < num_seqs)
             lengths = whole.padded_lengths
         if seq_index is None:

@@ -37,7 +37,7 @@ from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .groups import ParallelGroups
-from .layout import thd_cp_local_positions, to_cp_local
+from .layout import local_positions, to_cp_local
 from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_TERM_NAME, LossTerm
@@ -133,17 +133,38 @@ class _MicroBatchPlan:
 
 
 def _local_positions(mask: torch.Tensor, packed: Optional[PackedSequences], groups: ParallelGroups) -> Optional[torch.Tensor]:
-    cp_size, cp_rank = groups.cp_size, groups.cp_rank
-    if cp_size == 1:
-        return None
-    if groups.cp_layout == "contiguous":
-        local = mask.shape[-1] // cp_size
-        return torch.arange(cp_rank * local, (cp_rank + 1) * local, device=mask.device)
-    if packed is not None:
-        _, cu_padded = packed.boundaries(mask.device)
-        positions = thd_cp_local_positions(cu_padded, mask.shape[-1], cp_size, cp_rank)
-        return positions.clamp(0, mask.shape[-1] - 1)  # bad boundaries are reported, never an index error
-    return None
+    cu_padded = None if packed is None else packed.boundaries(mask.device)[1]
+    positions = local_positions(groups.cp_layout, mask.shape[-1], groups.cp_size, groups.cp_rank, cu_padded,
+                                device=mask.device)
+    if positions is not None and cu_padded is not None:
+        positions = positions.clamp(0, mask.shape[-1] - 1)  # bad boundaries are reported, never an index error
+    return positions
+
+
+def check_cp_lengths(loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[Sequence[Optional[PackedSequences]]],
+                     groups: ParallelGroups, masks_name: str = "loss_masks") -> None:
+    """``ValueError`` (before the step) for a row whose length the CP layout cannot cut. Packed rows
+    of the ``"load-balanced"`` layout are cut per document: their boundaries are checked with the
+    step's other checks (:func:`~megatron_agg.validation.boundary_problems`)."""
+    cp = groups.cp_size
+    if cp == 1:
+        return
+    for j, mask in enumerate(loss_masks):
+        packed = packed_seqs[j] if packed_seqs is not None else None
+        length = mask.shape[-1]
+        if groups.cp_layout == "contiguous" or (packed is not None and groups.cp_layout == "load-balanced"):
+            if length % cp:
+                raise ValueError(
+                    f"{masks_name}[{j}] has padded length {length}, not divisible by the {cp} ranks that "
+                    "share each sequence."
+                )
+        elif length % (2 * cp):
+            what = ("packed row, cut as a whole (cp_layout='per-row')" if packed is not None
+                    else "sequences")
+            raise ValueError(
+                f"{masks_name}[{j}] has padded length {length}, but context parallelism of size {cp} cuts "
+                f"{what} into 2·cp = {2 * cp} chunks; pad the batch (and its masks) to a multiple of 2·cp."
+            )
 
 
 class PreparedStep:
@@ -183,20 +204,7 @@ class PreparedStep:
         self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
-        if groups.cp_size > 1:
-            for j, mask in enumerate(loss_masks):
-                if packed_seqs is None or packed_seqs[j] is None:
-                    if groups.cp_layout == "load-balanced" and mask.shape[-1] % (2 * groups.cp_size):
-                        raise ValueError(
-                            f"loss_masks[{j}] has padded length {mask.shape[-1]}, but context parallelism of "
-                            f"size {groups.cp_size} cuts sequences into 2·cp = {2 * groups.cp_size} chunks; "
-                            "pad the batch (and its masks) to a multiple of 2·cp."
-                        )
-                    if mask.shape[-1] % groups.cp_size:
-                        raise ValueError(
-                            f"loss_masks[{j}] has padded length {mask.shape[-1]}, not divisible by the "
-                            f"{groups.cp_size} ranks that share each sequence."
-                        )
+        check_cp_lengths(loss_masks, packed_seqs, groups, names.masks)
         packed_seqs = list(packed_seqs or [None] * len(loss_masks))
         device = self._device
         sizes = [mask.shape[0] for mask in loss_masks]
@@ -221,7 +229,8 @@ class PreparedStep:
                 if mask.dtype != torch.bool:
                     self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
                 if packed is not None:
-                    problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device)
+                    problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device,
+                                                per_document=groups.cp_layout == "load-balanced")
                     self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
             views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
             groups_of_masks = [(m, p, v, [m.shape[0]]) for m, p, v in zip(loss_masks, packed_seqs, views)]

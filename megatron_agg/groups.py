@@ -19,11 +19,9 @@ from typing import Any, List, Optional
 
 import torch
 
-__all__ = ["ParallelGroups", "CP_LAYOUTS"]
+from .layout import CP_LAYOUTS
 
-#: How a sequence is split over ``cp``: Megatron's load-balanced chunks (``2·cp`` chunks, rank r
-#: holds r and 2·cp−1−r), or contiguous slices (Ulysses-style sequence parallelism).
-CP_LAYOUTS = ("load-balanced", "contiguous")
+__all__ = ["ParallelGroups", "CP_LAYOUTS"]
 
 
 def group_size(group: Any) -> int:

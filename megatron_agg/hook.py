@@ -57,7 +57,7 @@ from .checks import FrontEndNames, NonFiniteLossError
 from .config import AggConfig
 from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
 from .groups import ParallelGroups
-from .integration import check_megatron_version, resolve_groups
+from .integration import check_megatron_version, checked_cp_layout, resolve_groups
 from .modes import AggModeLike
 from .scaling import MegatronScaling
 from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses
@@ -92,6 +92,12 @@ class LossHook:
             wrapped call is not given one; by default ``parallel_state``'s groups.
         groups: a :class:`~megatron_agg.groups.ParallelGroups` to use instead of Megatron's (it
             issues the step's collectives).
+        cp_layout: how the data loader cut each row over the context-parallel ranks, one of
+            :data:`megatron_agg.layout.CP_LAYOUTS`: ``"load-balanced"`` (default, Megatron's
+            ``get_batch_on_this_cp_rank``: packed rows cut per document) or ``"per-row"`` (a packed
+            row cut as a whole: Megatron-LM's ``--dataloader-inter-document-masking``). Matters
+            only for packed rows under context parallelism; a wrong value is a wrong
+            ``seq-mean-*`` gradient, so it is told, never guessed.
         scaling: the :class:`~megatron_agg.scaling.Scaling` class whose ``for_step`` reads what
             Megatron does to the losses (default :class:`~megatron_agg.scaling.MegatronScaling`).
 
@@ -115,6 +121,7 @@ class LossHook:
         pg_collection: Any = None,
         groups: Optional[ParallelGroups] = None,
         scaling: Any = MegatronScaling,
+        cp_layout: Optional[str] = None,
     ) -> None:
         self.config = AggConfig.build(
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
@@ -124,6 +131,7 @@ class LossHook:
         )
         if groups is not None and not isinstance(groups, ParallelGroups):
             raise ValueError(f"groups must be a megatron_agg.groups.ParallelGroups, got {type(groups).__name__}.")
+        self._cp_layout = checked_cp_layout(cp_layout, groups)
         if not hasattr(scaling, "for_step"):
             raise ValueError(f"scaling must be a Scaling class with for_step(...), got {scaling!r}.")
         self._pg_collection = pg_collection
@@ -193,7 +201,8 @@ class LossHook:
                                  missing_hint=_MISSING_MASKS)
         packed = check_packed_seqs(packed_seqs, masks)
         groups = self._groups or resolve_groups(
-            kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None)
+            kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),
+            cp_layout=self._cp_layout,
         )
         scaling = self._scaling.for_step(kwargs.get("model"), self.loss_return, len(masks), groups)
         step = PreparedStep(self.config, masks, groups, scaling, packed, names=_NAMES, tracker=self._tracker)

@@ -17,6 +17,7 @@ import torch
 
 from .averaging import RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour
 from .groups import ParallelGroups, group_size
+from .layout import CP_LAYOUTS
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE",
@@ -94,8 +95,12 @@ def check_megatron_version(version: Optional[str] = None) -> str:
     return version
 
 
-def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> ParallelGroups:
+def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None,
+                   cp_layout: str = "load-balanced") -> ParallelGroups:
     """The step's :class:`ParallelGroups`, from the caller's groups where the release has them.
+
+    ``cp_layout`` says how the caller's data loader cut the rows over the context-parallel group
+    (:data:`megatron_agg.layout.CP_LAYOUTS`); it is told, never guessed.
 
     - ``pg_collection`` (megatron-core >= 0.15, a ``ProcessGroupCollection``): ``dp``, ``cp``,
       ``dp_cp`` and ``pp`` are taken from it (``use_mpu_process_groups()`` sets them all). With
@@ -125,6 +130,7 @@ def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> 
             pp=ps.get_pipeline_model_parallel_group(),
             mp=ps.get_model_parallel_group(),
             tp=ps.get_tensor_model_parallel_group(),
+            cp_layout=cp_layout,
         )
     kind = "pg_collection" if pg_collection is not None else "grad_finalize_pgs"
     needed = ("dp", "cp", "dp_cp", "pp") if pg_collection is not None else ("cp", "dp_cp", "pp")
@@ -149,7 +155,29 @@ def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None) -> 
     tp = getattr(given, "tp", None)
     if tp is None and ps.model_parallel_is_initialized():
         tp = ps.get_tensor_model_parallel_group()
-    return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp, mp=mp, tp=tp)
+    return ParallelGroups(dp=dp, cp=given.cp, dp_cp=dp_cp, pp=given.pp, mp=mp, tp=tp, cp_layout=cp_layout)
+
+
+def checked_cp_layout(cp_layout: Optional[str], groups: Optional[ParallelGroups] = None) -> str:
+    """A front end's ``cp_layout`` argument: one of :data:`~megatron_agg.layout.CP_LAYOUTS` other
+    than ``"contiguous"`` (Megatron cuts load-balanced), default ``"load-balanced"``; with explicit
+    ``groups`` it must agree with ``groups.cp_layout`` (or be left out)."""
+    if groups is not None:
+        if cp_layout is not None and cp_layout != groups.cp_layout:
+            raise ValueError(
+                f"cp_layout={cp_layout!r} but the groups given say cp_layout={groups.cp_layout!r}; "
+                "give it once (ParallelGroups(..., cp_layout=...)) or make them agree."
+            )
+        return groups.cp_layout
+    if cp_layout is None:
+        return "load-balanced"
+    allowed = tuple(c for c in CP_LAYOUTS if c != "contiguous")
+    if cp_layout not in allowed:
+        raise ValueError(
+            f"cp_layout must be one of {allowed} (how Megatron's data loader cut each row over the "
+            f"context-parallel ranks), got {cp_layout!r}."
+        )
+    return cp_layout
 
 
 def refuse_unsupported_layouts(config: Any, entry: str) -> None:

@@ -7,7 +7,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cp_local_positions", "thd_cp_local_positions", "to_cp_local"]
+__all__ = ["CP_LAYOUTS", "cp_local_positions", "thd_cp_local_positions", "local_positions", "to_cp_local"]
+
+#: How a row is split over the context-parallel (or Ulysses sequence-parallel) ranks:
+#:
+#: - ``"load-balanced"`` — Megatron's default (``get_batch_on_this_cp_rank`` without
+#:   ``use_per_sequence_balancing``): an unpacked row is cut into ``2·cp`` chunks, rank ``r``
+#:   holding chunks ``r`` and ``2·cp − 1 − r``; a *packed* row is cut that way per document
+#:   (Transformer-Engine's THD layout, every document padded to a multiple of ``2·cp``).
+#: - ``"per-row"`` — the ``2·cp`` zigzag over the *whole* row even when it is packed: Megatron-LM
+#:   with ``--dataloader-inter-document-masking`` (``use_per_sequence_balancing=True``), where
+#:   documents have any length and only the row is a multiple of ``2·cp``. Unpacked rows are cut
+#:   as with ``"load-balanced"``.
+#: - ``"contiguous"`` — rank ``r`` holds the ``r``-th of ``cp`` equal slices (Ulysses-style
+#:   sequence parallelism under FSDP).
+#:
+#: Megatron's hybrid context parallelism (a CP group size per sample) is none of these and is
+#: refused by the Megatron entry points.
+CP_LAYOUTS = ("load-balanced", "per-row", "contiguous")
 
 
 def cp_local_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -61,6 +78,26 @@ def thd_cp_local_positions(cu_seqlens_padded: torch.Tensor, total: int, cp_size:
     first = offset < chunk
     within = torch.where(first, cp_rank * chunk + offset, (2 * cp_size - 1 - cp_rank) * chunk + offset - chunk)
     return cu[seq] + within
+
+
+def local_positions(cp_layout: str, total: int, cp_size: int, cp_rank: int,
+                    cu_seqlens_padded: "torch.Tensor | None" = None, device=None) -> "torch.Tensor | None":
+    """Positions of a row of ``total`` positions held by ``cp_rank`` under ``cp_layout`` (one of
+    :data:`CP_LAYOUTS`); ``cu_seqlens_padded`` is given for a packed row. ``None`` when
+    ``cp_size == 1`` (the whole row). The one place that says where a token lives: the engine,
+    the deferred hook and the tests' data and attention all ask it."""
+    if cp_layout not in CP_LAYOUTS:
+        raise ValueError(f"cp_layout must be one of {CP_LAYOUTS}, got {cp_layout!r}.")
+    if cp_size == 1:
+        return None
+    if cu_seqlens_padded is not None and device is None:
+        device = cu_seqlens_padded.device
+    if cp_layout == "contiguous":
+        local = total // cp_size
+        return torch.arange(cp_rank * local, (cp_rank + 1) * local, device=device)
+    if cp_layout == "load-balanced" and cu_seqlens_padded is not None:
+        return thd_cp_local_positions(cu_seqlens_padded, total, cp_size, cp_rank)
+    return cp_local_positions(total, cp_size, cp_rank, device=device)
 
 
 def to_cp_local(tensor: torch.Tensor, cp_size: int, cp_rank: int, positions: "torch.Tensor | None" = None) -> torch.Tensor:

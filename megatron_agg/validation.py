@@ -128,13 +128,19 @@ BOUNDARY_PROBLEMS = (
     "boundaries are not cumulative (they decrease somewhere)",
     "cu_seqlens_padded[-1] lies past the end of the row",
     "a sequence's real length exceeds its padded length",
-    "a padded length (or the row's tail after the last sequence) is not a multiple of 2·cp",
+    "a padded length (or the row's tail after the last sequence) is not a multiple of 2·cp, as "
+    "cp_layout='load-balanced' (a packed row cut per document) needs; if the row is cut as a whole "
+    "(Megatron-LM's --dataloader-inter-document-masking), pass cp_layout='per-row'",
 )
 
 
-def boundary_problems(packed: PackedSequences, total: int, cp_size: int, device: torch.device) -> torch.Tensor:
+def boundary_problems(packed: PackedSequences, total: int, cp_size: int, device: torch.device,
+                      per_document: bool = True) -> torch.Tensor:
     """Per entry of :data:`BOUNDARY_PROBLEMS`, how many boundaries of ``packed`` show it, for a row
-    of ``total`` positions under context parallelism of ``cp_size`` (int64 ``[5]``, no host sync)."""
+    of ``total`` positions under context parallelism of ``cp_size`` (int64 ``[5]``, no host sync).
+    ``per_document``: the row is cut per document (``cp_layout="load-balanced"``), so every padded
+    document length must be a multiple of ``2·cp``; a row cut as a whole (``"per-row"``) has no such
+    requirement on its documents."""
     cu, cu_padded = packed.boundaries(device)
     real = cu[1:] - cu[:-1]
     padded = cu_padded[1:] - cu_padded[:-1]
@@ -146,7 +152,7 @@ def boundary_problems(packed: PackedSequences, total: int, cp_size: int, device:
         (real > padded).sum(),
         zero,
     ]
-    if cp_size > 1:
+    if cp_size > 1 and per_document:
         tail = total - cu_padded[-1:]
         counts[4] = (padded % (2 * cp_size) != 0).sum() + (tail % (2 * cp_size) != 0).sum()
     return torch.stack([c.to(torch.int64) for c in counts])

@@ -2,7 +2,9 @@
 
 Each world size of each suite runs :mod:`megatron_agg.testing.matrix` in one launch: ``core``
 (DP × TP × PP × VPP) and ``cp`` (context parallelism × DP × TP, with one PP layout, each
-unpacked and with packed sequences, with the test attention of ``tests/support``). A
+unpacked and with packed sequences, the packed rows cut over CP per document and, where cp > 1, as
+a whole (``cp_layout="per-row"``, Megatron-LM's inter-document masking; world sizes 2 and 4), with
+the test attention of ``tests/support``). A
 configuration passes when every rank's gradients equal the single-process reference to 1e-5
 relative, the hook's global loss and its ``[sum, count]`` reports equal the reference loss, the
 per-micro-batch path made no host sync (the harness runs it under ``forbid_host_sync``) and the
@@ -19,14 +21,18 @@ from collections import defaultdict
 import pytest
 
 from megatron_agg import AggMode
-from megatron_agg.testing.matrix import CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, runs_in
+from megatron_agg.testing.matrix import CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, packings_of, runs_in
 
 from conftest import REPO, SUMMARY, torchrun
 
 RUNS = [(suite, world) for suite in ("core", "cp") for world in sorted(SUITES[suite])]
-EXTRA_ARGS = {"cp": ["--layer-spec", str(REPO / "tests" / "support" / "cp_attention.py") + ":layer_spec"]}
+CP_SPEC = ["--layer-spec", str(REPO / "tests" / "support" / "cp_attention.py") + ":layer_spec"]
+#: The packings each launch runs (world 8, the slowest launch, leaves the per-row cut to 2 and 4).
+PACKINGS = {("core", w): ("unpacked",) for w in SUITES["core"]}
+PACKINGS.update({("cp", w): ("unpacked", "packed", "packed-per-row") if w <= 4 else ("unpacked", "packed")
+                 for w in SUITES["cp"]})
+PACKING_ARG = {("unpacked",): "off", ("unpacked", "packed"): "both", ("unpacked", "packed", "packed-per-row"): "all"}
 CONTROLS_OF = {"core": CONTROLS, "cp": CONTROLS + CP_CONTROLS}
-PACKINGS = {"core": 1, "cp": 2}
 _RESULTS: dict = {}
 
 
@@ -38,8 +44,9 @@ def _factors(layout: str) -> dict:
 @pytest.mark.parametrize("suite,world", RUNS, ids=[f"{s}-world{w}" for s, w in RUNS])
 def test_matrix(suite, world, tmp_path):
     out = tmp_path / f"matrix-{suite}-{world}.json"
+    packings = PACKINGS[(suite, world)]
     proc = torchrun(world, ["-m", "megatron_agg.testing.matrix", "--suite", suite, "--out", str(out),
-                            *EXTRA_ARGS.get(suite, [])])
+                            "--packing", PACKING_ARG[packings], *(CP_SPEC if suite == "cp" else [])])
     tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
     assert out.exists(), f"the matrix did not finish (exit {proc.returncode}):\n{tail}"
     results = json.loads(out.read_text())["results"]
@@ -48,7 +55,7 @@ def test_matrix(suite, world, tmp_path):
     assert not failed, "failed configurations:\n" + "\n".join(json.dumps(r) for r in failed[:20])
     assert proc.returncode == 0, tail
     n_controls = sum(1 for r in results if r["control"])
-    layouts = sorted({r["layout"] + ("+packed" if r["packed"] else "") for r in results})
+    layouts = sorted({r["layout"] + ("" if r["packing"] == "unpacked" else "+" + r["packing"]) for r in results})
     SUMMARY.append(
         f"{suite} world {world}: {len(results) - n_controls} exact configurations and {n_controls} "
         f"negative/positive controls on {layouts}; max grad error "
@@ -57,7 +64,8 @@ def test_matrix(suite, world, tmp_path):
     # each control ran on every layout and behaved as expected: the comparison can fail
     for control in CONTROLS_OF[suite]:
         rows = [r for r in results if r["control"] == control.name]
-        assert len(rows) == len(SUITES[suite][world]) * PACKINGS[suite]
+        expected = sum(1 for layout in SUITES[suite][world] for p in packings_of(layout, packings) if p in control.packings)
+        assert len(rows) == expected, (control.name, len(rows), expected)
         for r in rows:
             if not r["expect_pass"]:
                 assert r["grad_err"] > 1e-3, r
@@ -80,7 +88,7 @@ def _coverage(suite: str) -> tuple:
             for factor, value in _factors(r["layout"]).items():
                 seen[(r["spec"], factor)].add(value)
             seen[(r["spec"], "variant")].add(r["variant"])
-            seen[(r["spec"], "packed")].add(r["packed"])
+            seen[(r["spec"], "packing")].add(r["packing"])
     specs = {s.name for s in LOSS_SPECS}
     for mode in AggMode:  # every mode, with and without exclude_fully_masked_seqs
         assert mode.value in specs and mode.value + "+excl" in specs
@@ -106,7 +114,7 @@ def test_every_core_factor_appears_with_every_mode():
 
 def test_every_cp_factor_appears_with_every_mode():
     seen, specs, total = _coverage("cp")
-    _assert_covered(seen, specs, {"cp": {1, 2}, "dp": {1, 2}, "tp": {1, 2}, "pp": {1, 2}, "packed": {False, True},
+    _assert_covered(seen, specs, {"cp": {1, 2}, "dp": {1, 2}, "tp": {1, 2}, "pp": {1, 2}, "packing": {"unpacked", "packed", "packed-per-row"},
                                   "variant": {v.name for v in VARIANTS}})
     SUMMARY.append(f"cp total: {total} exact configurations over {len(specs)} loss specs × "
-                   f"{len(VARIANTS)} Megatron paths; CP×DP×TP×packing factors all appear with every mode")
+                   f"{len(VARIANTS)} Megatron paths; CP×DP×TP×packing (per document and per row) factors all appear with every mode")

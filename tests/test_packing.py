@@ -115,3 +115,97 @@ def test_megatron_packed_seq_params_are_accepted():
         PackedSequences.coerce([0, 3], "packed_seqs[0]")
     with pytest.raises(ValueError, match="both describe the same K sequences"):
         PackedSequences([0, 3, 5], [0, 4]).validate("p")
+
+
+# -- the per-row cut (Megatron-LM's --dataloader-inter-document-masking) ------------------------
+@pytest.mark.parametrize("cp", [2, 4])
+def test_local_positions_per_layout(cp):
+    from megatron_agg.layout import local_positions
+
+    cu = torch.tensor([0, 8, 16, 40])
+    for r in range(cp):
+        # packed: per document for "load-balanced", the whole row for "per-row"
+        assert local_positions("load-balanced", 40, cp, r, cu).tolist() == thd_cp_local_positions(cu, 40, cp, r).tolist()
+        assert local_positions("per-row", 40, cp, r, cu).tolist() == cp_local_positions(40, cp, r).tolist()
+        # unpacked rows are cut the same way by both
+        assert local_positions("per-row", 16, cp, r).tolist() == local_positions("load-balanced", 16, cp, r).tolist()
+        assert local_positions("contiguous", 16, cp, r).tolist() == list(range(r * 16 // cp, (r + 1) * 16 // cp))
+    assert local_positions("per-row", 40, 1, 0, cu) is None
+    with pytest.raises(ValueError, match="cp_layout must be one of"):
+        local_positions("per-document", 40, 2, 0, cu)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("term", TERMS, ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}")
+def test_per_row_cp_slices_add_up_to_the_unpacked_definition_and_per_document_does_not(cp, term):
+    """Documents of any length in a row cut as a whole: the per-row positions give the definition;
+    reading the same slices as if cut per document gives another loss for seq-mean-token-mean."""
+    from megatron_agg.layout import local_positions
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 3, 7, 2, 6]  # not multiples of 2·cp
+    masks_u = torch.zeros(len(lengths), 8)
+    losses_u = torch.rand(len(lengths), 8, generator=g, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        if i != 1:
+            masks_u[i, : n - 1] = 1.0
+    cu = [0, *itertools.accumulate(lengths)]
+    total = -(-cu[-1] // (2 * cp)) * 2 * cp
+    mask = torch.zeros(1, total)
+    loss = torch.zeros(1, total, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        mask[0, cu[i] : cu[i] + n] = masks_u[i, :n]
+        loss[0, cu[i] : cu[i] + n] = losses_u[i, :n]
+    packed = PackedSequences(cu, padded_length=8)
+    view = agg.sequence_view(mask, packed)
+    inv = agg.safe_reciprocal(agg.denominator(term, agg.local_totals([view])))
+    weights = agg.sequence_weights(term, view).double()
+    cu_t = packed.boundaries(mask.device)[1]
+    out = wrong = 0.0
+    for r in range(cp):
+        pos = local_positions("per-row", total, cp, r, cu_t)
+        local = lambda t: to_cp_local(t, cp, r, pos)  # noqa: E731
+        out = out + agg.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
+        # the old patch's mistake: the same slice, its tokens mapped to documents per document
+        told = local_positions("load-balanced", total, cp, r, cu_t).clamp(0, total - 1)
+        wrong = wrong + agg.masked_weighted_sum(local(loss), local(view.valid), to_cp_local(weights, cp, r, told)) * inv
+    ref = reference_loss([losses_u], [masks_u], term)
+    assert torch.allclose(torch.as_tensor(out, dtype=torch.float64), ref, rtol=1e-9)
+    if term.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
+        assert not torch.allclose(torch.as_tensor(wrong, dtype=torch.float64), ref, rtol=1e-3)
+
+
+def test_boundary_check_asks_2cp_documents_only_of_the_per_document_cut():
+    from megatron_agg.validation import BOUNDARY_PROBLEMS, boundary_problems
+
+    packed = PackedSequences([0, 5, 8])  # documents of 5 and 3 tokens, a row of 8
+    per_doc = boundary_problems(packed, 8, 2, torch.device("cpu"), per_document=True)
+    per_row = boundary_problems(packed, 8, 2, torch.device("cpu"), per_document=False)
+    assert per_doc.tolist()[-1] == 2 and per_row.tolist() == [0] * len(BOUNDARY_PROBLEMS)
+    assert "cp_layout='per-row'" in BOUNDARY_PROBLEMS[-1]
+
+
+def test_cp_layout_is_checked_and_told_once():
+    from types import SimpleNamespace
+
+    from megatron_agg.engine import check_cp_lengths
+    from megatron_agg.groups import ParallelGroups
+    from megatron_agg.integration import checked_cp_layout
+
+    assert checked_cp_layout(None) == "load-balanced"
+    assert checked_cp_layout("per-row") == "per-row"
+    with pytest.raises(ValueError, match="cp_layout must be one of"):
+        checked_cp_layout("contiguous")  # Megatron never cuts that way; FSDP's sequence parallelism does
+    with pytest.raises(ValueError, match="cp_layout must be one of"):
+        checked_cp_layout("per-document")
+    groups = ParallelGroups(dp=None, cp=None, dp_cp=None, pp=None, cp_layout="per-row")
+    assert checked_cp_layout(None, groups) == "per-row"
+    with pytest.raises(ValueError, match="agree"):
+        checked_cp_layout("load-balanced", groups)
+    # a packed row cut as a whole must be a multiple of 2·cp; its documents need not be
+    per_row = SimpleNamespace(cp_size=2, cp_layout="per-row")
+    check_cp_lengths([torch.ones(1, 12)], [PackedSequences([0, 5, 12])], per_row)
+    with pytest.raises(ValueError, match="packed row, cut as a whole"):
+        check_cp_lengths([torch.ones(1, 10)], [PackedSequences([0, 5, 10])], per_row)
+    with pytest.raises(ValueError, match="2·cp = 4 chunks"):
+        check_cp_lengths([torch.ones(2, 10)], None, SimpleNamespace(cp_size=2, cp_layout="load-balanced"))

@@ -127,18 +127,26 @@ def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int 
 
 
 def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int = 1,
-                          cp_rank: int = 0) -> List[MicroBatch]:
+                          cp_rank: int = 0, cp_layout: str = "load-balanced",
+                          pad_documents: Optional[bool] = None) -> List[MicroBatch]:
     """Like :func:`split_for_rank`, but each micro-batch packs its sequences into one row.
 
-    Every sequence keeps only its real tokens, padded to a multiple of ``2·cp`` (and at least
-    ``2·cp``); every other pack also ends with ``2·cp`` tokens of padding after its last
-    sequence. Position ids restart at 0 for each sequence. The loss masks carry
-    ``padded_length = S`` so that ``seq-mean-token-sum-norm``'s default ``C`` is the unpacked one.
+    Every sequence keeps only its real tokens. ``cp_layout="load-balanced"`` (Megatron's per-document
+    cut): each sequence is padded to a multiple of ``2·cp`` (and at least ``2·cp``).
+    ``cp_layout="per-row"`` (Megatron-LM's ``--dataloader-inter-document-masking``: the row is cut
+    as a whole): sequences keep their own lengths (``pad_documents=True`` pads them as above, a row
+    both layouts can cut) and only the row is padded to a multiple of ``2·cp``. Every other pack
+    also ends with ``2·cp`` tokens of padding after its last sequence. Position ids restart at 0 for
+    each sequence. The ``PackedSeqParams`` carry the layout as ``cp_layout`` (read by the tests'
+    attention). The loss masks carry ``padded_length = S`` so that ``seq-mean-token-sum-norm``'s
+    default ``C`` is the unpacked one.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from ..layout import thd_cp_local_positions, to_cp_local
+    from ..layout import local_positions, to_cp_local
 
+    if pad_documents is None:
+        pad_documents = cp_layout == "load-balanced"
     plan = MICROBATCH_PLANS[dp_size]
     start = sum(sum(sizes) for sizes in plan[:dp_rank])
     multiple = 2 * cp_size
@@ -147,10 +155,10 @@ def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_siz
         rows = list(range(start, start + size))
         start += size
         lengths = [batch.lengths[i] for i in rows]
-        padded = [max(multiple, -(-n // multiple) * multiple) for n in lengths]
+        padded = [max(multiple, -(-n // multiple) * multiple) for n in lengths] if pad_documents else list(lengths)
         cu = [0, *itertools.accumulate(lengths)]
         cu_padded = [0, *itertools.accumulate(padded)]
-        total = cu_padded[-1] + (multiple if j % 2 else 0)
+        total = -(-cu_padded[-1] // multiple) * multiple + (multiple if j % 2 else 0)
         tokens = torch.zeros(1, total, dtype=torch.int64)
         labels = torch.zeros(1, total, dtype=torch.int64)
         position_ids = torch.zeros(1, total, dtype=torch.int64)
@@ -163,7 +171,7 @@ def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_siz
         full_mask = mask.to(_MASK_DTYPES[j % len(_MASK_DTYPES)])
         cu_t = torch.tensor(cu, dtype=torch.int32)
         cu_padded_t = torch.tensor(cu_padded, dtype=torch.int32)
-        positions = thd_cp_local_positions(cu_padded_t, total, cp_size, cp_rank)
+        positions = local_positions(cp_layout, total, cp_size, cp_rank, cu_padded_t)
         local = lambda t: to_cp_local(t, cp_size, cp_rank, positions).contiguous()  # noqa: E731
         params = PackedSeqParams(
             qkv_format="thd",
@@ -174,6 +182,7 @@ def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_siz
             max_seqlen_q=max(padded),
             max_seqlen_kv=max(padded),
         )
+        params.cp_layout = cp_layout  # for the tests' attention (tests/support/cp_attention.py)
         out.append(
             MicroBatch(
                 tokens=local(tokens),

@@ -173,6 +173,11 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
 }
 #: Which suites also run every layout with packed sequences, and which add the CP controls.
 PACKED_SUITES = {"cp"}
+#: How a micro-batch's rows are laid out: one sequence per row; packed rows cut per document over
+#: CP (Megatron's default, ``cp_layout="load-balanced"``); packed rows cut as a whole (Megatron-LM's
+#: ``--dataloader-inter-document-masking``, ``cp_layout="per-row"``; run where cp > 1 only, as it
+#: equals "packed" without CP).
+PACKINGS = ("unpacked", "packed", "packed-per-row")
 CP_CONTROL_SUITES = {"cp", "release"}
 
 
@@ -234,6 +239,17 @@ def _dp_cp_as_dp(groups: ParallelGroups) -> Dict[str, Any]:
     return {"groups": groups_like(groups, dp=groups.dp_cp)}
 
 
+def _told_per_document(groups: ParallelGroups) -> Dict[str, Any]:
+    """The Megatron-LM patch's old mistake: rows cut as a whole (inter-document masking), the hook
+    told the default per-document layout. The documents are padded to multiples of 2·cp so that
+    both layouts can cut the row. The prepared hook's mask check sees the mismatch (the loss
+    function's CP-local mask is not the told layout's slice of ``loss_masks``) and raises: it is
+    switched off here to show the gradient the check prevents. (The deferred mode's count check,
+    whole-sequence counts >= the tokens it maps to each sequence, caught it in these runs too,
+    but it cannot in general: it relies on being told.)"""
+    return {"cp_layout": "load-balanced", "pad_documents": True, "check_masks": False}
+
+
 def _told_no_cp(groups: ParallelGroups) -> Dict[str, Any]:
     """The user does not tell the hook about context parallelism and gives it the CP-local masks:
     per-sequence counts come from the slice, sequences are counted per CP rank."""
@@ -250,6 +266,8 @@ class Control:
     #: Builds LossHook arguments from the step's real groups: the broken variant, injected through
     #: the hook's public arguments (groups=, scaling=), never by patching megatron_agg.
     breaker: Optional[Callable[[ParallelGroups], Dict[str, Any]]] = None
+    #: The packings it runs in (the per-row controls run only there).
+    packings: Tuple[str, ...] = ("unpacked", "packed")
 
 
 CONTROLS: List[Control] = [
@@ -269,6 +287,8 @@ CP_CONTROLS: List[Control] = [
             lambda dp, cp: cp == 1, breaker=_dp_cp_as_dp),
     Control("hook-seq-mean-over-cp-slice", Variant(LossReturn.THREE_TUPLE), SEQ_MEAN_TOKEN_MEAN,
             lambda dp, cp: cp == 1, breaker=_told_no_cp),
+    Control("hook-per-row-told-per-document", Variant(LossReturn.THREE_TUPLE), SEQ_MEAN_TOKEN_MEAN,
+            lambda dp, cp: cp == 1, breaker=_told_per_document, packings=("packed-per-row",)),
 ]
 
 
@@ -279,6 +299,7 @@ CP_CONTROLS: List[Control] = [
 class Result:
     layout: str
     packed: bool
+    packing: str
     variant: str
     spec: str
     control: Optional[str]
@@ -332,7 +353,7 @@ class Harness:
 
     # -- one configuration ---------------------------------------------------------------------
     def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None,
-            packed: bool = False) -> Result:
+            packing: str = "unpacked") -> Result:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -340,6 +361,7 @@ class Harness:
         from ..hook import LossHook
 
         t0 = time.perf_counter()
+        packed = packing != "unpacked"
         model_spec = self.model
         if layout.cp > 1 or packed:
             if self.cp_model is None:
@@ -351,18 +373,25 @@ class Harness:
         model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        split = data_mod.split_for_rank_packed if packed else data_mod.split_for_rank
-        mbs = split(self.batch, dp, dp_rank, cp, cp_rank)
-        is_last = ps.is_pipeline_last_stage()
-        deferred = variant.deferred and not (control and control.plain)
         from ..integration import resolve_groups
 
         broken = control.breaker(resolve_groups()) if control and control.breaker else {}
         local_masks = bool(broken.pop("local_masks", False))
+        cp_layout = "per-row" if packing == "packed-per-row" else "load-balanced"
+        if packed:
+            mbs = data_mod.split_for_rank_packed(self.batch, dp, dp_rank, cp, cp_rank, cp_layout=cp_layout,
+                                                 pad_documents=broken.pop("pad_documents", None))
+        else:
+            mbs = data_mod.split_for_rank(self.batch, dp, dp_rank, cp, cp_rank)
+        broken.setdefault("cp_layout", cp_layout)  # the layout the data was cut with (unless a control lies)
+        is_last = ps.is_pipeline_last_stage()
+        deferred = variant.deferred and not (control and control.plain)
         if deferred:
-            hook: Any = DeferredLossHook(terms=spec.terms)
+            hook: Any = DeferredLossHook(terms=spec.terms, cp_layout=broken.pop("cp_layout"))
             hook.install(model)  # checks the config and the ranks' agreement before the step
         else:
+            if "groups" in broken:
+                broken["groups"] = groups_like(broken["groups"], cp_layout=broken.pop("cp_layout"))
             hook = LossHook(terms=spec.terms, loss_return=variant.loss_return, **broken)
         plain = plain_masked_mean(control.plain) if control and control.plain else None
 
@@ -436,6 +465,7 @@ class Harness:
         result = Result(
             layout=layout.name(self.world),
             packed=packed,
+            packing=packing,
             variant=variant.name,
             spec=spec.name,
             control=control.name if control else None,
@@ -490,25 +520,34 @@ def _log(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
+def packings_of(layout: Layout, packings: Sequence[str]) -> List[str]:
+    """The packings a layout runs: ``packed-per-row`` only where cp > 1."""
+    return [p for p in packings if p != "packed-per-row" or layout.cp > 1]
+
+
+def jobs_of(packing: str, variants: Sequence[Variant], specs: Sequence[LossSpec],
+            controls: Sequence[Control]) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
+    jobs: List[Tuple[Variant, LossSpec, Optional[Control]]] = [
+        (v, s, None) for v in variants for s in specs if runs_in(v, s)]
+    return jobs + [(c.variant, c.spec, c) for c in controls if packing in c.packings]
+
+
 def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
-              controls: Sequence[Control], tol: float, packing: Sequence[bool] = (False,),
+              controls: Sequence[Control], tol: float, packings: Sequence[str] = ("unpacked",),
               cp_layer_spec: Optional[Callable[[], Any]] = None) -> List[Result]:
     harness = Harness(model, tol=tol, cp_layer_spec=cp_layer_spec)
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
-    per_layout = sum(1 for v in variants for s in specs if runs_in(v, s)) + len(controls)
-    total = len(layouts) * len(packing) * per_layout
+    total = sum(len(jobs_of(p, variants, specs, controls)) for layout in layouts for p in packings_of(layout, packings))
     for layout in layouts:
         with model_parallel(layout):
-            for packed in packing:
-                jobs = [(v, s, None) for v in variants for s in specs if runs_in(v, s)]
-                jobs += [(c.variant, c.spec, c) for c in controls]
-                for variant, spec, control in jobs:
-                    res = harness.run(layout, variant, spec, control, packed=packed)
+            for packing in packings_of(layout, packings):
+                for variant, spec, control in jobs_of(packing, variants, specs, controls):
+                    res = harness.run(layout, variant, spec, control, packing=packing)
                     results.append(res)
                     mark = "ok  " if res.passed else "FAIL"
                     what = f"control {res.control}" if res.control else f"{res.variant:<30} {res.spec}"
-                    where = res.layout + ("+packed" if packed else "")
+                    where = res.layout + ("" if packing == "unpacked" else "+" + packing)
                     _log(
                         harness.rank,
                         f"[{len(results):>4}/{total}] {mark} {where:<22} {what:<70} "
@@ -546,8 +585,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--layer-spec", default=None,
                         help="file.py:function or module:function returning the GPT layer spec for "
                              "layouts with CP and packed runs (Megatron's local attention refuses both)")
-    parser.add_argument("--packing", default=None, choices=["off", "on", "both"],
-                        help="run unpacked, packed or both (default: both for the cp suite)")
+    parser.add_argument("--packing", default=None, choices=["off", "on", "per-row", "both", "all"],
+                        help="run unpacked (off), packed per document (on), packed per row (per-row), "
+                             "off+on (both) or all three (all; default for the cp suite)")
     args = parser.parse_args(argv)
 
     dist.init_process_group("gloo")
@@ -558,8 +598,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"it has {sorted(SUITES[args.suite])}")
     specs = LOSS_SPECS if not args.specs else [s for s in LOSS_SPECS if s.name in args.specs.split(",")]
     controls = [] if args.no_controls else CONTROLS + (CP_CONTROLS if args.suite in CP_CONTROL_SUITES else [])
-    packing_arg = args.packing or ("both" if args.suite in PACKED_SUITES else "off")
-    packing = {"off": (False,), "on": (True,), "both": (False, True)}[packing_arg]
+    packing_arg = args.packing or ("all" if args.suite in PACKED_SUITES else "off")
+    packing = {"off": ("unpacked",), "on": ("packed",), "per-row": ("packed-per-row",),
+               "both": ("unpacked", "packed"), "all": PACKINGS}[packing_arg]
     cp_layer_spec = _load_layer_spec(args.layer_spec) if args.layer_spec else None
     t0 = time.perf_counter()
     with cpu_shim():

@@ -4,7 +4,8 @@ context parallelism and packed (THD) sequences, which Megatron's local-spec atte
 It plugs into ``GPTModel``'s local layer spec in place of ``DotProductAttention``
 (:func:`layer_spec`). On a context-parallel rank the query holds this rank's tokens in
 Megatron's load-balanced order (``2·cp`` chunks, rank ``r`` holding chunks ``r`` and
-``2·cp − 1 − r``; for packed rows, of every sequence separately); keys and values are
+``2·cp − 1 − r``; for packed rows, of every sequence separately, or of the whole row when the
+``PackedSeqParams`` carry ``cp_layout="per-row"``, see :data:`megatron_agg.layout.CP_LAYOUTS`); keys and values are
 all-gathered over the CP group with autograd (:class:`_AllGather`, whose backward all-reduces
 the gradient and keeps this rank's part: ``torch.distributed.nn``'s all-gather breaks on gloo
 subgroups that do not start at rank 0) and put back in sequence order. Every query attends to
@@ -21,7 +22,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_agg.layout import cp_local_positions, thd_cp_local_positions
+from megatron_agg.layout import cp_local_positions, local_positions
 
 
 class _AllGather(torch.autograd.Function):
@@ -75,7 +76,9 @@ class ContextParallelPackedAttention(torch.nn.Module):
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
             cu = cu.to(device=device, dtype=torch.int64)
-            positions = [thd_cp_local_positions(cu, total, cp, r) for r in range(cp)]
+            layout = getattr(packed_seq_params, "cp_layout", "load-balanced")
+            positions = [local_positions(layout, total, cp, r, cu) for r in range(cp)] if cp > 1 else [
+                torch.arange(total, device=device)]
             segment = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)
         else:
             positions = [cp_local_positions(total, cp, r, device=device) for r in range(cp)]
