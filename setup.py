@@ -20,7 +20,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_agg", "megatron_agg.*"]),
+    # patches/ (the Megatron-LM and verl patches with their pinned upstream copies) ships inside
+    # the package as megatron_agg/_patches, where `megatron-agg patch` finds it after a
+    # (non-editable) install; tests/test_packaging.py builds a wheel and checks.
+    packages=find_packages(include=["megatron_agg", "megatron_agg.*"]) + ["megatron_agg._patches"],
+    package_dir={"megatron_agg._patches": "patches"},
+    package_data={"megatron_agg._patches": ["**/*"]},
+    exclude_package_data={"megatron_agg._patches": ["**/__pycache__/*", "**/*.pyc"]},
     install_requires=[
         "torch>=2.4",
         MEGATRON_CORE,

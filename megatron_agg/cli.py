@@ -2,6 +2,7 @@
 
     megatron-agg compare [--nproc 4] [--tp 2] [--steps 8] ...   # Megatron vs FSDP2, side by side
     megatron-agg version                                         # versions and the supported range
+    megatron-agg patch --target megatron-lm --path CHECKOUT      # apply the patch that fits (or --revert)
 
 ``compare`` starts ``torchrun`` (``python -m torch.distributed.run``) with ``--nproc`` ranks on this
 machine unless it already runs under it (``RANK`` set), so the same command works from a shell
@@ -10,6 +11,11 @@ and inside a multi-node launch. Before it starts any worker it checks the comman
 answers a bad one with one line and exit status 2 (:mod:`megatron_agg.compare_checks`); a worker
 that fails anyway is reported in one line, with the workers' whole stderr in
 ``<out>/compare-workers.log``.
+
+``patch`` detects the release of a Megatron-LM (``pretrain_gpt.py``) or verl checkout, picks the
+shipped patch of that release and applies it (``--revert``: reverts it; ``--check``: only says what
+it would do); an already patched checkout is left alone. When no patch fits it prints one
+``megatron-agg patch: error: ...`` line and exits 1 (:mod:`megatron_agg.patching`).
 """
 
 from __future__ import annotations
@@ -160,6 +166,33 @@ def _launch(argv: List[str], args: argparse.Namespace) -> int:
     return returncode or 1
 
 
+def _add_patch_arguments(parser: argparse.ArgumentParser) -> None:
+    from .patching import TARGETS
+
+    releases = "; ".join(f"{name}: {', '.join(t.releases)}" for name, t in TARGETS.items())
+    parser.add_argument("--target", required=True, choices=sorted(TARGETS), help="the upstream project")
+    parser.add_argument("--path", required=True,
+                        help="the checkout's root (Megatron-LM: the folder with pretrain_gpt.py; verl: the folder "
+                             "that holds verl/)")
+    parser.add_argument("--release", default=None,
+                        help=f"use this release's patch instead of detecting it ({releases})")
+    parser.add_argument("--revert", action="store_true", help="revert the patch instead of applying it")
+    parser.add_argument("--check", action="store_true", help="only say what would happen; write nothing")
+
+
+def _patch(args: argparse.Namespace) -> int:
+    """``megatron-agg patch``: the report on stdout; a failure as one ``error:`` line, exit 1."""
+    from .patching import PatchError, run_patch
+
+    try:
+        result = run_patch(args.target, args.path, release=args.release, revert=args.revert, check=args.check)
+    except PatchError as e:
+        print(f"megatron-agg patch: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print("\n".join(result.lines()), flush=True)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-agg", description=__doc__,
@@ -169,7 +202,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     add_arguments(sub.add_parser("compare", help="train on Megatron (hooked and plain) and on FSDP2, compare"))
     sub.add_parser("version", help="print versions and the supported megatron-core range")
+    _add_patch_arguments(sub.add_parser(
+        "patch", help="apply (or revert) the Megatron-LM / verl patch that fits a checkout",
+        description="Detect the release of a Megatron-LM or verl checkout and apply (or revert) "
+                    "megatron_agg's patch for it."))
     args = parser.parse_args(argv)
+    if args.command == "patch":
+        return _patch(args)
     if args.command == "version":
         from . import __version__
         from .integration import SUPPORTED_MEGATRON_CORE, megatron_core_version

@@ -1,14 +1,18 @@
 """patches/: they apply cleanly to the pinned upstream files; the patched Megatron-LM loss_func
-computes what megatron_agg computes (imported with Megatron-LM's own modules stubbed); the patched
-verl Megatron engine gives verl's single-process gradients under every layout (4 CPU ranks)."""
+of every supported release computes what megatron_agg computes (imported with Megatron-LM's own
+modules stubbed). The verl patches are checked in tests/test_patches_verl.py."""
 
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
+import itertools
 import shutil
 import subprocess
+import tempfile
 import types
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,66 +21,128 @@ from unittest import mock
 import pytest
 import torch
 
+import megatron_agg
 from megatron_agg import DeferredLossHook, LossTerm, PackedSequences, reference_loss
+from megatron_agg.patching import TARGETS
 
-from conftest import REPO, SUMMARY, torchrun
+from conftest import REPO
 
 VENDORED = REPO / "patches" / "upstream"
 SHARED = REPO.parent / "shared" / "upstream"  # on the dev machines; CI has the vendored copies
-PATCHES = {  # patch -> (upstream folder, files it touches)
-    "megatron-lm/pretrain_gpt.patch": ("Megatron-LM", ["pretrain_gpt.py"]),
-    "verl/megatron_engine.patch": ("verl", [
-        "verl/trainer/ppo/core_algos.py",
-        "verl/workers/engine/megatron/transformer_impl.py",
-        "verl/workers/utils/losses.py",
-    ]),
-}
+MEGATRON_LM = TARGETS["megatron-lm"]
 
 
 def upstream_root() -> Path:
     return SHARED if SHARED.is_dir() else VENDORED
 
 
+@dataclass(frozen=True)
+class MLMRelease:
+    """What a Megatron-LM release's pretrain_gpt.py has, as far as the patch is concerned."""
+
+    name: str
+    #: the keys get_batch_on_this_tp_rank returns (get_batch unpacks them by position)
+    batch_keys: tuple
+    #: cu_seqlens (packed rows) reach get_batch
+    packing: bool = False
+    #: packed rows with context parallelism: the patch refuses them (the release cannot cut them)
+    packed_cp_refused: bool = False
+    #: --hybrid-context-parallel exists (refused)
+    hybrid: bool = False
+    #: get_batch passes use_per_sequence_balancing=--dataloader-inter-document-masking and not --sft
+    per_row: bool = False
+    #: --logits-load-dir (offline distillation) exists (refused)
+    distillation: bool = False
+    #: ModelOpt is switched on by modelopt_args_enabled(args) (else by args.modelopt_enabled)
+    modelopt_fn: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return upstream_root() / MEGATRON_LM.pinned[self.name]
+
+    @property
+    def patch(self) -> Path:
+        return REPO / "patches" / "megatron-lm" / self.name / "pretrain_gpt.patch"
+
+
+_ROWS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+_THD = _ROWS + ("cu_seqlens", "max_seqlen", "local_cp_size")
+_KEYS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "hybrid_cp_group", "labels", "local_cp_size",
+         "loss_mask", "max_seqlen", "position_ids", "tokens")
+RELEASES = {r.name: r for r in [
+    MLMRelease("core_v0.13.1", _ROWS, modelopt_fn=True),
+    MLMRelease("core_v0.14.0", _ROWS, modelopt_fn=True),
+    MLMRelease("core_v0.15.3", _ROWS),
+    MLMRelease("core_v0.16.1", _THD, packing=True, packed_cp_refused=True, hybrid=True),
+    MLMRelease("core_v0.17.1", _THD, packing=True, packed_cp_refused=True, hybrid=True),
+    MLMRelease("core_v0.18.2", _KEYS, packing=True, hybrid=True),
+    MLMRelease("core_r0.19.0", _KEYS, packing=True, hybrid=True, per_row=True, distillation=True),
+    MLMRelease("main", _KEYS, packing=True, hybrid=True, per_row=True, distillation=True),
+]}
+PACKING = [r for r, spec in RELEASES.items() if spec.packing]
+
+
+def test_every_shipped_release_is_tested():
+    assert tuple(RELEASES) == MEGATRON_LM.releases
+    assert sorted(p.name for p in (REPO / "patches" / "megatron-lm").iterdir()) == sorted(RELEASES)
+    assert not (REPO / "patches" / "megatron-lm" / "pretrain_gpt.patch").exists()  # moved to main/
+
+
 def test_vendored_upstream_files_are_unmodified():
+    listed = set()
     for line in (VENDORED / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         path = VENDORED / name
+        listed.add(path.resolve())
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, name
         # README.md describes the folder (ours, and the team's in shared/, which grows with new
         # releases); every other file is an upstream file and must be byte-identical.
         if SHARED.is_dir() and (SHARED / name).exists() and Path(name).name != "README.md":
             assert (SHARED / name).read_bytes() == path.read_bytes(), f"{name} differs from ../shared/upstream"
+    on_disk = {p.resolve() for p in VENDORED.rglob("*") if p.is_file() and p.name != "SHA256SUMS"
+               and "__pycache__" not in p.parts}
+    assert on_disk == listed, f"not in SHA256SUMS (run scripts/update_upstream_sums.sh): {sorted(on_disk - listed)}"
+    for release in RELEASES.values():  # every release's pinned copy is vendored, with its license
+        folder = VENDORED / MEGATRON_LM.pinned[release.name]
+        assert (folder / "pretrain_gpt.py").is_file() and (folder / "LICENSE").is_file(), folder
 
 
-@pytest.mark.parametrize("patch", sorted(PATCHES))
-def test_patch_applies_cleanly_and_reverts(patch, tmp_path):
-    folder, files = PATCHES[patch]
-    for f in files:
-        target = tmp_path / f
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(upstream_root() / folder / f, target)
-    patch_file = str(REPO / "patches" / patch)
+@pytest.mark.parametrize("release", RELEASES)
+def test_patch_applies_cleanly_and_reverts(release, tmp_path):
+    spec = RELEASES[release]
+    original = spec.folder / "pretrain_gpt.py"
+    shutil.copy(original, tmp_path / "pretrain_gpt.py")
     run = partial(subprocess.run, cwd=tmp_path, capture_output=True, text=True)
-    check = run(["git", "apply", "--check", "-v", patch_file])
+    check = run(["git", "apply", "--check", "-v", str(spec.patch)])
     assert check.returncode == 0, check.stderr
-    assert run(["git", "apply", patch_file]).returncode == 0
-    assert run(["git", "apply", "--check", "-R", patch_file]).returncode == 0  # revertible
-    assert run(["git", "apply", "-R", patch_file]).returncode == 0
-    for f in files:  # reverted byte for byte
-        assert (tmp_path / f).read_bytes() == (upstream_root() / folder / f).read_bytes()
+    assert run(["git", "apply", str(spec.patch)]).returncode == 0
+    patched = (tmp_path / "pretrain_gpt.py").read_text()
+    added = [line for line in spec.patch.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert "[megatron_agg]" in patched and len(added) > 50
+    assert run(["git", "apply", "--check", "-R", str(spec.patch)]).returncode == 0  # revertible
+    assert run(["git", "apply", "-R", str(spec.patch)]).returncode == 0
+    assert (tmp_path / "pretrain_gpt.py").read_bytes() == original.read_bytes()  # reverted byte for byte
 
 
-# -- the patched Megatron-LM loss_func -----------------------------------------------------------
+# -- the patched Megatron-LM pretrain_gpt.py, imported with Megatron-LM stubbed --------------------
 _REAL = ("torch", "megatron_agg", "functools", "typing", "json", "os", "warnings", "time", "math")
 
 
-def load_patched_pretrain_gpt(tmp_path: Path, args: SimpleNamespace) -> types.ModuleType:
-    """Apply the patch to a copy of pretrain_gpt.py and import it with every Megatron-LM import
-    stubbed (only torch, megatron_agg and the standard library are real)."""
-    shutil.copy(upstream_root() / "Megatron-LM" / "pretrain_gpt.py", tmp_path / "pretrain_gpt.py")
-    proc = subprocess.run(["git", "apply", str(REPO / "patches" / "megatron-lm" / "pretrain_gpt.patch")],
-                          cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+@functools.cache
+def patched_source(release: str) -> str:
+    """pretrain_gpt.py of ``release`` with its patch applied (git apply, once per session)."""
+    spec = RELEASES[release]
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(spec.folder / "pretrain_gpt.py", Path(tmp) / "pretrain_gpt.py")
+        proc = subprocess.run(["git", "apply", str(spec.patch)], cwd=tmp, capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        return (Path(tmp) / "pretrain_gpt.py").read_text()
+
+
+def load_pretrain_gpt(release: str, args: SimpleNamespace, patched: bool = True) -> types.ModuleType:
+    """Import ``release``'s pretrain_gpt.py (patched, or as upstream ships it) with every
+    Megatron-LM import stubbed: only torch, megatron_agg and the standard library are real."""
     real_import = builtins.__import__
 
     class Stub(types.ModuleType):  # any attribute, dunders included (e.g. __version__)
@@ -88,142 +154,202 @@ def load_patched_pretrain_gpt(tmp_path: Path, args: SimpleNamespace) -> types.Mo
             return real_import(name, globals, locals, fromlist, level)
         return Stub(name)
 
-    module = types.ModuleType("patched_pretrain_gpt")
+    source = patched_source(release) if patched else (RELEASES[release].folder / "pretrain_gpt.py").read_text()
+    module = types.ModuleType(f"pretrain_gpt_{release}")
     module.__dict__["__builtins__"] = dict(vars(builtins), __import__=stubbing_import)
-    code = compile((tmp_path / "pretrain_gpt.py").read_text(), "pretrain_gpt.py", "exec")
-    exec(code, module.__dict__)
+    exec(compile(source, "pretrain_gpt.py", "exec"), module.__dict__)  # noqa: S102 - the file under test
     module.get_args = lambda: args
-    rerun = mock.MagicMock()
-    module.get_rerun_state_machine = lambda: rerun
+    module.get_rerun_state_machine = lambda: mock.MagicMock()
+    module.has_nvidia_modelopt = False  # the stubbed import of megatron.post_training "succeeded"
+    if "modelopt_args_enabled" in module.__dict__:  # core_v0.13/0.14: ModelOpt is on when its args are set
+        module.modelopt_args_enabled = lambda a: getattr(a, "modelopt_enabled", False)
     return module
 
 
-def megatron_config() -> SimpleNamespace:
-    """What the deferred hook reads of the model's TransformerConfig (the patch passes the model)."""
-    return SimpleNamespace(calculate_per_token_loss=True, finalize_model_grads_func=lambda *a, **k: None)
+class FakeModel:
+    """The model forward_step calls (returns the given per-token losses), and the config the
+    deferred hook checks when loss_func hands it the model."""
+
+    def __init__(self, output: torch.Tensor):
+        self.output = output
+        self.calculate_per_token_loss = True
+        self.finalize_model_grads_func = lambda *a, **k: None
+
+    def __call__(self, *args, **kwargs):
+        return self.output
 
 
 def mlm_args(**kw) -> SimpleNamespace:
-    base = dict(logits_load_dir=None, check_for_nan_in_loss_and_grad=False, check_for_spiky_loss=False,
-                calculate_per_token_loss=True, loss_agg_mode=None, exclude_fully_masked_seqs=False,
-                loss_scale_factor=None)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    base = {"logits_load_dir": None, "check_for_nan_in_loss_and_grad": False, "check_for_spiky_loss": False,
+            "calculate_per_token_loss": True, "loss_agg_mode": None, "exclude_fully_masked_seqs": False,
+            "loss_scale_factor": None, "context_parallel_size": 1, "hybrid_context_parallel": False, "sft": False,
+            "dataloader_inter_document_masking": False, "use_legacy_models": False, "micro_batch_size": 1,
+            "seq_length": 8, "pipeline_model_parallel_size": 1, "create_attention_mask_in_dataloader": False,
+            "mtp_num_layers": None}
+    return SimpleNamespace(**{**base, **kw})
 
 
-@pytest.mark.parametrize("mode,exclude", [("token-mean", False), ("seq-mean-token-sum", False),
-                                          ("seq-mean-token-mean", False), ("seq-mean-token-mean", True),
-                                          ("seq-mean-token-sum-norm", False)])
-def test_patched_loss_func_equals_megatron_agg(mode, exclude, tmp_path, megatron_cpu):
-    args = mlm_args(loss_agg_mode=mode, exclude_fully_masked_seqs=exclude)
-    mlm = load_patched_pretrain_gpt(tmp_path, args)
+def forward_step(mlm: types.ModuleType, release: str, mask: torch.Tensor, output: torch.Tensor,
+                 cu_seqlens=None) -> tuple:
+    """Run the module's own get_batch and forward_step on one micro-batch (Megatron-core's batch
+    functions replaced: the TP broadcast hands over the batch, the CP split is recorded).
+
+    Returns (the loss_func forward_step returned, the loss_mask it holds, what was stashed when
+    the CP split ran)."""
+    spec = RELEASES[release]
+    b, s = mask.shape
+    full = {
+        "tokens": torch.zeros(b, s, dtype=torch.long), "labels": torch.zeros(b, s, dtype=torch.long),
+        "loss_mask": mask, "attention_mask": None, "position_ids": torch.arange(s).expand(b, s),
+        "cu_seqlens": None if cu_seqlens is None else torch.tensor([cu_seqlens], dtype=torch.int32),
+        "cu_seqlens_padded": None, "hybrid_cp_group": None, "local_cp_size": None,
+        "max_seqlen": None if cu_seqlens is None else torch.tensor(
+            [max(b2 - a for a, b2 in itertools.pairwise(cu_seqlens))], dtype=torch.int32),
+    }
+    at_split = []
+
+    def cp_split(batch, *args, **kwargs):
+        at_split.append(mlm._MEGATRON_AGG.get("pending", "nothing stashed"))
+        return batch
+
+    mlm.get_batch_on_this_tp_rank = lambda *a, **k: {key: full[key] for key in spec.batch_keys}
+    mlm.get_batch_on_this_cp_rank = cp_split
+    mlm.get_thd_batch_on_this_cp_rank = lambda batch, *a, **k: (cp_split(batch), None)
+    mlm.flatten_batch_for_packed_sequences = lambda batch: batch
+    mlm.is_first_or_last_pipeline_stage = lambda *a, **k: True
+    model = FakeModel(output)
+    result = mlm.forward_step(iter(()), model)
+    _, loss_partial = result
+    assert loss_partial.func is mlm.loss_func and loss_partial.keywords["model"] is model
+    assert len(at_split) == 1, "get_batch did not reach the context-parallel split"
+    return loss_partial, loss_partial.args[0], at_split[0]
+
+
+def _batch(packed: bool) -> tuple:
+    """(per-token losses, mask, cu_seqlens or None): ragged, with a fully masked sequence."""
     g = torch.Generator().manual_seed(0)
-    output = torch.rand(3, 8, generator=g)
+    if packed:
+        mask = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.float32)
+        return torch.rand(1, 12, generator=g), mask, [0, 3, 7, 12]  # sequence 1 is fully masked
     mask = (torch.rand(3, 8, generator=g) < 0.5).float()
     mask[1] = 0
-    # get_batch stashes the whole-sequence counts before the CP split; forward_step takes them
-    mlm._megatron_agg_stash_counts({"loss_mask": mask})
-    counts = mlm._megatron_agg_take_counts()
-    loss, num_tokens, report = mlm.loss_func(mask, output, model=megatron_config(), megatron_agg_counts=counts)
+    return torch.rand(3, 8, generator=g), mask, None
+
+
+MODES = [("token-mean", False), ("seq-mean-token-sum", False), ("seq-mean-token-mean", False),
+         ("seq-mean-token-mean", True), ("seq-mean-token-sum-norm", False)]
+
+
+@pytest.mark.parametrize("release,packed", [(r, False) for r in RELEASES] + [(r, True) for r in PACKING])
+@pytest.mark.parametrize("mode,exclude", MODES)
+def test_patched_loss_equals_megatron_agg(release, packed, mode, exclude, megatron_cpu):
+    """get_batch → forward_step → loss_func of the patched file: the counts are stashed from the
+    whole mask before the CP split, and the loss, num_tokens and 'lm loss' report are
+    megatron_agg's own; Megatron-LM's sum / count logging gives the exact loss."""
+    output, mask, cu = _batch(packed)
+    args = mlm_args(loss_agg_mode=mode, exclude_fully_masked_seqs=exclude, sft=packed)
+    mlm = load_pretrain_gpt(release, args)
+    loss_partial, _, stashed = forward_step(mlm, release, mask, output, cu)
+    packed_seqs = PackedSequences(cu) if packed else None
+    counts, stashed_packing = stashed
+    assert torch.equal(counts, DeferredLossHook.sequence_token_counts(mask, packed_seqs))
+    assert (stashed_packing is None) == (not packed)
+    loss, num_tokens, report = loss_partial(output)
+
     hook = DeferredLossHook(mode, exclude_fully_masked_seqs=exclude)
-    hook.install(megatron_config())
-    ours = hook.loss_func(mask)(output)
+    hook.install(FakeModel(output))
+    ours = hook.loss_func(mask, packed_seqs=packed_seqs)(output)
     assert torch.equal(loss, ours[0]) and torch.equal(num_tokens, ours[1])
     assert torch.equal(report["lm loss"], ours[2]["loss"])
-    # Megatron-LM logs sum / count: the exact loss of the (one-rank) global batch
-    term = LossTerm(mode, exclude_fully_masked_seqs=exclude)
+    if packed:
+        if mode != "token-mean":
+            assert int(num_tokens) == (2 if exclude else 3)  # sequences, not rows
+        docs = list(itertools.pairwise(cu))
+        outputs, masks = [output[:, a:b] for a, b in docs], [mask[:, a:b] for a, b in docs]
+    else:
+        outputs, masks = [output], [mask]
     lm = report["lm loss"]
-    assert float(lm[0] / lm[1]) == pytest.approx(float(reference_loss([output], [mask], term)), rel=1e-6)
+    expected = reference_loss(outputs, masks, LossTerm(mode, exclude_fully_masked_seqs=exclude))
+    assert float(lm[0] / lm[1]) == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_patched_loss_func_packed_and_unchanged_without_the_flag(tmp_path, megatron_cpu):
-    output = torch.rand(1, 12)
-    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0]], dtype=torch.float32)
-    batch = {"loss_mask": mask, "cu_seqlens": torch.tensor([[0, 3, 7, 10]]), "cu_seqlens_padded": None}
-    mlm = load_patched_pretrain_gpt(tmp_path, mlm_args(loss_agg_mode="seq-mean-token-mean"))
-    mlm._megatron_agg_stash_counts(batch)
-    loss, num_tokens, report = mlm.loss_func(mask, output, model=megatron_config(),
-                                             megatron_agg_counts=mlm._megatron_agg_take_counts())
-    packed = PackedSequences([0, 3, 7, 10])
-    assert int(num_tokens) == 3  # sequences, not rows
-    expected = sum(output[0, a:b][mask[0, a:b] != 0].mean() for a, b in ((0, 3), (3, 7), (7, 10))) / 3
-    assert float(loss / num_tokens) == pytest.approx(float(expected), rel=1e-6)
-    assert DeferredLossHook.sequence_token_counts(mask, packed).tolist() == [2.0, 3.0, 1.0]
-    # without --loss-agg-mode the upstream loss is untouched: sum of masked losses, token count
-    (tmp_path / "plain").mkdir()
-    plain = load_patched_pretrain_gpt(tmp_path / "plain", mlm_args())
-    plain._megatron_agg_stash_counts(batch)
-    loss, num_tokens, report = plain.loss_func(mask, output, megatron_agg_counts=plain._megatron_agg_take_counts())
-    assert float(loss) == pytest.approx(float((output * mask).sum())) and int(num_tokens) == 6
+@pytest.mark.parametrize("release", RELEASES)
+def test_without_the_flag_the_loss_is_upstreams(release, megatron_cpu):
+    """Without --loss-agg-mode the patched loss_func is the release's own, number for number, and
+    get_batch stashes nothing."""
+    for packed in (False, True) if RELEASES[release].packing else (False,):
+        output, mask, cu = _batch(packed)
+        mlm = load_pretrain_gpt(release, mlm_args(sft=packed))
+        loss_partial, _, stashed = forward_step(mlm, release, mask, output, cu)
+        assert stashed is None and loss_partial.keywords["megatron_agg_counts"] is None
+        upstream = load_pretrain_gpt(release, mlm_args(sft=packed), patched=False)
+        theirs = upstream.loss_func(mask, output, model=FakeModel(output))
+        ours = loss_partial(output)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        assert torch.equal(ours[2]["lm loss"], theirs[2]["lm loss"])
+        assert float(ours[0]) == pytest.approx(float((output * mask).sum())) and int(ours[1]) == int(mask.sum())
 
 
-def test_loss_agg_mode_with_distillation_or_modelopt_is_refused_not_ignored(tmp_path, megatron_cpu):
-    """Offline distillation (--logits-load-dir) and ModelOpt come first in loss_func and reduce the
-    per-token losses themselves: --loss-agg-mode with them raises instead of being ignored."""
-    mlm = load_patched_pretrain_gpt(tmp_path, mlm_args(loss_agg_mode="token-mean", logits_load_dir="/teacher"))
-    with pytest.raises(ValueError, match="--logits-load-dir"):
-        mlm.loss_func(torch.ones(1, 4), torch.ones(1, 4), model=megatron_config())
-    (tmp_path / "mo").mkdir()
-    mlm = load_patched_pretrain_gpt(tmp_path / "mo", mlm_args(loss_agg_mode="token-mean", modelopt_enabled=True))
-    mlm.has_nvidia_modelopt = True
-    with pytest.raises(ValueError, match="ModelOpt"):
-        mlm.loss_func(torch.ones(1, 4), torch.ones(1, 4), model=megatron_config())
+def expected_cp_layout(release: str, inter_document_masking: bool, sft: bool) -> str:
+    """Megatron-LM's get_batch: use_per_sequence_balancing=args.dataloader_inter_document_masking
+    and not is_sft (core_r0.19.0, main) cuts a packed row as a whole; the other releases have no
+    such option (packed rows are cut per document)."""
+    per_row = RELEASES[release].per_row and inter_document_masking and not sft
+    return "per-row" if per_row else "load-balanced"
 
 
-def test_patched_loss_func_requires_per_token_loss(tmp_path, megatron_cpu):
-    mlm = load_patched_pretrain_gpt(tmp_path, mlm_args(loss_agg_mode="token-mean", calculate_per_token_loss=False))
+@pytest.mark.parametrize("release", RELEASES)
+def test_cp_layout_passed_to_the_hook_is_get_batchs(release, megatron_cpu):
+    for inter_document_masking in (False, True):
+        for sft in (False, True):
+            args = mlm_args(loss_agg_mode="token-mean", dataloader_inter_document_masking=inter_document_masking,
+                            sft=sft)
+            mlm = load_pretrain_gpt(release, args)
+            spy = mock.MagicMock(wraps=DeferredLossHook)
+            with mock.patch.object(megatron_agg, "DeferredLossHook", spy):
+                hook = mlm._megatron_agg_hook()
+            assert spy.call_count == 1 and isinstance(hook, DeferredLossHook)
+            kwargs = spy.call_args.kwargs
+            assert kwargs["cp_layout"] == expected_cp_layout(release, inter_document_masking, sft), (
+                inter_document_masking, sft)
+            assert spy.call_args.args == ("token-mean",)
+            assert kwargs["exclude_fully_masked_seqs"] is False and kwargs["loss_scale_factor"] is None
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_refusals(release, megatron_cpu):
+    """--loss-agg-mode without --calculate-per-token-loss, or with a loss path that reduces the
+    per-token losses itself (ModelOpt; offline distillation where the release has it), or with
+    hybrid context parallelism (where the release has it): a clear error, not a silently ignored
+    flag. Packed rows under CP are refused where the release cannot cut them."""
+    spec = RELEASES[release]
+    output, mask, cu = _batch(False)
+    mlm = load_pretrain_gpt(release, mlm_args(loss_agg_mode="token-mean", calculate_per_token_loss=False))
     with pytest.raises(ValueError, match="--calculate-per-token-loss"):
-        mlm.loss_func(torch.ones(1, 4), torch.ones(1, 4))
+        mlm.loss_func(mask, output)
 
+    refused = [({"modelopt_enabled": True}, "ModelOpt")]
+    if spec.distillation:
+        refused.append(({"logits_load_dir": "/teacher"}, "--logits-load-dir"))
+    if spec.hybrid:
+        refused.append(({"hybrid_context_parallel": True}, "--hybrid-context-parallel"))
+    for kw, message in refused:
+        mlm = load_pretrain_gpt(release, mlm_args(loss_agg_mode="token-mean", **kw))
+        mlm.has_nvidia_modelopt = True
+        with pytest.raises(ValueError, match=message):
+            mlm.loss_func(mask, output, model=FakeModel(output))
+        with pytest.raises(ValueError, match=message):  # already in get_batch, on every rank that reads data
+            forward_step(mlm, release, mask, output)
+        # without --loss-agg-mode the same set-up is upstream's business
+        plain = load_pretrain_gpt(release, mlm_args(**kw))
+        forward_step(plain, release, mask, output)
 
-# -- the patched verl Megatron engine ------------------------------------------------------------
-def verl_trees(tmp_path: Path) -> tuple:
-    """Copies of verl's pinned files: (patched, original)."""
-    patched, original = tmp_path / "patched", tmp_path / "original"
-    for root in (patched, original):
-        shutil.copytree(upstream_root() / "verl" / "verl", root / "verl")
-    proc = subprocess.run(["git", "apply", str(REPO / "patches" / "verl" / "megatron_engine.patch")],
-                          cwd=patched, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return patched, original
-
-
-def test_patched_verl_engine_gradients_equal_verls_definition(tmp_path):
-    patched, original = verl_trees(tmp_path)
-    proc = torchrun(4, [str(REPO / "tests" / "support" / "verl_check.py"), "--verl-root", str(patched),
-                        "--original-root", str(original)], timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok  ", "FAIL"))]
-    assert proc.returncode == 0 and len(lines) == 65, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert all(line.startswith("ok") for line in lines), "\n".join(lines)
-    SUMMARY.append("verl: the patched Megatron engine (forward_backward_batch → ppo_loss/value_loss/sft_loss "
-                   "→ agg_loss → StepShares) gives verl's dp=1 gradients in 62 configurations (ppo: DP4, TP2×DP2, "
-                   "PP2×DP2, PP2×VPP2×DP2, CP2×DP2 × 5 modes; value and sft: DP4, CP2×DP2; each with the "
-                   "2-tuple and calculate_per_token_loss); the unpatched engine fails 2 controls")
-
-
-def test_patched_verl_agg_loss_is_unchanged_without_megatron_agg(tmp_path):
-    """The FSDP engine and the dp=1 definition go through agg_loss without StepShares: the patch
-    must not change a single number there."""
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(REPO / "tests" / "support"))
-    saved = dict(sys.modules)
-    try:
-        verl_check = importlib.import_module("verl_check")
-        verl_check.install_verl_stubs()
-        patched, original = verl_trees(tmp_path)
-        new = verl_check.import_verl(patched).core_algos.agg_loss
-        old = verl_check.import_verl(original).core_algos.agg_loss
-        g = torch.Generator().manual_seed(0)
-        loss, mask = torch.randn(5, 7, generator=g), (torch.rand(5, 7, generator=g) > 0.4).float()
-        mask[2] = 0
-        for mode in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-            for kw in ({}, {"dp_size": 4, "batch_num_tokens": 50, "global_batch_size": 20, "loss_scale_factor": 3}):
-                assert torch.equal(new(loss, mask, mode, **kw), old(loss, mask, mode, **kw)), (mode, kw)
-                assert torch.equal(new(loss, mask, mode, megatron_agg=None, **kw), old(loss, mask, mode, **kw))
-    finally:
-        sys.path.remove(str(REPO / "tests" / "support"))
-        for name in set(sys.modules) - set(saved):
-            del sys.modules[name]
-        sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", None) != "_StubFinder"]
+    if spec.packing:
+        output, mask, cu = _batch(True)
+        args = mlm_args(loss_agg_mode="token-mean", sft=True, context_parallel_size=2)
+        mlm = load_pretrain_gpt(release, args)
+        if spec.packed_cp_refused:
+            with pytest.raises(ValueError, match="cu_seqlens_padded=None"):
+                forward_step(mlm, release, mask, output, cu)
+        else:  # per-document (or per-row) cut: counted before the split
+            forward_step(mlm, release, mask, output, cu)

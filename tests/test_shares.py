@@ -1,6 +1,6 @@
 """StepShares (for loss functions that reduce themselves, e.g. verl's agg_loss): shares add up to
 the definition, Megatron's return conventions, the checks, no host sync per micro-batch. The
-multi-rank gradient proof runs through the patched verl engine (tests/test_patches.py)."""
+multi-rank gradient proof runs through the patched verl engine (tests/test_patches_verl.py)."""
 
 import pytest
 import torch

@@ -1,10 +1,11 @@
-"""Run under torchrun with 4 ranks: verl's Megatron engine with ``patches/verl`` applied, on CPU.
+"""Run under torchrun with 4 ranks: verl's Megatron engine with ``patches/verl/<release>`` applied, on CPU.
 
-``--verl-root DIR`` holds verl's pinned files (``verl/workers/engine/megatron/transformer_impl.py``,
-``verl/workers/utils/losses.py``, ``verl/trainer/ppo/core_algos.py``) with the patch applied;
-``--original-root DIR`` the same files unpatched (for the controls). They are imported for real;
-every other verl module they import is a small stand-in (:func:`install_verl_stubs`), Megatron
-and megatron_agg are real.
+``--tree RELEASE PATCHED ORIGINAL`` (repeatable: one launch checks several verl releases) names a
+release (``v0.9.0``, ``v0.9.1``, ``main``) and two folders holding verl's files of that release
+(``verl/workers/engine/megatron/transformer_impl.py``, ``verl/workers/utils/losses.py``,
+``verl/trainer/ppo/core_algos.py``): PATCHED with the release's patch applied, ORIGINAL unpatched
+(for the controls). They are imported for real; every other verl module they import is a small
+stand-in (:func:`install_verl_stubs`), Megatron and megatron_agg are real.
 
 One training step goes through the patched engine's own ``forward_backward_batch`` →
 Megatron's schedule → the engine's ``postprocess_micro_batch_func`` → verl's ``ppo_loss``
@@ -18,8 +19,10 @@ plain-PyTorch model (1e-5 relative) for every mode, with and without
 Controls (must fail): the *unpatched* engine with a fully-masked response in the batch
 (``seq-mean-token-mean``: its dp>1 denominator counts the empty sequences its dp=1 definition
 leaves out), and with ``calculate_per_token_loss`` under CP2 (its ``routed_tokens // cp`` drops
-tokens when a micro-batch's count is odd). Prints one line per check; exits non-zero on any
-unexpected outcome.
+tokens when a micro-batch's count is odd). Release-specific: the unpatched engine under
+``calculate_per_token_loss`` refuses ``seq-mean-token-mean`` up to v0.9.0 and ``main`` (the patch
+lifts that refusal), while v0.9.1 accepts it (verl PR #7915) and its gradients are off. Prints one
+line per check, prefixed with the release; exits non-zero on any unexpected outcome.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any
 from unittest import mock
 
 import torch
@@ -45,7 +48,14 @@ import torch.distributed as dist
 from megatron_agg.layout import cp_local_positions, to_cp_local
 from megatron_agg.testing import data as data_mod
 from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
+from megatron_agg.testing.gpt import (
+    TinyGPT,
+    build_chunks,
+    grad_error,
+    load_full_weights,
+    reference_grads,
+    wrap_ddp,
+)
 from megatron_agg.testing.parallel import Layout, model_parallel
 from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
 
@@ -53,16 +63,19 @@ SPEC = TinyGPT(num_layers=4)
 TOL = 1e-5
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"]
 LAYOUTS = [Layout(), Layout(tp=2), Layout(pp=2), Layout(pp=2, vpp=2), Layout(cp=2)]
+#: Whether the release's *unpatched* engine refuses ``seq-mean-token-mean`` under
+#: ``calculate_per_token_loss`` (static CP). verl PR #7915 removed the refusal in v0.9.1.
+REFUSES_SEQ_MEAN_PER_TOKEN = {"v0.9.0": True, "v0.9.1": False, "main": True}
 
 
 # -- verl's other modules: small stand-ins with the behaviour the three files rely on -----------
 class FakeTensorDict:
     """The parts of ``tensordict.TensorDict`` the engine and losses use (dense tensors only)."""
 
-    def __init__(self, tensors: Dict[str, torch.Tensor], non_tensor: Dict[str, Any] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], non_tensor: dict[str, Any] | None = None):
         self.tensors = dict(tensors)
         self.non_tensor = dict(non_tensor or {})
-        self.micro_batches: List["FakeTensorDict"] = []
+        self.micro_batches: list[FakeTensorDict] = []
 
     def __getitem__(self, key: str) -> Any:
         return self.tensors[key] if key in self.tensors else self.non_tensor[key]
@@ -79,13 +92,13 @@ class FakeTensorDict:
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
 
-    def select(self, *keys: str) -> "FakeTensorDict":
+    def select(self, *keys: str) -> FakeTensorDict:
         return FakeTensorDict({k: self.tensors[k] for k in keys}, self.non_tensor)
 
-    def to_padded_tensor(self) -> "FakeTensorDict":
+    def to_padded_tensor(self) -> FakeTensorDict:
         return self
 
-    def to(self, device: Any) -> "FakeTensorDict":
+    def to(self, device: Any) -> FakeTensorDict:
         return self
 
 
@@ -141,7 +154,7 @@ def install_verl_stubs() -> None:
         aggregation: Any = None
 
         @classmethod
-        def from_dict(cls, d: Dict[str, Any], aggregation: Any = None) -> Dict[str, "Metric"]:
+        def from_dict(cls, d: dict[str, Any], aggregation: Any = None) -> dict[str, Metric]:
             return {k: cls(v, aggregation) for k, v in d.items()}
 
     def masked_sum(values, mask, axis=None):
@@ -170,6 +183,11 @@ def install_verl_stubs() -> None:
         for mb in data.micro_batches:
             mb.non_tensor.update(data.non_tensor)
         return data.micro_batches, None
+
+    def detach_tree(tree):  # v0.9.1: the engine detaches model_output before Megatron stores it
+        if isinstance(tree, dict):
+            return {k: detach_tree(v) for k, v in tree.items()}
+        return tree.detach() if isinstance(tree, torch.Tensor) else tree
 
     def make_batch_generator(batches, vpp_size):
         return [iter(batches) for _ in range(vpp_size)] if vpp_size > 1 else iter(batches)
@@ -204,7 +222,7 @@ def install_verl_stubs() -> None:
                                                is_replay_forward_action=lambda *a, **k: False))
     _module("verl.workers.engine.base", BaseEngine=object, BaseEngineCtx=object, EngineRegistry=Registry)
     _module("verl.workers.engine.utils",
-            prepare_micro_batches=prepare_micro_batches,
+            prepare_micro_batches=prepare_micro_batches, detach_tree=detach_tree,
             postprocess_batch_func=lambda output_lst, indices, data: {"losses": output_lst})
     _module("verl.workers.engine.megatron.utils", set_random_seed=lambda *a, **k: None)
 
@@ -248,7 +266,7 @@ class Step:
     returns: torch.Tensor
 
 
-def make_step(full: Dict[str, torch.Tensor]) -> Step:
+def make_step(full: dict[str, torch.Tensor]) -> Step:
     batch = data_mod.make_global_batch(SPEC.vocab_size, seed=5)
     g, s = batch.tokens.shape
     attention = (torch.arange(s).unsqueeze(0) < torch.tensor(batch.lengths).unsqueeze(1)).float()
@@ -285,7 +303,7 @@ def loss_function(verl: SimpleNamespace, kind: str, mode: str):
     return partial(verl.losses.sft_loss, config=SimpleNamespace())
 
 
-def model_output(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
+def model_output(ce: torch.Tensor) -> dict[str, torch.Tensor]:
     """What the engine's forward gives the loss functions, from the per-token cross entropy."""
     return {"log_probs": -ce, "entropy": 0.5 * ce, "values": ce}
 
@@ -302,7 +320,7 @@ def rows_data(step: Step, rows: slice, **non_tensor: Any) -> FakeTensorDict:
     )
 
 
-def reference(verl: SimpleNamespace, step: Step, full: Dict[str, torch.Tensor], kind: str, mode: str):
+def reference(verl: SimpleNamespace, step: Step, full: dict[str, torch.Tensor], kind: str, mode: str):
     """verl's own definition: its loss function at dp_size=1 on the whole global batch, one process."""
     b = step.batch
     pos = torch.arange(b.seq_length).unsqueeze(0).expand_as(b.tokens)
@@ -346,7 +364,7 @@ def fake_forward_step(batch_iter, model, logits_processor_func, postprocess_micr
     tokens, labels = batch["input_ids"], batch["labels"]
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    local = lambda t: to_cp_local(t, cp, r).contiguous()  # noqa: E731
+    local = lambda t: to_cp_local(t, cp, r).contiguous()
     output = model(local(tokens), local(pos), None, labels=local(labels))
     if output.dim() == 2:  # last stage: per-token cross entropy of this CP slice
         output = model_output(gather_whole(output, s))
@@ -378,10 +396,23 @@ def run_engine(verl: SimpleNamespace, step: Step, full, layout: Layout, kind: st
     return model
 
 
+def runs_for(full: bool) -> list[tuple]:
+    """The (layout, loss kind, mode) runs: every layout × every mode (``full``), or every layout
+    with ``seq-mean-token-mean`` (the mode whose handling differs between releases) and
+    ``token-mean``."""
+    modes = MODES if full else ["token-mean", "seq-mean-token-mean"]
+    runs = [(layout, "ppo", mode) for layout in LAYOUTS for mode in modes]
+    runs += [(layout, kind, mode) for layout in (Layout(), Layout(cp=2))
+             for kind, mode in (("value", "token-mean"), ("value", "seq-mean-token-mean"), ("sft", "token-mean"))]
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--verl-root", type=Path, required=True)
-    parser.add_argument("--original-root", type=Path, required=True)
+    parser.add_argument("--tree", nargs=3, action="append", required=True, metavar=("RELEASE", "PATCHED", "ORIGINAL"),
+                        help="a verl release and its patched and unpatched files (repeatable)")
+    parser.add_argument("--reduced", nargs="*", default=[], metavar="RELEASE",
+                        help="releases checked with the reduced matrix (runs_for(full=False))")
     parser.add_argument("--layer-spec", default="tests.support.cp_attention:layer_spec")
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -407,33 +438,45 @@ def main() -> int:
     full = init_full_weights(SPEC, seed=7)
     step = make_step(full)
 
-    def check(verl, layout, kind, mode, per_token):
+    def check(verl, refs, layout, kind, mode, per_token):
         with cpu_shim(), model_parallel(layout):
             model = run_engine(verl, step, full, layout, kind, mode, per_token)
             err = torch.tensor([max(grad_error(model, refs[kind, mode]).values())], dtype=torch.float64)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         return float(err)
 
-    patched = import_verl(args.verl_root)
-    runs = [(layout, "ppo", mode) for layout in LAYOUTS for mode in MODES]
-    runs += [(layout, kind, mode) for layout in (Layout(), Layout(cp=2))
-             for kind, mode in (("value", "token-mean"), ("value", "seq-mean-token-mean"), ("sft", "token-mean"))]
-    refs = {(kind, mode): reference(patched, step, full, kind, mode) for _, kind, mode in runs}
-    for layout, kind, mode in runs:
-        for per_token in (False, True):
-            t0 = time.perf_counter()
-            err = check(patched, layout, kind, mode, per_token)
-            conv = "3-tuple+per-token" if per_token else "2-tuple"
-            report(f"patched {layout.name(world)} {conv} {kind}_loss {mode}", err <= TOL,
-                   f"grad err {err:.1e} ({time.perf_counter() - t0:.1f}s)")
-    original = import_verl(args.original_root)
-    err = check(original, Layout(), "ppo", "seq-mean-token-mean", False)
-    report("control unpatched dp4 seq-mean-token-mean (empty responses counted) fails", err > 1e-3,
-           f"grad err {err:.1e}")
-    err = check(original, Layout(cp=2), "ppo", "token-mean", True)
-    report("control unpatched dp2-cp2 per-token token-mean (routed // cp) fails", err > 1e-3, f"grad err {err:.1e}")
-    err = check(original, Layout(), "ppo", "token-mean", False)
-    report("unpatched dp4 2-tuple token-mean is exact (the harness is fair)", err <= TOL, f"grad err {err:.1e}")
+    for release, patched_root, original_root in args.tree:
+        t_release = time.perf_counter()
+        patched = import_verl(Path(patched_root))
+        runs = runs_for(full=release not in args.reduced)
+        refs = {(kind, mode): reference(patched, step, full, kind, mode) for _, kind, mode in runs}
+        for layout, kind, mode in runs:
+            for per_token in (False, True):
+                t0 = time.perf_counter()
+                err = check(patched, refs, layout, kind, mode, per_token)
+                conv = "3-tuple+per-token" if per_token else "2-tuple"
+                report(f"{release} patched {layout.name(world)} {conv} {kind}_loss {mode}", err <= TOL,
+                       f"grad err {err:.1e} ({time.perf_counter() - t0:.1f}s)")
+        original = import_verl(Path(original_root))
+        err = check(original, refs, Layout(), "ppo", "seq-mean-token-mean", False)
+        report(f"{release} control unpatched dp4 seq-mean-token-mean (empty responses counted) fails", err > 1e-3,
+               f"grad err {err:.1e}")
+        err = check(original, refs, Layout(cp=2), "ppo", "token-mean", True)
+        report(f"{release} control unpatched dp2-cp2 per-token token-mean (routed // cp) fails", err > 1e-3,
+               f"grad err {err:.1e}")
+        err = check(original, refs, Layout(), "ppo", "token-mean", False)
+        report(f"{release} unpatched dp4 2-tuple token-mean is exact (the harness is fair)", err <= TOL,
+               f"grad err {err:.1e}")
+        refuses = REFUSES_SEQ_MEAN_PER_TOKEN[release]
+        try:
+            err, outcome = check(original, refs, Layout(cp=2), "ppo", "seq-mean-token-mean", True), "accepted"
+        except ValueError as exc:  # every rank computes the loss (pp=1): every rank raises
+            err, outcome = float("nan"), "refused" if "is incompatible with" in str(exc) else f"raised {exc}"
+        ok = outcome == "refused" if refuses else (outcome == "accepted" and err > 1e-3)
+        report(f"{release} control unpatched dp2-cp2 per-token seq-mean-token-mean is "
+               f"{'refused' if refuses else 'accepted and inexact'}", ok, f"{outcome}, grad err {err:.1e}")
+        if rank == 0:
+            print(f"# {release}: {time.perf_counter() - t_release:.1f}s", flush=True)
     dist.destroy_process_group()
     return 1 if failures else 0
 
