@@ -5,6 +5,7 @@
 #
 #   bash scripts/run_version_matrix.sh                 # all releases
 #   MEGATRON_AGG_VERSIONS="0.13.1 0.19.2" bash scripts/run_version_matrix.sh
+#   bash scripts/run_version_matrix.sh --prepare       # only build (or refresh) the venvs
 #
 # 0.13–0.16 run on Python 3.11 with the CPU torch 2.13.0; 0.17+ need Python 3.12 (found as
 # PYTHON312, python3.12 on PATH, or pyenv's 3.12.1) and then take torch from the registry (a
@@ -49,6 +50,18 @@ make_venv() {  # version -> prints the venv path
   quiet_pip "$venv" --no-deps -e "$ROOT"  # this checkout, every time
   echo "$venv"
 }
+
+if [ "${1:-}" = "--prepare" ]; then
+  for v in $VERSIONS; do
+    start=$(date +%s)
+    venv="$(make_venv "$v")"
+    echo "versions: megatron-core $v ready in $venv ($(( $(date +%s) - start ))s)"
+  done
+  exit 0
+elif [ $# -gt 0 ]; then
+  echo "usage: bash scripts/run_version_matrix.sh [--prepare]" >&2
+  exit 2
+fi
 
 status=0
 summary=()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Megatron-LM's real GPT training script end to end on 4 CPU ranks: the 0.19 line's
+# pretrain_gpt.py (with gpt_builders.py and model_provider.py), patched with megatron_agg's
+# patch, runs one training step per configuration (TP2xDP2, PP2xDP2, CP2xDP2 with packed SFT
+# data, CP2xDP2 with --dataloader-inter-document-masking) and --loss-agg-mode, in one torchrun
+# launch; the gradients must equal those of one process that holds the whole global batch and
+# computes the loss by its definition, and the negative controls must miss.
+#
+#   bash scripts/run_megatron_lm_e2e.sh                      # everything (a few minutes)
+#   bash scripts/run_megatron_lm_e2e.sh --configs cp2-dp2-interdoc --modes seq-mean-token-mean
+#
+# Arguments go to `python -m megatron_agg.testing.megatron_lm` (see its --help). The venv is the
+# version matrix's megatron-core 0.19.2 one (scripts/run_version_matrix.sh's make_venv: created
+# on first use, then reused; megatron_agg installed editable from this checkout). Writes
+# $MEGATRON_AGG_OUT (default results/megatron_lm_e2e): e2e.log, summary.json, captures/.
+# Prints one line per configuration and per control; exits non-zero on any mismatch.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
+PYTHON311="${PYTHON311:-python3}"
+VERSION="${MEGATRON_AGG_E2E_VERSION:-0.19.2}"
+OUT="${MEGATRON_AGG_OUT:-$ROOT/results/megatron_lm_e2e}"
+mkdir -p "$CACHE/venvs" "$OUT"
+
+# The venv functions of the version matrix (python312, quiet_pip, make_venv), without its loop.
+eval "$(sed -n -e '/^python312() {/,/^}/p' -e '/^quiet_pip() {/,/^}/p' -e '/^make_venv() {/,/^}/p' \
+  "$ROOT/scripts/run_version_matrix.sh")"
+if ! declare -F make_venv >/dev/null; then
+  echo "megatron-lm e2e: cannot find make_venv in scripts/run_version_matrix.sh" >&2
+  exit 2
+fi
+
+start=$(date +%s)
+venv="$(make_venv "$VERSION")"
+installed=$(( $(date +%s) - start ))
+port="${MASTER_PORT:-$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+log="$OUT/e2e.log"
+echo "megatron-lm e2e: megatron-core $VERSION ($venv, ready in ${installed}s); 4 ranks; log $log"
+set +e
+(cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+    --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "$port" \
+    -m megatron_agg.testing.megatron_lm --out "$OUT" "$@" >"$log" 2>&1)
+rc=$?
+set -e
+if ! grep -E '^megatron-lm e2e' "$log"; then
+  echo "megatron-lm e2e: did not finish (exit $rc); the last lines of $log:" >&2
+  tail -30 "$log" >&2
+  [ $rc -ne 0 ] || rc=1
+fi
+echo "megatron-lm e2e: exit $rc, total $(( $(date +%s) - start ))s"
+exit $rc
