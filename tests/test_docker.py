@@ -4,6 +4,7 @@ builds the expected torchrun command, and really trains across 2 "nodes" × 2 ra
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,13 @@ def test_dockerfiles_lint_clean():
 def test_dockerfiles_carry_what_we_rely_on():
     gpu = (REPO / "docker" / "Dockerfile").read_text()
     assert "FROM ${BASE_IMAGE}" in gpu and "nvcr.io/nvidia/pytorch" in gpu  # TE and Apex come with it
-    assert 'megatron-core>=0.13.0,<0.20.0' in gpu  # the supported range of setup.py
+    # pinned to the release tested end to end (the real pretrain_gpt.py) and in the version matrix
+    pin = re.search(r'ARG MEGATRON_CORE_SPEC="megatron-core==([0-9.]+)"', gpu)
+    assert pin is not None, "the GPU image pins one megatron-core release"
+    e2e = re.search(r'MEGATRON_AGG_E2E_VERSION:-([0-9.]+)', (REPO / "scripts" / "run_megatron_lm_e2e.sh").read_text())
+    matrix = re.search(r'MEGATRON_AGG_VERSIONS:-([0-9. ]+)', (REPO / "scripts" / "run_version_matrix.sh").read_text())
+    assert pin.group(1) == e2e.group(1) and pin.group(1) in matrix.group(1).split()
+    assert "COPY patches ./patches" in gpu  # megatron-agg patch inside the image
     assert 'ENTRYPOINT ["/workspace/megatron_agg/docker/launch.sh"]' in gpu
     cpu = (REPO / "docker" / "Dockerfile.cpu").read_text()
     assert "torch==2.13.0" in cpu and "whl/cpu" in cpu and "megatron-core==0.16.1" in cpu
