@@ -31,7 +31,10 @@ Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg
 - **before the first gradient**: :meth:`DeferredLossHook.install` (called by you, or by the first
   ``loss_func(..., model=model)``) refuses a Megatron config without
   ``calculate_per_token_loss=True`` or without ``finalize_model_grads_func`` — Megatron would
-  divide each micro-batch by its own ``num_tokens`` and the result would be silently wrong — and
+  divide each micro-batch by its own ``num_tokens`` and the result would be silently wrong — or
+  a ``seq-mean-*`` term with a model that adds token-scaled losses of its own (MoE load-balancing
+  loss or z-loss, MTP: :func:`~megatron_agg.integration.token_scaled_auxiliary_losses`; Megatron
+  scales them for a division by tokens, this mode's ``num_tokens`` carries sequences) — and
   checks synchronously (one all-reduce over the data-parallel group, one host sync, once) that
   every DP rank built the same hook;
 - **every step**: ``install`` wraps ``config.finalize_model_grads_func`` (Megatron's own extension
@@ -54,7 +57,7 @@ from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
 from .integration import (check_megatron_version, checked_cp_layout, model_config, refuse_unsupported_layouts,
-                          resolve_groups)
+                          resolve_groups, token_scaled_auxiliary_losses)
 from .layout import local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
@@ -155,6 +158,31 @@ class DeferredLossHook:
                 "(megatron.core.distributed.finalize_model_grads): it divides by the step's total."
             )
         refuse_unsupported_layouts(config, "DeferredLossHook")
+        problem = self._auxiliary_loss_problem(config)
+        if problem:
+            raise ValueError(problem)
+
+    def _auxiliary_loss_problem(self, config: Any) -> str:
+        """Why the model's token-scaled auxiliary losses cannot ride on this hook's denominator
+        (``""``: they can). Megatron scales the MoE load-balancing loss, the router z-loss and the
+        MTP loss for a division by the step's *valid tokens*; a ``seq-mean-*`` term sends the
+        step's *sequence* count through ``num_tokens`` instead, so their weight would grow by
+        tokens per sequence. Compensating would take ``T / N`` of the step before its backward
+        passes, which the deferred mode (no collective) does not have."""
+        if self._term.agg_mode is AggMode.TOKEN_MEAN:
+            return ""
+        active = token_scaled_auxiliary_losses(config)
+        if not active:
+            return ""
+        return (
+            f"DeferredLossHook with {self._term.agg_mode.value!r} sends the step's {_denominator_kind(self._term)} "
+            f"through Megatron's num_tokens, but this model also adds {'; '.join(active)}, which Megatron "
+            "scales for a division by the step's valid-token count (calculate_per_token_loss): their "
+            "gradients would be multiplied by valid tokens per sequence, with no error. Use the prepared "
+            "LossHook (LossHook(...).wrap(get_forward_backward_func()) with loss_masks=...), which returns "
+            "Megatron's own token counts and keeps those losses' weight; or mode='token-mean'; or set "
+            "their coefficients to 0."
+        )
 
     @property
     def installed(self) -> bool:
@@ -384,6 +412,8 @@ class DeferredLossHook:
                 "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "
                 "mode needs it on every step."
             )
+        elif self._auxiliary_loss_problem(config):
+            checks.evaluations = "the config changed after DeferredLossHook.install: " + self._auxiliary_loss_problem(config)
         checks.finish(groups, self.config.raise_on_every_rank, device, stage_only=True)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "step_averaging",
     "model_config",
     "refuse_unsupported_layouts",
+    "token_scaled_auxiliary_losses",
     "detect_release_behaviour",
 ]
 
@@ -194,6 +195,44 @@ def refuse_unsupported_layouts(config: Any, entry: str) -> None:
             "the per-sequence token layout megatron_agg relies on do not hold and the loss would not "
             "be exact. Use fixed context parallelism (context_parallel_size) with megatron_agg."
         )
+
+
+#: MoE load-balancing loss types whose coefficient is ``moe_aux_loss_coeff`` (an entry of it when
+#: ``moe_router_load_balancing_type`` is a list, megatron-core >= 0.14).
+_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def token_scaled_auxiliary_losses(config: Any) -> List[str]:
+    """The losses Megatron adds *inside* the model whose weight, under
+    ``calculate_per_token_loss=True``, relies on ``finalize_model_grads`` dividing by the step's
+    valid-token count.
+
+    With per-token loss the MoE router multiplies its load-balancing loss (``aux_loss``,
+    ``seq_aux_loss``, ``global_aux_loss``) and its z-loss by the micro-batch's local token count
+    (``router.py``: "To correct this scaling, we need to scale the aux_loss by num_local_tokens"),
+    and the MTP head (``gpt_model.py``) adds the *sum* of its per-token losses; all of them are
+    then divided by ``Σ num_tokens`` with the main loss. Each entry names the setting that makes
+    it active (``"MoE load-balancing loss 'aux_loss' (moe_aux_loss_coeff=0.01)"``). Reads the
+    config only (the same fields in megatron-core 0.13–0.19); the router's own rule decides: a
+    coefficient ``> 0`` for the load-balancing types, a z-loss coefficient that is set and
+    non-zero, ``mtp_num_layers > 0`` with a non-zero ``mtp_loss_scaling_factor``."""
+    active: List[str] = []
+    if getattr(config, "num_moe_experts", None):
+        types = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+        coeffs = getattr(config, "moe_aux_loss_coeff", 0.0)
+        pairs = (zip(types, coeffs if isinstance(coeffs, (list, tuple)) else [coeffs] * len(types))
+                 if isinstance(types, (list, tuple)) else [(types, coeffs)])
+        for kind, coeff in pairs:
+            if kind in _AUX_LOSS_TYPES and coeff is not None and float(coeff) > 0:
+                active.append(f"MoE load-balancing loss {kind!r} (moe_aux_loss_coeff={coeff:g})")
+        z_coeff = getattr(config, "moe_z_loss_coeff", None)
+        if z_coeff:
+            active.append(f"MoE router z-loss (moe_z_loss_coeff={z_coeff:g})")
+    mtp_layers = getattr(config, "mtp_num_layers", None)
+    if mtp_layers and getattr(config, "mtp_loss_scaling_factor", 0.1):
+        active.append(f"multi-token prediction loss (mtp_num_layers={mtp_layers}, "
+                      f"mtp_loss_scaling_factor={config.mtp_loss_scaling_factor:g})")
+    return active
 
 
 def model_config(model_or_config: Any) -> Any:

@@ -151,3 +151,128 @@ def test_hybrid_context_parallelism_is_refused_before_the_first_loss(megatron_cp
     config.hybrid_context_parallel = True
     with pytest.raises(ValueError, match="does not support hybrid context parallelism"):
         DeferredLossHook("token-mean").install(config)
+
+
+# -- MoE auxiliary losses and MTP: token-scaled by Megatron -------------------------------------
+def test_token_scaled_auxiliary_losses_are_read_from_the_config():
+    from types import SimpleNamespace
+
+    from megatron_agg.integration import token_scaled_auxiliary_losses as aux
+
+    dense = SimpleNamespace(num_moe_experts=None, moe_aux_loss_coeff=0.01, mtp_num_layers=None)
+    assert aux(dense) == []  # no experts: no router
+    moe = dict(num_moe_experts=4, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0,
+               moe_z_loss_coeff=None, mtp_num_layers=None)
+    assert aux(SimpleNamespace(**moe)) == []
+    assert aux(SimpleNamespace(**{**moe, "moe_aux_loss_coeff": 0.01})) == [
+        "MoE load-balancing loss 'aux_loss' (moe_aux_loss_coeff=0.01)"]
+    assert aux(SimpleNamespace(**{**moe, "moe_router_load_balancing_type": "sinkhorn", "moe_aux_loss_coeff": 0.01})) == []
+    assert aux(SimpleNamespace(**{**moe, "moe_router_load_balancing_type": ["seq_aux_loss", "global_aux_loss"],
+                                  "moe_aux_loss_coeff": [0.0, 0.02]})) == [
+        "MoE load-balancing loss 'global_aux_loss' (moe_aux_loss_coeff=0.02)"]
+    assert aux(SimpleNamespace(**{**moe, "moe_z_loss_coeff": 1e-3})) == ["MoE router z-loss (moe_z_loss_coeff=0.001)"]
+    assert aux(SimpleNamespace(**{**moe, "moe_z_loss_coeff": 0.0})) == []
+    assert aux(SimpleNamespace(num_moe_experts=None, mtp_num_layers=1, mtp_loss_scaling_factor=0.1)) == [
+        "multi-token prediction loss (mtp_num_layers=1, mtp_loss_scaling_factor=0.1)"]
+
+
+def _moe_step(mode: str, deferred: bool, aux_coeff: float, full=None):
+    """One step of a small MoE GPT (4 experts, top-2, EP 1) on one rank, 3 micro-batches of
+    different token and sequence counts, through the deferred or the prepared hook (3-tuple,
+    calculate_per_token_loss). Returns (every parameter's main_grad, the full weights used)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_agg import LossHook
+    from megatron_agg.testing import data as data_mod
+    from megatron_agg.testing.gpt import TinyGPT, build_chunks, full_state_dict, load_full_weights, wrap_ddp
+    from megatron_agg.testing.parallel import Layout
+
+    spec = TinyGPT(num_layers=2, layer_spec=lambda: get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False))
+    chunks = build_chunks(spec, Layout(), calculate_per_token_loss=True, num_moe_experts=4, moe_router_topk=2,
+                          add_bias_linear=False, moe_router_load_balancing_type="aux_loss",
+                          moe_aux_loss_coeff=aux_coeff)
+    full = full if full is not None else full_state_dict(chunks[0])
+    load_full_weights(chunks, full)
+    model = wrap_ddp(chunks)
+    batch = data_mod.make_global_batch(spec.vocab_size, 16)
+    mbs = data_mod.split_for_rank(batch, 1, 0)[:3]
+    hook = DeferredLossHook(mode) if deferred else LossHook(mode, loss_return="3-tuple")
+    if deferred:
+        hook.install(model)
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        output = chunk(mb.tokens, mb.position_ids, None, labels=mb.labels)
+        return output, hook.loss_func(mb.loss_mask)
+
+    fb = get_forward_backward_func()
+    kwargs = dict(forward_step_func=forward_step, data_iterator=iter(mbs), model=model, num_microbatches=len(mbs),
+                  seq_length=16, micro_batch_size=mbs[0].tokens.shape[0], forward_only=False)
+    try:
+        if deferred:
+            fb(**kwargs)
+        else:
+            hook.wrap(fb)(loss_masks=[mb.full_loss_mask for mb in mbs], **kwargs)
+    finally:
+        if deferred:
+            hook.uninstall()
+    grads = {name: p.main_grad.detach().clone() for name, p in model[0].module.named_parameters()}
+    return grads, full
+
+
+def _max_rel(a, b):
+    return max(float((a[n] - b[n]).abs().max()) / max(float(b[n].abs().max()), 1e-30) for n in b)
+
+
+def test_deferred_keeps_the_weight_megatron_gives_moe_aux_losses(megatron_cpu):
+    """With the aux loss on (calculate_per_token_loss: the router pre-multiplies it by the local
+    token count), the deferred token-mean hook, whose num_tokens are Megatron-LM's own valid-token
+    counts, gives every gradient of the prepared hook (router and experts included); a seq-mean
+    mode, whose num_tokens count sequences, is refused before the first gradient — and is exact
+    against the prepared hook once the aux coefficient is 0."""
+    prepared, full = _moe_step("token-mean", deferred=False, aux_coeff=1e-2)
+    deferred, _ = _moe_step("token-mean", deferred=True, aux_coeff=1e-2, full=full)
+    no_aux, _ = _moe_step("token-mean", deferred=False, aux_coeff=0.0, full=full)
+    router = [n for n in prepared if "router" in n]
+    assert router and _max_rel(deferred, prepared) <= 1e-5
+    # the aux loss really is on: it moves the router's gradient
+    assert max(float((prepared[n] - no_aux[n]).abs().max()) / float(prepared[n].abs().max()) for n in router) > 1e-3
+
+    with pytest.raises(ValueError, match=r"'seq-mean-token-mean' sends the step's sequences \(N\).*"
+                                         r"MoE load-balancing loss 'aux_loss' \(moe_aux_loss_coeff=0.01\).*prepared"):
+        _moe_step("seq-mean-token-mean", deferred=True, aux_coeff=1e-2, full=full)
+    # Control: what the refusal prevents (the check switched off in a subclass): the router's
+    # gradient is off by a factor of several and most parameters are wrong, with no error.
+    global DeferredLossHook
+    refusing = DeferredLossHook
+
+    class Unchecked(refusing):
+        def _auxiliary_loss_problem(self, config):
+            return ""
+
+    DeferredLossHook = Unchecked
+    try:
+        unchecked, _ = _moe_step("seq-mean-token-mean", deferred=True, aux_coeff=1e-2, full=full)
+    finally:
+        DeferredLossHook = refusing
+    prepared_seq_aux, _ = _moe_step("seq-mean-token-mean", deferred=False, aux_coeff=1e-2, full=full)
+    assert _max_rel(unchecked, prepared_seq_aux) > 0.1
+    prepared_seq, _ = _moe_step("seq-mean-token-mean", deferred=False, aux_coeff=0.0, full=full)
+    deferred_seq, _ = _moe_step("seq-mean-token-mean", deferred=True, aux_coeff=0.0, full=full)
+    assert _max_rel(deferred_seq, prepared_seq) <= 1e-5
+
+
+def test_deferred_refuses_an_auxiliary_loss_switched_on_after_install(megatron_cpu):
+    config = _Config()
+    config.num_moe_experts, config.moe_router_load_balancing_type, config.moe_aux_loss_coeff = 4, "aux_loss", 0.0
+    config.moe_z_loss_coeff, config.mtp_num_layers = None, None
+    hook = DeferredLossHook("seq-mean-token-sum")
+    hook.install(config)
+    config.moe_z_loss_coeff = 1e-3
+    hook.loss_func(torch.ones(2, 4))(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="config changed after DeferredLossHook.install.*z-loss"):
+        config.finalize_model_grads_func([])
+    with pytest.raises(ValueError, match="z-loss"):
+        DeferredLossHook("seq-mean-token-sum").check_config(config)
+    DeferredLossHook("token-mean").check_config(config)  # token-mean: Megatron's own denominator

@@ -62,6 +62,25 @@ class CpuDeviceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullEvent:
+    """A stand-in for ``torch.cuda.Event``: already complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
     """A stand-in for ``torch.cuda.Stream`` whose methods do nothing."""
 
@@ -74,8 +93,8 @@ class _NullStream:
     def wait_event(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def record_event(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def record_event(self, *args: Any, **kwargs: Any) -> _NullEvent:
+        return _NullEvent()  # MoE's token dispatcher synchronizes on it
 
     def synchronize(self) -> None:
         pass
@@ -167,9 +186,9 @@ def cpu_shim() -> Iterator[None]:
     """Make Megatron-Core run on the CPU while active (see the module docstring).
 
     Patches ``torch.cuda.{current_device, synchronize, current_stream, default_stream, Stream,
-    stream, set_stream, empty_cache, device_count, manual_seed}``, the no-op
-    ``CudaRNGStatesTracker.fork``, and AVG emulation for ``all_reduce``/``reduce_scatter_tensor``;
-    all are restored on exit.
+    Event, stream, set_stream, empty_cache, device_count, manual_seed}``, the no-op
+    ``CudaRNGStatesTracker.fork``, the MoE router's missing ``te_general_gemm`` name, and AVG
+    emulation for ``all_reduce``/``reduce_scatter_tensor``; all are restored on exit.
     """
     patches: list[tuple[Any, str, Any]] = []
 
@@ -182,6 +201,7 @@ def cpu_shim() -> Iterator[None]:
     patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
     patch(torch.cuda, "default_stream", lambda *a, **k: _NullStream())
     patch(torch.cuda, "Stream", _NullStream)
+    patch(torch.cuda, "Event", _NullEvent)
     patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     patch(torch.cuda, "set_stream", lambda *a, **k: None)
     patch(torch.cuda, "empty_cache", lambda *a, **k: None)
@@ -204,6 +224,15 @@ def cpu_shim() -> Iterator[None]:
         elif hasattr(p2p, "_communicate_shapes"):
             patch(p2p, "_communicate_shapes", _tagged_communicate_shapes_module)
     except ImportError:  # Megatron not installed: the torch part still helps
+        pass
+    try:
+        # The MoE router's gating GEMM tests ``te_general_gemm is not None``; without Transformer
+        # Engine some releases (0.16) never define the name: the torch path it falls back to.
+        from megatron.core.transformer.moe import moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            patch(moe_utils, "te_general_gemm", None)
+    except ImportError:
         pass
     mode = CpuDeviceMode()
     try:
