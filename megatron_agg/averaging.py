@@ -51,6 +51,10 @@ __all__ = [
     "RELEASES",
     "LossReturn",
     "GradReduction",
+    "Wrapper",
+    "WrapperBehaviour",
+    "WRAPPERS",
+    "wrapper_behaviour",
     "MegatronAveraging",
     "loss_multiplier",
     "report_count",
@@ -119,9 +123,73 @@ class GradReduction(str, Enum):
     SUM = "sum"  # Megatron DDP with calculate_per_token_loss=True
 
 
+class Wrapper(str, Enum):
+    """Megatron's data-parallel wrappers of a model chunk (Megatron-LM's flags in brackets)."""
+
+    DDP = "ddp"  # megatron.core.distributed.DistributedDataParallel (the default)
+    TORCH_FSDP2 = "torch-fsdp2"  # TorchFullyShardedDataParallel (--use-torch-fsdp2)
+    MEGATRON_FSDP = "megatron-fsdp"  # Megatron-FSDP's FullyShardedDataParallel (--use-megatron-fsdp)
+
+
+@dataclass(frozen=True)
+class WrapperBehaviour:
+    """What a wrapper does to the gradients of the dp_cp replicas, as far as exact scaling is
+    concerned (the columns "DDP" and "finalize" of the module table, per wrapper).
+
+    Attributes:
+        reduction: how the replicas' gradients are combined without ``calculate_per_token_loss``.
+        per_token_reduction: the same with ``calculate_per_token_loss=True``.
+        finalize_divides: ``finalize_model_grads``' division by ``Σ num_tokens`` reaches the
+            gradients (the wrapper implements ``scale_gradients``).
+        refused: a known defect: ``(strategy or None, what, needs_several_microbatches)`` entries;
+            a step that matches one is refused with ``what`` (see :func:`wrapper_behaviour`).
+        note: where it was read and what was measured (docs/RELEASES.md).
+    """
+
+    reduction: GradReduction
+    per_token_reduction: GradReduction
+    finalize_divides: bool
+    refused: tuple = ()
+    note: str = ""
+
+
+#: Per wrapper: the same in every supported release unless a release key overrides it
+#: (``(wrapper, "0.13")``). Read from the released wheels' ``distributed/`` packages and measured
+#: on CPU with gloo (tests/support/wrapper_probe.py); see docs/RELEASES.md.
+WRAPPERS = {
+    Wrapper.DDP: WrapperBehaviour(
+        GradReduction.MEAN, GradReduction.SUM, True,
+        note="pre-scale 1/dp_cp and SUM (or AVG with average_in_collective); factor 1 and SUM with "
+             "calculate_per_token_loss; scale_gradients multiplies the grad buffers",
+    ),
+    Wrapper.TORCH_FSDP2: WrapperBehaviour(
+        GradReduction.MEAN, GradReduction.MEAN, False,
+        note="torch's fully_shard over the dp_cp mesh: reduce-scatter with FSDP2's default divide "
+             "factor (a mean) on every path; scale_gradients is _BaseDataParallel's no-op, so "
+             "finalize_model_grads never divides by the token count (upstream defect in every release)",
+    ),
+    Wrapper.MEGATRON_FSDP: WrapperBehaviour(
+        GradReduction.MEAN, GradReduction.SUM, True,
+        note="gradient_scaling_factor 1/dp (or 1 and AVG with average_in_collective), none with "
+             "calculate_per_token_loss; scale_gradients multiplies the grad buffers",
+    ),
+}
+
+
+def wrapper_behaviour(wrapper: Union["Wrapper", str], release: str = "") -> WrapperBehaviour:
+    """The :class:`WrapperBehaviour` of ``wrapper`` in ``release`` (``"0.16"``; ``""``: any)."""
+    wrapper = Wrapper(wrapper)
+    return WRAPPERS.get((wrapper, release), WRAPPERS[wrapper])  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
 class MegatronAveraging:
-    """The facts of one step that decide Megatron's averaging (see the module docstring)."""
+    """The facts of one step that decide Megatron's averaging (see the module docstring).
+
+    ``finalize_divides``: ``finalize_model_grads``' division by ``Σ num_tokens`` reaches the
+    gradients (``False`` under Megatron's ``TorchFullyShardedDataParallel``, whose
+    ``scale_gradients`` does nothing); ``wrapper`` names the data-parallel wrapper.
+    """
 
     loss_return: LossReturn
     calculate_per_token_loss: bool
@@ -129,6 +197,8 @@ class MegatronAveraging:
     cp_size: int
     dp_cp_size: int
     grad_reduction: GradReduction
+    finalize_divides: bool = True
+    wrapper: Wrapper = Wrapper.DDP
 
     def __post_init__(self) -> None:
         assert self.num_microbatches >= 1 and self.cp_size >= 1 and self.dp_cp_size >= 1
@@ -149,7 +219,8 @@ def loss_multiplier(
     - ddp: ``1 / dp_cp`` for :attr:`GradReduction.MEAN`, ``1`` for :attr:`GradReduction.SUM`.
     - finalize: ``1 / Σ nt`` on the 3-tuple per-token path, where the hook returns
       ``nt = local_num_tokens`` on every rank so that ``Σ nt = global_num_tokens``; if that is
-      0, ``L = 0`` and ``F`` is 0 (finalize then skips its division).
+      0, ``L = 0`` and ``F`` is 0 (finalize then skips its division). ``1`` where the wrapper
+      drops that division (``finalize_divides=False``).
 
     Args:
         local_num_tokens: the ``nt`` returned with each micro-batch (integer tensor, 0-dim or ``[M]``).
@@ -162,6 +233,8 @@ def loss_multiplier(
     if not avg.calculate_per_token_loss:
         nt = torch.clamp(local_num_tokens, min=1).to(torch.float32)
         return nt * (avg.num_microbatches / ddp)
+    if not avg.finalize_divides:  # the wrapper's scale_gradients ignores finalize's ÷ Σ nt
+        return torch.as_tensor(1.0 / ddp, dtype=torch.float32, device=global_num_tokens.device)
     # calculate_per_token_loss=True: finalize divides the summed gradients by Σ nt = T.
     return global_num_tokens.to(torch.float32) / ddp
 

@@ -56,8 +56,10 @@ from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
-from .integration import (check_megatron_version, checked_cp_layout, model_config, refuse_unsupported_layouts,
-                          resolve_groups, token_scaled_auxiliary_losses)
+from .averaging import wrapper_behaviour
+from .integration import (check_megatron_version, checked_cp_layout, minor_release, model_config,
+                          refuse_unsupported_layouts, refuse_wrapper_defects, resolve_groups, step_wrapper,
+                          token_scaled_auxiliary_losses)
 from .layout import local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
@@ -184,6 +186,29 @@ class DeferredLossHook:
             "their coefficients to 0."
         )
 
+    @staticmethod
+    def check_wrapper(model: Any, num_microbatches: int = 1) -> None:
+        """Raise ``ValueError`` unless the model chunks' data-parallel wrapper applies
+        ``finalize_model_grads``' division by ``Σ num_tokens`` (the deferred mode's denominator)
+        and has no known defect for this step. Megatron's ``TorchFullyShardedDataParallel`` does
+        not (its ``scale_gradients`` does nothing, in every release). ``model``: the chunks (a
+        config alone says nothing about the wrapper: nothing is checked)."""
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        if not chunks or not all(isinstance(c, torch.nn.Module) for c in chunks):
+            return
+        wrapper = step_wrapper(chunks)
+        if wrapper is None:
+            return
+        if not wrapper_behaviour(wrapper, minor_release()).finalize_divides:
+            raise ValueError(
+                f"DeferredLossHook needs finalize_model_grads to divide the gradients by the step's "
+                f"num_tokens, but the model chunks are wrapped in {type(chunks[0]).__name__} ({wrapper.value}), "
+                "whose scale_gradients does nothing: the gradients would be off by the whole denominator, "
+                "with no error. Use the prepared LossHook (it returns the exact share for this wrapper) or "
+                "Megatron's DistributedDataParallel / Megatron-FSDP."
+            )
+        refuse_wrapper_defects(wrapper, getattr(chunks[0], "ddp_config", None), num_microbatches, True)
+
     @property
     def installed(self) -> bool:
         return self._megatron_config is not None
@@ -203,6 +228,7 @@ class DeferredLossHook:
         if self._megatron_config is not None and self._megatron_config is not config:
             raise ValueError("This DeferredLossHook is installed on another model's config; build one hook per model.")
         self.check_config(config)
+        self.check_wrapper(model_or_config)
         current = config.finalize_model_grads_func
         owner = getattr(current, "__megatron_agg_hook__", None)
         if owner is not None and owner is not self:
@@ -217,7 +243,7 @@ class DeferredLossHook:
         original = current
 
         def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
-            self._end_of_step(kwargs)
+            self._end_of_step(args[0] if args else kwargs.get("model"))
             return original(*args, **kwargs)
 
         finalize_model_grads_with_checks.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
@@ -396,10 +422,12 @@ class DeferredLossHook:
         return numerator, num_tokens, out
 
     # -- the end of a step ------------------------------------------------------------------------
-    def _end_of_step(self, finalize_kwargs: Dict[str, Any]) -> None:
-        """Run by the wrapped ``finalize_model_grads_func``: the step's checks, before Megatron
-        reduces the gradients (one host sync; two small all-reduces over the loss stage)."""
+    def _end_of_step(self, model: Any) -> None:
+        """Run by the wrapped ``finalize_model_grads_func`` (``model``: its first argument): the
+        step's checks, before Megatron reduces the gradients (one host sync; two small
+        all-reduces over the loss stage)."""
         checks = self._step_checks()
+        num_microbatches = max(self._index, 1)
         self._checks = None
         self._index = 0
         config = self._megatron_config
@@ -414,6 +442,11 @@ class DeferredLossHook:
             )
         elif self._auxiliary_loss_problem(config):
             checks.evaluations = "the config changed after DeferredLossHook.install: " + self._auxiliary_loss_problem(config)
+        else:
+            try:  # an install from a config alone could not see the wrapper; the step's model can
+                self.check_wrapper(model, num_microbatches)
+            except ValueError as exc:
+                checks.evaluations = str(exc)
         checks.finish(groups, self.config.raise_on_every_rank, device, stage_only=True)
 
 

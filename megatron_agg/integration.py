@@ -15,7 +15,8 @@ from typing import Any, List, Optional
 
 import torch
 
-from .averaging import RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour
+from .averaging import (RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour, Wrapper,
+                        wrapper_behaviour)
 from .groups import ParallelGroups, group_size
 from .layout import CP_LAYOUTS
 
@@ -30,6 +31,10 @@ __all__ = [
     "model_config",
     "refuse_unsupported_layouts",
     "token_scaled_auxiliary_losses",
+    "wrapper_of",
+    "step_wrapper",
+    "refuse_wrapper_defects",
+    "minor_release",
     "detect_release_behaviour",
 ]
 
@@ -256,6 +261,47 @@ def _ddp_config(chunk: Any) -> Any:
     return getattr(chunk, "ddp_config", None)
 
 
+#: Megatron's wrapper classes by where they are defined (the MRO is read by name, so that a
+#: release without one of them needs no import): megatron-core 0.13 calls Megatron-FSDP
+#: ``custom_fsdp``, 0.14 and later ``fsdp.mcore_fsdp_adapter``.
+_WRAPPER_CLASSES = {
+    "megatron.core.distributed.distributed_data_parallel.DistributedDataParallel": Wrapper.DDP,
+    "megatron.core.distributed.torch_fully_sharded_data_parallel.TorchFullyShardedDataParallel": Wrapper.TORCH_FSDP2,
+    "megatron.core.distributed.fsdp.mcore_fsdp_adapter.FullyShardedDataParallel": Wrapper.MEGATRON_FSDP,
+    "megatron.core.distributed.custom_fsdp.fully_sharded_data_parallel.FullyShardedDataParallel": Wrapper.MEGATRON_FSDP,
+}
+
+
+def wrapper_of(chunk: Any) -> Optional[Wrapper]:
+    """Which of Megatron's data-parallel wrappers holds a model chunk (``None``: not wrapped).
+
+    Raises ``ValueError`` for a wrapper megatron_agg does not know (a class with a
+    ``ddp_config`` that is none of Megatron's, nor a subclass of one): what it does to gradients is
+    not in :data:`megatron_agg.averaging.WRAPPERS`, so the scaling could not be exact."""
+    for cls in type(chunk).__mro__:
+        kind = _WRAPPER_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
+            return kind
+    if _ddp_config(chunk) is None:
+        return None
+    raise ValueError(
+        f"megatron_agg does not know the data-parallel wrapper {type(chunk).__module__}."
+        f"{type(chunk).__qualname__} (it has a ddp_config but is none of Megatron's DistributedDataParallel, "
+        "TorchFullyShardedDataParallel or Megatron-FSDP's FullyShardedDataParallel), so it cannot tell "
+        "how the gradients are reduced. Wrap the chunks in one of those, or subclass one of them."
+    )
+
+
+def step_wrapper(model: Any) -> Optional[Wrapper]:
+    """The wrapper every chunk of ``model`` is held by (:func:`wrapper_of`); ``ValueError`` if they differ."""
+    kinds = {wrapper_of(c) for c in _model_chunks(model)}
+    if len(kinds) > 1:
+        names = ", ".join(sorted(k.value if k is not None else "unwrapped" for k in kinds))
+        raise ValueError(f"The model chunks are held by different data-parallel wrappers ({names}); wrap every "
+                         "chunk the same way, as Megatron-LM's get_model does.")
+    return next(iter(kinds))
+
+
 def step_averaging(
     model: Any,
     loss_return: LossReturn,
@@ -274,7 +320,9 @@ def step_averaging(
     refuse_unsupported_layouts(config, "megatron_agg")
     per_token = bool(getattr(config, "calculate_per_token_loss", False))
     ddp_configs = [_ddp_config(c) for c in chunks]
-    if any(cfg is None for cfg in ddp_configs):
+    wrapper = step_wrapper(chunks)
+    finalize_divides = True
+    if wrapper is None:
         if groups.dp_cp_size > 1:
             raise ValueError(
                 "The model chunks are not wrapped in megatron.core.distributed."
@@ -284,14 +332,19 @@ def step_averaging(
             )
         # One dp_cp rank: no reduction happens, which is a mean and a sum at once.
         reduction = GradReduction.SUM if per_token else GradReduction.MEAN
+        wrapper = Wrapper.DDP
     else:
-        reduction = GradReduction.SUM if per_token else GradReduction.MEAN
-        if per_token and any(getattr(c, "average_in_collective", False) for c in ddp_configs):
+        behaviour = wrapper_behaviour(wrapper, minor_release())
+        reduction = behaviour.per_token_reduction if per_token else behaviour.reduction
+        finalize_divides = behaviour.finalize_divides
+        if (per_token and wrapper is not Wrapper.TORCH_FSDP2
+                and any(getattr(c, "average_in_collective", False) for c in ddp_configs)):
             raise ValueError(
                 "calculate_per_token_loss=True cannot be combined with "
                 "DistributedDataParallelConfig(average_in_collective=True) (Megatron asserts the "
                 "same); set average_in_collective=False."
             )
+        refuse_wrapper_defects(wrapper, ddp_configs[0], int(num_microbatches), per_token)
     if per_token and loss_return is LossReturn.THREE_TUPLE and getattr(
         config, "finalize_model_grads_func", None
     ) is None:
@@ -307,7 +360,32 @@ def step_averaging(
         cp_size=groups.cp_size,
         dp_cp_size=groups.dp_cp_size,
         grad_reduction=reduction,
+        finalize_divides=finalize_divides,
+        wrapper=wrapper,
     )
+
+
+def minor_release() -> str:
+    """The installed megatron-core's minor release (``"0.16"``), the key of the tables."""
+    release = _release(megatron_core_version())
+    return f"{release[0]}.{release[1]}" if len(release) >= 2 else ""
+
+
+def refuse_wrapper_defects(wrapper: Wrapper, ddp_config: Any, num_microbatches: int, per_token: bool) -> None:
+    """Raise ``ValueError`` for a wrapper set-up with a known upstream defect
+    (:attr:`WrapperBehaviour.refused <megatron_agg.averaging.WrapperBehaviour>`), naming the
+    release and the defect."""
+    behaviour = wrapper_behaviour(wrapper, minor_release())
+    strategy = getattr(ddp_config, "data_parallel_sharding_strategy", None)
+    for refused_strategy, what, several in behaviour.refused:
+        if refused_strategy not in (None, strategy) or (several and num_microbatches < 2):
+            continue
+        raise ValueError(
+            f"megatron_agg cannot make this step exact: {wrapper.value} with "
+            f"data_parallel_sharding_strategy={strategy!r} in megatron-core {megatron_core_version()} {what} "
+            "Use another strategy (e.g. 'optim_grads'), one micro-batch per step, or Megatron's "
+            "DistributedDataParallel."
+        )
 
 
 
