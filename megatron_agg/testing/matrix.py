@@ -391,7 +391,8 @@ class Harness:
             hook.install(model)  # checks the config and the ranks' agreement before the step
         else:
             if "groups" in broken:
-                broken["groups"] = groups_like(broken["groups"], cp_layout=broken.pop("cp_layout"))
+                # keep the class of the injected groups (LocalTimesDpGroups & co.), change the layout only
+                broken["groups"] = groups_like(broken["groups"], type(broken["groups"]), cp_layout=broken.pop("cp_layout"))
             hook = LossHook(terms=spec.terms, loss_return=variant.loss_return, **broken)
         plain = plain_masked_mean(control.plain) if control and control.plain else None
 
