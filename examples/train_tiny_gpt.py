@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--loss-agg-mode", default="seq-mean-token-mean",
-                   choices=[m.value for m in AggMode])
+                   choices=[m.value for m in AggMode if not m.needs_groups])  # prompt-mean needs group ids
     p.add_argument("--exclude-fully-masked-seqs", action="store_true")
     p.add_argument("--loss-scale-factor", type=float, default=None,
                    help="C of seq-mean-token-sum-norm (default: the padded sequence length)")

@@ -8,8 +8,11 @@ Public API: the entry points :class:`LossHook` (masks known up front), :class:`D
 (streamed data, Megatron's num_tokens channel), :class:`StepShares` (loss functions that reduce
 themselves, e.g. verl's) and ``megatron_agg.fsdp.FSDPLossHook``, all thin front ends over one
 engine (:mod:`megatron_agg.engine`) configured by one :class:`AggConfig`; :class:`LossTerm`,
-:class:`AggMode`, :class:`LossReturn`, :class:`ParallelGroups`, the :class:`Scaling` interface,
-:func:`reference_loss`.
+:class:`AggMode` (``token-mean``, the ``seq-mean-*`` modes, ``token-sum``, ``prompt-mean``),
+:class:`LossReturn`, :class:`ParallelGroups`, the :class:`Scaling` interface, :func:`reference_loss`.
+Terms may name masks of their own (``LossTerm(mask=...)``), metrics are aggregated like terms
+(``metrics=``), and ``prompt-mean`` takes per-sequence group ids (``group_ids=`` next to
+``loss_masks``; ``num_groups``/``group_scope``, :data:`GROUP_SCOPES`).
 """
 
 from .averaging import LossReturn
@@ -24,14 +27,17 @@ from .scaling import MegatronScaling, Scaling, SumScaling
 from .modes import AggMode
 from .packing import PackedSequences
 from .shares import StepShares
-from .terms import LossTerm
+from .terms import DEFAULT_MASK_NAME, LossTerm
+from .totals import GROUP_SCOPES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AggConfig",
     "AggMode",
+    "DEFAULT_MASK_NAME",
     "DeferredLossHook",
+    "GROUP_SCOPES",
     "LossHook",
     "LossReturn",
     "LossTerm",

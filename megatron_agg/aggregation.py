@@ -7,21 +7,27 @@ Every mode (see :mod:`megatron_agg.modes`) has the form
 with a per-sequence weight ``α_i`` that needs only sequence ``i`` itself and one global
 denominator ``D`` that needs the whole step:
 
-=========================== ================ ===================================
-mode                        α_i              D
-=========================== ================ ===================================
-``token-mean``              1                T  (valid tokens in the step)
-``seq-mean-token-sum``      1                N
-``seq-mean-token-mean``     1 / n_i (0 if 0) N
-``seq-mean-token-sum-norm`` 1 / C_i          N
-=========================== ================ ===================================
+=========================== ==================== ===================================
+mode                        α_i                  D
+=========================== ==================== ===================================
+``token-mean``              1                    T  (valid tokens in the step)
+``seq-mean-token-sum``      1                    N
+``seq-mean-token-mean``     1 / n_i (0 if 0)     N
+``seq-mean-token-sum-norm`` 1 / C_i              N
+``token-sum``               1                    1
+``prompt-mean``             1 / M_g(i) (0 if 0)  P
+=========================== ==================== ===================================
 
 ``N`` counts all sequences of the step, or only those with ``n_i > 0`` when
-``exclude_fully_masked_seqs``. ``T``, the number of sequences and the number of non-empty
-sequences are the step *totals*: local sums (:func:`local_totals`) that the caller
-all-reduces (SUM) once per step over the data-parallel group. ``1/D`` is taken as 0 when
-``D = 0`` (:func:`safe_reciprocal`), so an all-masked step gives ``L = 0`` and zero
-gradients, never NaN.
+``exclude_fully_masked_seqs``; ``P`` the groups (prompts) present in the step, or only those
+with ``M_g > 0``. ``T``, the number of sequences and the number of non-empty sequences are the
+step *totals*: local sums (:func:`local_totals`; with several masks and groups
+:mod:`megatron_agg.totals`) that the caller all-reduces (SUM) once per step over the
+data-parallel group. ``prompt-mean`` is the one mode whose ``α_i`` needs the whole step too
+(``M_g`` sums over every sequence of group ``g`` on every rank): its per-token weights are ``m``
+here and get ``1/M_g`` from the all-reduced group counts (:func:`group_index`,
+:meth:`megatron_agg.totals.StepTotals.group_reciprocals`). ``1/D`` is taken as 0 when ``D = 0``
+(:func:`safe_reciprocal`), so an all-masked step gives ``L = 0`` and zero gradients, never NaN.
 
 A sequence is a row of a ``[b, s]`` mask, or one of the sequences packed into a ``[1, t]`` row
 (:class:`~megatron_agg.packing.PackedSequences`); :func:`sequence_view` maps both to the same
@@ -51,6 +57,7 @@ __all__ = [
     "denominator",
     "safe_reciprocal",
     "sequence_weights",
+    "group_index",
     "masked_weighted_sum",
     "weighted_share",
 ]
@@ -147,9 +154,15 @@ def local_totals(views: Sequence[SequenceView], device: Optional[torch.device] =
 
 
 def denominator(term: LossTerm, totals: torch.Tensor) -> torch.Tensor:
-    """The global denominator ``D`` of ``term`` from the all-reduced totals (a 0-dim tensor)."""
+    """The global denominator ``D`` of ``term`` from the all-reduced ``[T, N, N_nonempty]`` of
+    :func:`local_totals` (a 0-dim tensor). ``prompt-mean`` needs the per-group counts of
+    :class:`megatron_agg.totals.StepTotals`."""
     if term.agg_mode is AggMode.TOKEN_MEAN:
         return totals[TOKENS]
+    if term.agg_mode is AggMode.TOKEN_SUM:
+        return torch.ones_like(totals[TOKENS])
+    if term.agg_mode is AggMode.PROMPT_MEAN:
+        raise ValueError("prompt-mean's denominator needs per-group counts: use megatron_agg.totals.StepTotals.")
     return totals[NONEMPTY_SEQUENCES] if term.exclude_fully_masked_seqs else totals[SEQUENCES]
 
 
@@ -164,8 +177,9 @@ def sequence_weights(term: LossTerm, view: SequenceView) -> torch.Tensor:
 
     ``α_i`` is 1, ``1/n_i`` (0 where ``n_i = 0``) or ``1/C_i`` by mode, with ``C_i`` the term's
     ``loss_scale_factor`` or, by default, the sequence's padded length (the mask's last dimension
-    for unpacked rows). The term's ``weight`` and ``1/D`` are *not* included. Tokens of no
-    sequence get 0. Returns float32 ``[b, s]``; no host sync.
+    for unpacked rows). The term's ``weight`` and ``1/D`` are *not* included, nor ``prompt-mean``'s
+    ``1/M_g`` (global: applied once the step's group counts are known). Tokens of no sequence get
+    0. Returns float32 ``[b, s]``; no host sync.
     """
     mode = term.agg_mode
     if mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
@@ -178,6 +192,17 @@ def sequence_weights(term: LossTerm, view: SequenceView) -> torch.Tensor:
     else:
         return view.valid.to(_WEIGHT_DTYPE)
     return view.valid.to(_WEIGHT_DTYPE) * view.per_token(alpha.to(_WEIGHT_DTYPE))
+
+
+def group_index(view: SequenceView, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per token, the group of its sequence: ``[b, s]`` int64 from ``group_ids`` (one checked id per
+    sequence of ``view``, :func:`megatron_agg.totals.checked_group_ids`), ``num_groups`` (the "no
+    group" slot) for tokens of no sequence. No host sync."""
+    ids = group_ids.to(device=view.valid.device, dtype=torch.int64)
+    if view.seq_index is None:
+        return ids.unsqueeze(-1).expand(view.valid.shape)
+    extended = torch.cat([ids, ids.new_full((1,), num_groups)])
+    return extended[view.seq_index]
 
 
 def masked_weighted_sum(

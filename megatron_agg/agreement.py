@@ -1,7 +1,7 @@
 """Detect, inside the step's one all-reduce, data-parallel ranks that disagree on the set-up.
 
-Each option that all DP ranks must share (the terms and their modes, their options, the loss
-return path, ``calculate_per_token_loss``) becomes a fingerprint ``f`` (an integer in
+Each option that all DP ranks must share (the terms and their modes, their options and masks, the
+metrics, the prompt groups, the loss return path, ``calculate_per_token_loss``) becomes a fingerprint ``f`` (an integer in
 ``[1, 2**20)``, a CRC of its value). The engine appends ``[p, p·f, p·f²]`` per option to a vector
 it all-reduces (SUM) anyway, with ``p = 1`` on ranks that hold the option and ``p = 0`` on ranks
 that have no say in it (e.g. a pipeline stage that computes no loss). Over the ``n = Σp`` ranks
@@ -13,7 +13,7 @@ without a collective of its own. Pure arithmetic: no ``torch.distributed`` here.
 from __future__ import annotations
 
 import zlib
-from typing import List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -29,6 +29,9 @@ AGREEMENT_FIELDS = (
     "term weights",
     "loss_return",
     "calculate_per_token_loss",
+    "term masks (the step's masks)",
+    "metrics",
+    "prompt groups (num_groups, group_scope)",
 )
 _MODULUS = (1 << 20) - 1
 
@@ -37,12 +40,21 @@ def _fingerprint(value: object) -> float:
     return float(1 + zlib.crc32(repr(value).encode()) % _MODULUS)
 
 
+def _metric_print(metric: LossTerm) -> tuple:
+    factor = None if metric.loss_scale_factor is None else float(metric.loss_scale_factor)
+    return (metric.agg_mode.value, bool(metric.exclude_fully_masked_seqs), factor, metric.mask)
+
+
 def fingerprints(terms: Optional[Mapping[str, LossTerm]], loss_return: Optional[str],
-                 per_token: Optional[bool]) -> List[Optional[float]]:
+                 per_token: Optional[bool], metrics: Optional[Mapping[str, LossTerm]] = None,
+                 prompt_groups: Optional[Any] = None, masks: Optional[Sequence[str]] = None) -> List[Optional[float]]:
     """One fingerprint per entry of :data:`AGREEMENT_FIELDS` (``None`` where this rank has no say:
-    ``terms`` ``None`` for the four term fields). Numbers are normalized (16 and 16.0 agree)."""
+    ``terms`` ``None`` for the term and metric fields). Numbers are normalized (16 and 16.0 agree).
+    ``prompt_groups``: ``(num_groups, group_scope)``, or ``None`` without prompt-mean; ``masks``: the
+    names of the step's masks, where they are not implied by the terms (:class:`~megatron_agg.StepShares`)."""
     names = sorted(terms) if terms is not None else []
     term_prints: List[Optional[float]] = [None] * 4
+    metric_print: Optional[float] = None
     if terms is not None:
         factors = [None if terms[n].loss_scale_factor is None else float(terms[n].loss_scale_factor) for n in names]
         term_prints = [
@@ -51,10 +63,18 @@ def fingerprints(terms: Optional[Mapping[str, LossTerm]], loss_return: Optional[
             _fingerprint(factors),
             _fingerprint([float(terms[n].weight) for n in names]),
         ]
+        metric_print = _fingerprint([(n, _metric_print(m)) for n, m in sorted((metrics or {}).items())])
+    has_say = terms is not None or masks is not None or prompt_groups is not None
+    mask_print = _fingerprint(([(n, terms[n].mask) for n in names] if terms is not None else None,
+                               list(masks) if masks is not None else None)) if has_say else None
+    groups = None if prompt_groups is None else (int(prompt_groups[0]), str(prompt_groups[1]))
     return [
         *term_prints,
         None if loss_return is None else _fingerprint(str(loss_return)),
         None if per_token is None else _fingerprint(bool(per_token)),
+        mask_print,
+        metric_print,
+        _fingerprint(groups) if has_say else None,
     ]
 
 

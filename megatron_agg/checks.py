@@ -4,8 +4,8 @@ During a step the engine records device-side findings without reading them: per 
 and term whether the share of the loss is finite (a NaN/Inf at a *valid* token) and whether the
 per-token loss was finite at all (a NaN/Inf at a *masked* position, which poisons the gradients
 of the op that produced it), mask tokens that differ from ``loss_masks``, mask values other than
-0/1, packing boundaries that do not describe the row, and (deferred mode) per-sequence counts
-that do not fit the micro-batch. :meth:`StepChecks.finish` then
+0/1, packing boundaries that do not describe the row, group ids outside ``[0, num_groups)``, and
+(deferred mode) per-sequence counts that do not fit the micro-batch. :meth:`StepChecks.finish` then
 
 1. folds them into a fixed-length summary ``[problem counts..., agreement triples...]`` (float64),
 2. sums it over every rank of the step (:meth:`ParallelGroups.sum_over_step`: one all-reduce over
@@ -52,7 +52,8 @@ class FrontEndNames:
 
 
 #: The summary's problem kinds, in the order they are reported.
-_KINDS = ("evaluations", "mask_values", "boundaries", "counts", "mismatch", "nonfinite_valid", "nonfinite_masked")
+_KINDS = ("evaluations", "mask_values", "boundaries", "group_ids", "counts", "mismatch", "nonfinite_valid",
+          "nonfinite_masked")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class StepChecks:
     mask_values: List[Tuple[str, torch.Tensor]] = field(default_factory=list)
     #: (where, [5] counts of BOUNDARY_PROBLEMS).
     boundaries: List[Tuple[str, torch.Tensor]] = field(default_factory=list)
+    #: (where, group ids outside [0, num_groups)), and the text that says what ids are expected.
+    group_ids: List[Tuple[str, torch.Tensor]] = field(default_factory=list)
+    group_ids_expected: str = ""
     #: (where, what is wrong, count) for per-sequence counts (deferred mode).
     counts: List[Tuple[str, str, torch.Tensor]] = field(default_factory=list)
     #: A problem known on the host already (the number of loss evaluations).
@@ -142,6 +146,7 @@ class StepChecks:
 
         add([c for _, c in self.mask_values])
         add([], torch.cat([c for _, c in self.boundaries]) if self.boundaries else None)
+        add([c for _, c in self.group_ids])
         add([c for _, _, c in self.counts])
         add([c for _, c in self.mismatch])
         shares = torch.stack([s for _, _, s in self.shares]) if self.shares else None
@@ -159,7 +164,7 @@ class StepChecks:
         names = self.names
         mask_labels = _labels(self.mask_values)
         mismatch_labels = _labels(self.mismatch)
-        mask_values, boundaries, counts, mismatch, nonfinite, masked = parts
+        mask_values, boundaries, group_ids, counts, mismatch, nonfinite, masked = parts
         elsewhere = " (found on another rank of this step; this rank's own data passed the check)"
         found_elsewhere = "found on another rank of this step (this rank's own data passed the check)"
         if differing:
@@ -191,6 +196,14 @@ class StepChecks:
                 + ". cu_seqlens and cu_seqlens_padded start at 0, never decrease, each real length is at "
                 "most its padded length, cu_seqlens_padded[-1] is at most the row length, and under "
                 "context parallelism every padded length is a multiple of 2·cp."
+            )
+        if totals["group_ids"]:
+            bad = [f"{w}: {int(v)} id(s)" for (w, _), v in zip(self.group_ids, group_ids) if v]
+            raise ValueError(
+                "Group ids outside [0, num_groups): " + ("; ".join(bad) if bad else found_elsewhere)
+                + f". {self.group_ids_expected or 'Group ids must be integers in [0, num_groups).'} Those "
+                "sequences were left out of every group, so this step's prompt-mean is not the loss of "
+                "your groups; raised on every rank before the optimizer step."
             )
         if totals["counts"]:
             bad = [f"{w}: {what}" for (w, what, _), v in zip(self.counts, counts) if v]

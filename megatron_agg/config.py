@@ -9,12 +9,13 @@ config); the defaults are the same everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .averaging import LossReturn
 from .modes import AggModeLike
-from .terms import LossTerm, normalize_terms
-from .validation import as_bool
+from .terms import DEFAULT_MASK_NAME, LossTerm, normalize_metrics, normalize_terms
+from .totals import GROUP_SCOPES, TotalsLayout
+from .validation import as_bool, as_int
 
 __all__ = ["AggConfig", "AGREEMENT_POLICIES"]
 
@@ -45,6 +46,18 @@ class AggConfig:
             model-parallel group, after the step), so that an error found on one rank is raised on
             all of them; ``False`` raises only where it was found.
         agreement: one of :data:`AGREEMENT_POLICIES`.
+        metrics: ``{name: LossTerm or mode}``: detached per-token quantities (entropy, clip
+            fraction, KL, ratios) aggregated exactly like a term of that mode, options and mask over
+            the global batch, reported next to the terms (``global_loss()``, the ``[sum, count]``
+            reports) and never part of the loss.
+        num_groups: ``prompt-mean`` only: the number ``G`` of group ids (ids are ``0 … G−1``); the
+            same on every rank. With ``group_scope="global"`` it sizes the per-group counts that
+            ride in the step's all-reduce (``G·(1+K_g)`` float64 values), so it is a constant of
+            the hook (a capacity: ``P`` counts the groups actually present).
+        group_scope: ``prompt-mean`` only, no default (say what your ids mean):
+            ``"global"`` (an id names the same prompt on every data-parallel rank; a group may be
+            split over micro-batches and ranks) or ``"per-rank"`` (ids are this data-parallel
+            rank's own: the group is the pair (rank, id), ids of different ranks never collide).
     """
 
     terms: Mapping[str, LossTerm]
@@ -54,14 +67,67 @@ class AggConfig:
     allow_nonfinite_masked: bool = False
     raise_on_every_rank: bool = True
     agreement: str = "on-change"
+    metrics: Optional[Mapping[str, Union[LossTerm, AggModeLike]]] = None
+    num_groups: Optional[int] = None
+    group_scope: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "terms", normalize_terms(None, False, None, self.terms))
+        object.__setattr__(self, "metrics", normalize_metrics(self.metrics, self.terms))
         object.__setattr__(self, "loss_return", LossReturn.parse(self.loss_return))
         for name in ("check_masks", "async_totals", "allow_nonfinite_masked", "raise_on_every_rank"):
             object.__setattr__(self, name, as_bool(getattr(self, name), name))
         if self.agreement not in AGREEMENT_POLICIES:
             raise ValueError(f"agreement must be one of {AGREEMENT_POLICIES}, got {self.agreement!r}.")
+        grouped = sorted(n for n, t in self.channels.items() if t.agg_mode.needs_groups)
+        if grouped:
+            if self.num_groups is None or self.group_scope is None:
+                raise ValueError(
+                    f"prompt-mean ({grouped}) needs num_groups=G (group ids are 0 … G−1, the same G on every "
+                    "rank) and group_scope='global' (an id names the same prompt on every data-parallel rank) "
+                    "or 'per-rank' (ids are each rank's own); got "
+                    f"num_groups={self.num_groups!r}, group_scope={self.group_scope!r}. Pass both, and the "
+                    "step's group ids as group_ids=[...] next to loss_masks."
+                )
+            object.__setattr__(self, "num_groups", as_int(self.num_groups, "num_groups", minimum=1))
+            if self.group_scope not in GROUP_SCOPES:
+                raise ValueError(f"group_scope must be one of {GROUP_SCOPES}, got {self.group_scope!r}.")
+        elif self.num_groups is not None or self.group_scope is not None:
+            raise ValueError(
+                f"num_groups={self.num_groups!r} / group_scope={self.group_scope!r} only apply to prompt-mean, "
+                "and no term or metric uses it; drop them or use mode 'prompt-mean'."
+            )
+
+    # -- what the step counts -------------------------------------------------------------------
+    @property
+    def channels(self) -> Dict[str, LossTerm]:
+        """The terms, then the metrics: everything the engine aggregates (names are disjoint)."""
+        return {**self.terms, **(self.metrics or {})}
+
+    @property
+    def mask_names(self) -> Tuple[str, ...]:
+        """The step's masks: ``"default"`` first when a term or metric uses it, then the others in
+        order of first use. The first is the one Megatron's ``num_tokens`` count."""
+        used = [t.mask for t in self.channels.values()]
+        names = [DEFAULT_MASK_NAME] if DEFAULT_MASK_NAME in used else []
+        for name in used:
+            if name not in names:
+                names.append(name)
+        return tuple(names)
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.num_groups is not None
+
+    def totals_layout(self, extra: int = 0) -> TotalsLayout:
+        """The layout of the step's totals vector (:mod:`megatron_agg.totals`)."""
+        group_masks = []
+        for t in self.channels.values():
+            if t.agg_mode.needs_groups and t.mask not in group_masks:
+                group_masks.append(t.mask)
+        masks = self.mask_names
+        group_masks = [m for m in masks if m in group_masks]
+        return TotalsLayout(masks, tuple(group_masks), self.num_groups or 0, self.group_scope, extra)
 
     @classmethod
     def build(

@@ -14,17 +14,31 @@ broadcast over PP, all-reduced over DP×CP inside ``finalize_model_grads``, and 
 - ``num_tokens`` = this micro-batch's part of the denominator ``D``: its valid tokens on this CP
   slice (``token-mean``: Σ over DP×CP is ``T``), or its sequences (``seq-mean-*``: ``N``, or the
   non-empty ones with ``exclude_fully_masked_seqs``), counted on CP rank 0 only so that each
-  sequence is counted once, not once per CP rank.
+  sequence is counted once, not once per CP rank; for ``token-sum`` (``D = 1``) 1 on the first
+  micro-batch of the step on data×context-parallel rank 0 and 0 everywhere else, so that
+  ``Σ num_tokens = 1`` and Megatron divides by 1. (Were that first micro-batch missed — an
+  evaluation step that never reached ``finalize_model_grads`` — the sum would be 0, which every
+  supported release also leaves undivided: skipped up to 0.17, ``max(Σ, 1)`` from 0.18.)
 
 so that Megatron's own division lands exactly on ``L = numerator / D``. Its reports
-``{name: [numerator, num_tokens]}`` give ``L`` under Megatron-LM's sum/count logging.
+``{name: [numerator, num_tokens]}`` give ``L`` under Megatron-LM's sum/count logging, and so do
+those of the metrics (``metrics={name: mode}``: ``{name: [Σ m·α·v, its denominator's part]}``, each
+metric with a denominator of its own, exact over the step in Megatron-LM's logging reduction; no
+collective of the hook's).
 
-When a step needs the prepared mode instead: several terms with *different* denominators (e.g. a
-``token-mean`` policy loss plus a ``seq-mean-token-mean`` KL term, or the same mode with and
-without ``exclude_fully_masked_seqs``) — one ``num_tokens`` channel carries one denominator. The
-constructor raises and says so. Per-sequence token counts ``n_i`` (``seq-mean-token-mean``,
-``exclude_fully_masked_seqs``) need whole sequences: with context parallelism pass
-``sequence_token_counts`` computed before the CP split (:meth:`DeferredLossHook.sequence_token_counts`).
+When a step needs the prepared mode instead — the constructor raises and says so:
+
+- several terms with *different* denominators (e.g. a ``token-mean`` policy loss plus a
+  ``seq-mean-token-mean`` KL term, or the same mode with and without
+  ``exclude_fully_masked_seqs``): one ``num_tokens`` channel carries one denominator;
+- ``prompt-mean`` (term or metric): its weights ``1/M_g`` need every group's valid tokens over the
+  whole step *before* the first backward pass, which only a collective can give;
+- terms or metrics on masks of their own (``LossTerm(mask=...)``): the ``loss_func`` of a
+  micro-batch gets one mask, and a term over another mask would divide by another count.
+
+Per-sequence token counts ``n_i`` (``seq-mean-token-mean``, ``exclude_fully_masked_seqs``) need
+whole sequences: with context parallelism pass ``sequence_token_counts`` computed before the CP
+split (:meth:`DeferredLossHook.sequence_token_counts`).
 
 Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg.checks`):
 
@@ -56,6 +70,7 @@ from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
+from .groups import group_rank
 from .averaging import wrapper_behaviour
 from .integration import (check_megatron_version, checked_cp_layout, minor_release, model_config,
                           refuse_unsupported_layouts, refuse_wrapper_defects, resolve_groups, step_wrapper,
@@ -65,8 +80,8 @@ from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
 from .averaging import LossReturn
-from .terms import (DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses, per_token_losses,
-                    split_term_losses)
+from .terms import (DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
+                    per_token_losses, split_term_losses)
 from .validation import boundary_problems, coerce_packed, mask_value_problems
 
 __all__ = ["DeferredLossHook"]
@@ -77,7 +92,21 @@ _NAMES = FrontEndNames(entry="DeferredLossHook", loss_call="hook.loss_func(...)"
 def _denominator_kind(term: LossTerm) -> str:
     if term.agg_mode is AggMode.TOKEN_MEAN:
         return "valid tokens (T)"
+    if term.agg_mode is AggMode.TOKEN_SUM:
+        return "no denominator (token-sum: 1)"
+    if term.agg_mode is AggMode.PROMPT_MEAN:
+        return "groups (P)"
     return "non-empty sequences" if term.exclude_fully_masked_seqs else "sequences (N)"
+
+
+def _uses_prompt_mean(mode: Any, terms: Any, metrics: Any, config: Optional[AggConfig]) -> bool:
+    if config is not None:
+        return any(t.agg_mode.needs_groups for t in config.channels.values())
+    modes = [mode] if mode is not None else []
+    for group in (terms, metrics):
+        if isinstance(group, Mapping):
+            modes += [t.mode if isinstance(t, LossTerm) else t for t in group.values()]
+    return any(isinstance(m, (str, AggMode)) and m in (AggMode.PROMPT_MEAN, AggMode.PROMPT_MEAN.value) for m in modes)
 
 
 class _ChannelScaling(Scaling):
@@ -94,7 +123,10 @@ class DeferredLossHook:
 
     Args:
         mode, exclude_fully_masked_seqs, loss_scale_factor, terms, config and the check options:
-            as for :class:`~megatron_agg.LossHook`; every term must share one denominator.
+            as for :class:`~megatron_agg.LossHook`; every term must share one denominator, and none
+            may be ``prompt-mean`` or name a mask of its own.
+        metrics: ``{name: LossTerm or mode}`` (not ``prompt-mean``, default mask only): reported as
+            ``[sum, count]`` pairs whose sums over the step give each metric exactly.
         pg_collection: where to read the groups from (default ``parallel_state``).
         cp_layout: how the data loader cut each row over the context-parallel ranks:
             ``"load-balanced"`` (default; packed rows per document) or ``"per-row"`` (a packed
@@ -112,6 +144,7 @@ class DeferredLossHook:
         exclude_fully_masked_seqs: bool = False,
         loss_scale_factor: Optional[float] = None,
         terms: Optional[Mapping[str, LossTerm]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
         allow_nonfinite_masked: Optional[bool] = None,
         raise_on_every_rank: Optional[bool] = None,
         config: Optional[AggConfig] = None,
@@ -119,12 +152,25 @@ class DeferredLossHook:
         cp_layout: Optional[str] = None,
     ) -> None:
         self._cp_layout = checked_cp_layout(cp_layout)
+        if _uses_prompt_mean(mode, terms, metrics, config):  # before AggConfig asks for num_groups
+            raise ValueError(self._prompt_mean_refusal())
         self.config = AggConfig.build(
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
             terms=terms, config=config, allow_nonfinite_masked=allow_nonfinite_masked,
-            raise_on_every_rank=raise_on_every_rank,
+            raise_on_every_rank=raise_on_every_rank, metrics=metrics,
         )
         self.terms: Dict[str, LossTerm] = dict(self.config.terms)
+        self.metrics: Dict[str, LossTerm] = dict(self.config.metrics or {})
+        if self.config.uses_groups:
+            raise ValueError(self._prompt_mean_refusal())
+        own_masks = {n: t.mask for n, t in self.config.channels.items() if t.mask != DEFAULT_MASK_NAME}
+        if own_masks:
+            raise ValueError(
+                f"DeferredLossHook takes one mask per micro-batch (its loss_func's), but {own_masks} name masks of "
+                "their own (LossTerm(mask=...)): their tokens and denominators would need the step's other masks. "
+                "Use the prepared LossHook(terms=...).wrap(get_forward_backward_func()) with "
+                "loss_masks={name: [...]}, which counts every mask's denominator in its one all-reduce."
+            )
         kinds = {name: _denominator_kind(t) for name, t in self.terms.items()}
         if len(set(kinds.values())) > 1:
             detail = ", ".join(f"{n!r}: {k}" for n, k in kinds.items())
@@ -143,6 +189,17 @@ class DeferredLossHook:
         self._groups: Any = None
         self._device = torch.device("cpu")
         check_megatron_version()
+
+    @staticmethod
+    def _prompt_mean_refusal() -> str:
+        return (
+            "DeferredLossHook cannot make prompt-mean exact: its per-token weights 1/M_g need every group's "
+            "valid tokens over the whole step (groups straddle micro-batches and ranks) before the first "
+            "backward pass, and the deferred mode sees one micro-batch at a time with no collective of its own; "
+            "Megatron's num_tokens carries one denominator, not one per group. Use the prepared mode: "
+            "LossHook('prompt-mean', num_groups=G, group_scope=...).wrap(get_forward_backward_func()) called "
+            "with loss_masks=[...] and group_ids=[...] (or FSDPLossHook / StepShares)."
+        )
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
@@ -169,16 +226,19 @@ class DeferredLossHook:
         (``""``: they can). Megatron scales the MoE load-balancing loss, the router z-loss and the
         MTP loss for a division by the step's *valid tokens*; a ``seq-mean-*`` term sends the
         step's *sequence* count through ``num_tokens`` instead, so their weight would grow by
-        tokens per sequence. Compensating would take ``T / N`` of the step before its backward
-        passes, which the deferred mode (no collective) does not have."""
+        tokens per sequence (``token-sum`` sends a total of 1: by ``T``). Compensating would take
+        ``T / N`` of the step before its backward passes, which the deferred mode (no collective)
+        does not have."""
         if self._term.agg_mode is AggMode.TOKEN_MEAN:
             return ""
         active = token_scaled_auxiliary_losses(config)
         if not active:
             return ""
         return (
-            f"DeferredLossHook with {self._term.agg_mode.value!r} sends the step's {_denominator_kind(self._term)} "
-            f"through Megatron's num_tokens, but this model also adds {'; '.join(active)}, which Megatron "
+            f"DeferredLossHook with {self._term.agg_mode.value!r} sends "
+            + ("a total of 1 (token-sum has no denominator)" if self._term.agg_mode is AggMode.TOKEN_SUM
+               else f"the step's {_denominator_kind(self._term)}")
+            + f" through Megatron's num_tokens, but this model also adds {'; '.join(active)}, which Megatron "
             "scales for a division by the step's valid-token count (calculate_per_token_loss): their "
             "gradients would be multiplied by valid tokens per sequence, with no error. Use the prepared "
             "LossHook (LossHook(...).wrap(get_forward_backward_func()) with loss_masks=...), which returns "
@@ -234,7 +294,7 @@ class DeferredLossHook:
         if owner is not None and owner is not self:
             raise ValueError("config.finalize_model_grads_func is already wrapped by another DeferredLossHook.")
         groups = resolve_groups(self._pg_collection, cp_layout=self._cp_layout)
-        prints = set_up_fingerprints(self.terms, _ChannelScaling(True))
+        prints = set_up_fingerprints(self.terms, _ChannelScaling(True), self.metrics)
         self._device = _device_of(model_or_config)
         if groups.dp_size > 1:
             block = agreement_block(prints, self._device)
@@ -313,7 +373,7 @@ class DeferredLossHook:
                         "model=model) with the model chunk forward_step received."
                     )
                 self.install(model)
-            losses = split_term_losses(self.terms, per_token, self._index)
+            losses = split_term_losses(self.terms, per_token, self._index, self.metrics)
             return self._loss(losses, loss_mask, sequence_token_counts, packed)
 
         return deferred_loss_func
@@ -371,8 +431,8 @@ class DeferredLossHook:
             local_counts = local_counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).to(torch.float64))[:num_seqs]
         if counts is None:
             needs_counts = any(
-                t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or t.exclude_fully_masked_seqs
-                for t in self.terms.values()
+                t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or (t.exclude_fully_masked_seqs and t.agg_mode.is_sequence_mean)
+                for t in self.config.channels.values()
             )
             if needs_counts and cp_size > 1:
                 raise ValueError(
@@ -407,19 +467,37 @@ class DeferredLossHook:
             if len(self.terms) > 1:
                 report[name] = part.detach()
         assert numerator is not None
-        term = self._term
-        if term.agg_mode is AggMode.TOKEN_MEAN:
-            num_tokens = valid.sum(dtype=torch.int)
-        else:
-            seqs = (counts > 0).sum(dtype=torch.int) if term.exclude_fully_masked_seqs else torch.tensor(
-                num_seqs, dtype=torch.int, device=device
-            )
-            num_tokens = seqs if cp_rank == 0 else torch.zeros((), dtype=torch.int, device=device)
+        num_tokens = self._denominator_part(self._term, index, valid, counts, num_seqs)
         count = num_tokens.to(torch.float32)
         out = {DEFAULT_TERM_NAME: torch.stack([numerator.detach().to(torch.float32), count])}
         for name, value in report.items():
             out[name] = torch.stack([value.to(torch.float32), count])
+        with torch.no_grad():  # metrics: [Σ m·α·v, its own denominator's part], never backpropagated
+            for name, metric in self.metrics.items():
+                part = agg.masked_weighted_sum(losses[name].detach(), valid, agg.sequence_weights(metric, view))
+                metric_count = self._denominator_part(metric, index, valid, counts, num_seqs).to(torch.float32)
+                out[name] = torch.stack([part.to(torch.float32), metric_count])
         return numerator, num_tokens, out
+
+    def _denominator_part(self, term: LossTerm, index: int, valid: torch.Tensor, counts: torch.Tensor,
+                          num_seqs: int) -> torch.Tensor:
+        """This micro-batch's part of ``term``'s denominator ``D`` on this rank (int32, 0-dim), so that
+        the parts of every micro-batch and data×context-parallel rank add up to ``D``: valid tokens of
+        this CP slice (``token-mean``); sequences, or the non-empty ones, on CP rank 0 only
+        (``seq-mean-*``); 1 on the step's first micro-batch of DP×CP rank 0, else 0 (``token-sum``)."""
+        device = valid.device
+        zero = torch.zeros((), dtype=torch.int, device=device)
+        if term.agg_mode is AggMode.TOKEN_MEAN:
+            return valid.sum(dtype=torch.int)
+        groups = self._groups
+        if term.agg_mode is AggMode.TOKEN_SUM:
+            first = index == 0 and group_rank(groups.dp_cp) == 0
+            return torch.ones((), dtype=torch.int, device=device) if first else zero
+        if groups.cp_rank != 0:
+            return zero
+        if term.exclude_fully_masked_seqs:
+            return (counts > 0).sum(dtype=torch.int)
+        return torch.tensor(num_seqs, dtype=torch.int, device=device)
 
     # -- the end of a step ------------------------------------------------------------------------
     def _end_of_step(self, model: Any) -> None:
@@ -432,7 +510,7 @@ class DeferredLossHook:
         self._index = 0
         config = self._megatron_config
         per_token = bool(getattr(config, "calculate_per_token_loss", False))
-        checks.fingerprints = set_up_fingerprints(self.terms, _ChannelScaling(per_token))
+        checks.fingerprints = set_up_fingerprints(self.terms, _ChannelScaling(per_token), self.metrics)
         groups = self._groups
         device = checks.shares[0][2].device if checks.shares else self._device
         if not per_token:

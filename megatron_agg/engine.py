@@ -8,17 +8,23 @@ to a returned loss). The front ends (:class:`~megatron_agg.LossHook`,
 
 A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline stage:
 
-1. checks ``loss_masks``/``packed_seqs`` (shapes at once; mask values and packing boundaries as
-   device-side counts), counts this rank's totals ``[T, N, N_nonempty]`` from whole sequences
-   (:func:`megatron_agg.aggregation.local_totals`) and starts **one** all-reduce (SUM, float64)
-   over the pure data-parallel group of ``[totals..., agreement triples...]``. On the first step
-   of an entry point, and on any step whose set-up changed (:class:`AgreementTracker`), it waits
-   for it at once and raises on every DP rank that disagrees, *before* the schedule runs (one host
-   sync, at that step's start); otherwise the all-reduce is awaited at the first loss.
-2. precomputes per micro-batch the per-token weights ``m·α`` of every term in this rank's
-   context-parallel layout, ``num_tokens``, and (at the first loss) every ``F`` vectorized.
-3. per micro-batch: ``S = Σ_k w_k · Σ where(mask, l_k, 0)·(m·α_k) / D_k`` and ``S·F`` — three
-   tensor ops per term plus one for the end-of-step check, no host sync, no collective.
+1. checks the step's masks (one list per mask name), ``packed_seqs`` and ``group_ids`` (shapes at
+   once; mask values, packing boundaries and group-id ranges as device-side counts), counts this
+   rank's totals from whole sequences (:func:`megatron_agg.totals.local_totals_vector`: ``N``,
+   ``T_k`` and ``N⁺_k`` per mask, and for ``prompt-mean`` the per-group counts) and starts **one**
+   all-reduce (SUM, float64) over the pure data-parallel group of ``[totals..., agreement
+   triples...]``. On the first step of an entry point the ranks' agreement on the set-up (which
+   fixes the vector's length) is checked first in a small all-reduce of its own, once; on any
+   step whose set-up changed (:class:`AgreementTracker`) the totals are awaited at once and a
+   disagreement raises on every DP rank, *before* the schedule runs (one host sync, at that
+   step's start); otherwise the all-reduce is awaited at the first loss.
+2. precomputes per micro-batch the per-token weights ``m_k·α`` of every term and metric in this
+   rank's context-parallel layout, ``num_tokens``, and (at the first loss) every ``F``
+   vectorized; ``prompt-mean`` weights get their ``1/M_g`` there, gathered per token from the
+   all-reduced group counts.
+3. per micro-batch: ``S = Σ_k w_k · Σ where(m_k, l_k, 0)·(m_k·α_k) / D_k`` and ``S·F`` — three
+   tensor ops per term plus one for the end-of-step check, and per metric the same share,
+   detached (two ops, reported, never backpropagated) — no host sync, no collective.
 4. after the schedule: :class:`~megatron_agg.checks.StepChecks` (one host sync, spread over every
    rank of the step).
 """
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,16 +46,36 @@ from .groups import ParallelGroups
 from .layout import local_positions, to_cp_local
 from .packing import PackedSequences
 from .scaling import Scaling
-from .terms import DEFAULT_TERM_NAME, LossTerm
+from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
+from .totals import StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
 from .validation import boundary_problems, mask_value_problems
 
-__all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "global_loss_of", "set_up_fingerprints"]
+__all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "global_loss_of", "set_up_fingerprints",
+           "config_fingerprints", "group_ids_expected"]
 
 
-def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Optional[Scaling]) -> List[Optional[float]]:
+def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Optional[Scaling],
+                        metrics: Optional[Mapping[str, LossTerm]] = None,
+                        prompt_groups: Optional[Tuple[int, str]] = None,
+                        masks: Optional[Sequence[str]] = None) -> List[Optional[float]]:
     """The fingerprints of :data:`~megatron_agg.agreement.AGREEMENT_FIELDS` for this rank."""
     loss_return, per_token = scaling.fingerprint() if scaling is not None else (None, None)
-    return fingerprints(terms, loss_return, per_token)
+    return fingerprints(terms, loss_return, per_token, metrics, prompt_groups, masks)
+
+
+def config_fingerprints(config: AggConfig, scaling: Optional[Scaling]) -> List[Optional[float]]:
+    """:func:`set_up_fingerprints` of a whole :class:`~megatron_agg.AggConfig`."""
+    groups = (config.num_groups, config.group_scope) if config.uses_groups else None
+    return set_up_fingerprints(dict(config.terms), scaling, config.metrics, groups)
+
+
+def group_ids_expected(config: AggConfig) -> str:
+    """What the end-of-step check says group ids must be."""
+    if config.group_scope == "per-rank":
+        return (f"With group_scope='per-rank' each data-parallel rank numbers its own groups 0 … "
+                f"{config.num_groups - 1} (num_groups={config.num_groups}).")
+    return (f"With group_scope='global' ids name the step's prompts 0 … {config.num_groups - 1} on every rank "
+            f"(num_groups={config.num_groups}).")
 
 
 class AgreementTracker:
@@ -59,12 +85,22 @@ class AgreementTracker:
     def __init__(self, policy: str = "on-change") -> None:
         self.policy = policy
         self._verified: Dict[Any, Tuple] = {}
+        self._lengths: set = set()
 
     def needs_sync(self, key: Any, prints: Sequence[Optional[float]]) -> bool:
         return self.policy == "every-step" or self._verified.get(key) != tuple(prints)
 
     def verified(self, key: Any, prints: Sequence[Optional[float]]) -> None:
         self._verified[key] = tuple(prints)
+
+    def needs_length_check(self, key: Any, layout: TotalsLayout) -> bool:
+        """Whether the ranks' agreement on the set-up must be checked in a small all-reduce of its
+        own *before* the totals: the first time a totals layout (whose length the set-up fixes:
+        masks, groups) is used over a data-parallel group. Afterwards it rides in the totals."""
+        return (key, layout) not in self._lengths
+
+    def length_verified(self, key: Any, layout: TotalsLayout) -> None:
+        self._lengths.add((key, layout))
 
 
 def raise_if_disagree(block: torch.Tensor, names: FrontEndNames, where: str) -> None:
@@ -85,9 +121,11 @@ class StepSummary:
     is_last_stage: bool
     num_microbatches: int
     scaling: Optional[Scaling]
-    #: The all-reduced ``[tokens, sequences, nonempty_sequences]`` (last stage only).
+    #: The all-reduced totals vector (:class:`~megatron_agg.totals.TotalsLayout`; with one mask and
+    #: no groups ``[tokens, sequences, nonempty_sequences]``; last stage only).
     totals: Optional[torch.Tensor]
-    #: This rank's share ``Σ_j S_j`` of each term's ``L_k`` (unweighted), and of the total.
+    #: This rank's share ``Σ_j S_j`` of each term's ``L_k`` (unweighted), of the total, and of
+    #: each metric.
     local_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     #: Collectives issued in the step: the totals all-reduce and the end-of-step check's.
     collectives: int = 0
@@ -107,7 +145,8 @@ class StepSummary:
 
 
 def global_loss_of(summary: Optional[StepSummary], failed: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
-    """``{"loss": L, <term>: L_k}`` of a completed step: one all-reduce (SUM) over data×context."""
+    """``{"loss": L, <term>: L_k, <metric>: value}`` of a completed step: one all-reduce (SUM) over
+    data×context of every rank's shares (the metrics ride in it: no collective of their own)."""
     if failed is not None:
         raise ValueError(f"global_loss(): the last step raised ({failed}); it has no global loss.")
     if summary is None:
@@ -123,13 +162,25 @@ def global_loss_of(summary: Optional[StepSummary], failed: Optional[str]) -> Opt
 
 @dataclass
 class _MicroBatchPlan:
-    """Per-token weights ``m·α`` of every term for one micro-batch, in this rank's layout."""
+    """Per-token weights ``m_k·α`` of every term and metric for one micro-batch, in this rank's layout."""
 
     shape: torch.Size  # the whole-sequence mask shape of loss_masks
     local_shape: torch.Size  # the shape the loss function must receive on this CP rank
-    weights: Dict[str, torch.Tensor]
-    valid: torch.Tensor  # valid tokens of a sequence, in this rank's layout (bool)
+    weights: Dict[str, torch.Tensor]  # per term and metric
+    valid: Dict[str, torch.Tensor]  # per mask: valid tokens of a sequence, in this rank's layout (bool)
     member: Optional[torch.Tensor]  # tokens that belong to a sequence (None: all), this rank's layout
+
+
+@dataclass
+class _Block:
+    """Micro-batches whose set-up is computed together: the whole step when every micro-batch is
+    unpacked with one padded length (stacked into one ``[Σ b_j, s]`` buffer), else one each."""
+
+    masks: Dict[str, torch.Tensor]  # whole-sequence masks by name
+    packed: Optional[PackedSequences]
+    views: Dict[str, agg.SequenceView]
+    rows: List[int]  # rows of each micro-batch of the block
+    group_ids: Optional[torch.Tensor] = None  # checked ids, one per sequence
 
 
 def _local_positions(mask: torch.Tensor, packed: Optional[PackedSequences], groups: ParallelGroups) -> Optional[torch.Tensor]:
@@ -168,21 +219,32 @@ def check_cp_lengths(loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[S
 
 
 class PreparedStep:
-    """One step whose masks are known up front (see the module docstring)."""
+    """One step whose masks are known up front (see the module docstring).
+
+    ``loss_masks``: this rank's whole-sequence masks, one per micro-batch: a list (the
+    ``"default"`` mask) or ``{mask name: list}`` with every mask the config's terms and metrics
+    name (validated by the front end: :func:`~megatron_agg.validation.check_named_masks`).
+    ``group_ids``: per micro-batch one id per sequence, when a term or metric is ``prompt-mean``
+    (:func:`~megatron_agg.validation.check_group_ids`).
+    """
 
     def __init__(
         self,
         config: AggConfig,
-        loss_masks: Sequence[torch.Tensor],
+        loss_masks: Any,
         groups: ParallelGroups,
         scaling: Scaling,
         packed_seqs: Optional[Sequence[Optional[PackedSequences]]] = None,
         *,
         names: FrontEndNames = FrontEndNames(),
         tracker: Optional[AgreementTracker] = None,
+        group_ids: Optional[Sequence[torch.Tensor]] = None,
     ) -> None:
         self.config = config
         self.terms = config.terms
+        self.metrics: Dict[str, LossTerm] = dict(config.metrics or {})
+        self.channels: Dict[str, LossTerm] = config.channels
+        self.layout = config.totals_layout()
         self.groups = groups
         self.scaling = scaling
         self.names = names
@@ -194,49 +256,87 @@ class PreparedStep:
         self.engine_seconds = 0.0  # added to by the front end around each loss evaluation
         self.engine_cpu_seconds = 0.0
         self.totals: Optional[torch.Tensor] = None
+        self._step_totals: Optional[StepTotals] = None
         self._work: Any = None
         self._reduced: Optional[torch.Tensor] = None
         self._scales: Optional[Dict[str, torch.Tensor]] = None
         self.plans: List[_MicroBatchPlan] = []
-        self._device = loss_masks[0].device if len(loss_masks) else torch.device("cpu")
-        prints = set_up_fingerprints(self.terms, scaling)
+        masks_by_name: Dict[str, List[torch.Tensor]] = (
+            {k: list(v) for k, v in loss_masks.items()} if isinstance(loss_masks, Mapping)
+            else {DEFAULT_MASK_NAME: list(loss_masks)})
+        assert set(masks_by_name) == set(self.layout.masks), (sorted(masks_by_name), self.layout.masks)
+        mask_names = self.layout.masks
+        first = masks_by_name[mask_names[0]]
+        self._device = first[0].device if len(first) else torch.device("cpu")
+        prints = config_fingerprints(config, scaling)
         self.checks = StepChecks(names, config.allow_nonfinite_masked, fingerprints=prints)
+        if config.uses_groups:
+            self.checks.group_ids_expected = group_ids_expected(config)
         self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
-        check_cp_lengths(loss_masks, packed_seqs, groups, names.masks)
-        packed_seqs = list(packed_seqs or [None] * len(loss_masks))
+        check_cp_lengths(first, packed_seqs, groups, names.masks)
+        packed_seqs = list(packed_seqs or [None] * len(first))
         device = self._device
-        sizes = [mask.shape[0] for mask in loss_masks]
+        sizes = [mask.shape[0] for mask in first]
+        labels = {k: (names.masks if k == DEFAULT_MASK_NAME and len(mask_names) == 1 else f"{names.masks}[{k!r}]")
+                  for k in mask_names}
         # The common case, vectorized over the step: unpacked micro-batches of one padded length
-        # are stacked into one [Σ b_j, s] mask; views, weights and the CP layout are computed once
-        # and split back per micro-batch (views of one buffer, scaled in place at the first loss).
-        batched = all(p is None for p in packed_seqs) and len({m.shape[-1] for m in loss_masks}) == 1 and (
-            len({m.dtype for m in loss_masks}) == 1)
+        # are stacked into one [Σ b_j, s] mask per name; views, weights and the CP layout are
+        # computed once and split back per micro-batch (views of one buffer, scaled in place at
+        # the first loss).
+        batched = all(p is None for p in packed_seqs) and len({m.shape[-1] for m in first}) == 1 and all(
+            len({m.dtype for m in masks_by_name[k]}) == 1 for k in mask_names)
         self._batched = batched
         self._row_to_mb = None
+        blocks: List[_Block] = []
         if batched:
-            whole = torch.cat(list(loss_masks)) if len(loss_masks) > 1 else loss_masks[0]
             self._row_to_mb = torch.tensor([j for j, b in enumerate(sizes) for _ in range(b)], device=device)
-            if whole.dtype != torch.bool:  # bool masks hold nothing but 0/1
-                values = mask_value_problems(whole, per_row=True)
-                per_mb = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
-                self.checks.mask_values.append(([f"{names.masks}[{j}]" for j in range(len(sizes))], per_mb))
-            views = [agg.sequence_view(whole)]
-            groups_of_masks = [(whole, None, views[0], sizes)]
+            wholes = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in masks_by_name.items()}
+            for k in mask_names:
+                if wholes[k].dtype != torch.bool:  # bool masks hold nothing but 0/1
+                    values = mask_value_problems(wholes[k], per_row=True)
+                    per_mb = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
+                    self.checks.mask_values.append(([f"{labels[k]}[{j}]" for j in range(len(sizes))], per_mb))
+            blocks.append(_Block(wholes, None, {k: agg.sequence_view(m) for k, m in wholes.items()}, sizes))
         else:
-            for j, (mask, packed) in enumerate(zip(loss_masks, packed_seqs)):
-                if mask.dtype != torch.bool:
-                    self.checks.mask_values.append((f"{names.masks}[{j}]", mask_value_problems(mask)))
+            for j, packed in enumerate(packed_seqs):
+                block_masks = {k: masks_by_name[k][j] for k in mask_names}
+                for k, mask in block_masks.items():
+                    if mask.dtype != torch.bool:
+                        self.checks.mask_values.append((f"{labels[k]}[{j}]", mask_value_problems(mask)))
                 if packed is not None:
-                    problems = boundary_problems(packed, mask.shape[-1], groups.cp_size, device,
+                    problems = boundary_problems(packed, first[j].shape[-1], groups.cp_size, device,
                                                 per_document=groups.cp_layout == "load-balanced")
                     self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
-            views = [agg.sequence_view(mask, packed) for mask, packed in zip(loss_masks, packed_seqs)]
-            groups_of_masks = [(m, p, v, [m.shape[0]]) for m, p, v in zip(loss_masks, packed_seqs, views)]
-        totals = agg.local_totals(views, device=device)
-        sync = tracker is not None and tracker.needs_sync(("dp", id(groups.dp)), prints)
+                views = {k: agg.sequence_view(m, packed) for k, m in block_masks.items()}
+                blocks.append(_Block(block_masks, packed, views, [first[j].shape[0]]))
+        ids_all = None
+        if config.uses_groups:
+            assert group_ids is not None and len(group_ids) == len(first)
+            ids_all, bad = checked_group_ids(torch.cat([g.to(device) for g in group_ids]), self.layout.num_groups)
+            self.checks.group_ids.append(("group_ids", bad))
+            split = [blocks[0].views[mask_names[0]].num_seqs] if batched else [b.views[mask_names[0]].num_seqs for b in blocks]
+            for block, ids in zip(blocks, ids_all.split(split)):
+                block.group_ids = ids
+        counts = {k: torch.cat([b.views[k].counts.to(device) for b in blocks]) for k in mask_names}
+        num_seqs = sum(b.views[mask_names[0]].num_seqs for b in blocks)
+        local = local_totals_vector(self.layout, counts, num_seqs, ids_all, device)
+        self._local_group_tokens = local.group_tokens
+        totals = local.vector
+        key = ("dp", id(groups.dp))
+        sync = tracker is not None and tracker.needs_sync(key, prints)
         if groups.dp_size > 1:
+            if tracker is None or tracker.needs_length_check(key, self.layout):
+                # The set-up fixes the vector's length (masks, groups): every rank must share it before
+                # an all-reduce of that length can pair up. Once per entry point (and layout).
+                block = agreement_block(prints, device)
+                t0 = time.perf_counter()
+                groups.sum_over_dp(block, async_op=False)
+                self.wait_seconds += time.perf_counter() - t0
+                self.collectives += 1
+                raise_if_disagree(block, names, "checked before the step")
+                sync = False  # this step's set-up is verified
             # One collective: the totals and the fingerprints of the set-up the ranks must share.
             self._reduced = torch.cat([totals, agreement_block(prints, device)])
             async_op = config.async_totals and not sync
@@ -245,53 +345,64 @@ class PreparedStep:
             if not async_op:  # a blocking all-reduce is a wait as well
                 self.wait_seconds += time.perf_counter() - t0
             self.collectives += 1
-            totals = self._reduced[: len(agg.TOTALS_FIELDS)]
+            totals = self._reduced[: self.layout.size]
             if sync:
                 self._wait()
-                raise_if_disagree(self._reduced[len(agg.TOTALS_FIELDS):], names, "checked before the step")
+                raise_if_disagree(self._reduced[self.layout.size:], names, "checked before the step")
         if tracker is not None:
-            tracker.verified(("dp", id(groups.dp)), prints)
+            tracker.verified(key, prints)
+            tracker.length_verified(key, self.layout)
         self.totals = totals
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        #: The buffers the per-token weights live in (scaled by 1/D_k in place at the first loss).
-        self._weight_buffers: Dict[str, List[torch.Tensor]] = {name: [] for name in self.terms}
-        self._valid_all: List[torch.Tensor] = []
+        #: The buffers the per-token weights live in (scaled by 1/D_k in place at the first loss),
+        #: and per buffer the group of every token (prompt-mean: gathered 1/M_g, at the first loss).
+        self._weight_buffers: Dict[str, List[torch.Tensor]] = {name: [] for name in self.channels}
+        self._group_index: List[torch.Tensor] = []
+        self._valid_all: Dict[str, List[torch.Tensor]] = {k: [] for k in mask_names}
         self._member_all: List[Optional[torch.Tensor]] = []
-        for mask, packed, view, rows in groups_of_masks:
-            positions = _local_positions(mask, packed, groups)
+        for block in blocks:
+            mask0 = block.masks[mask_names[0]]
+            positions = _local_positions(mask0, block.packed, groups)
+            rows = block.rows
             weights = {}
-            for name, term in self.terms.items():
-                w = to_cp_local(agg.sequence_weights(term, view), cp_size, cp_rank, positions)
+            for name, term in self.channels.items():
+                w = to_cp_local(agg.sequence_weights(term, block.views[term.mask]), cp_size, cp_rank, positions)
                 if not w.is_contiguous():
                     w = w.contiguous()
                 self._weight_buffers[name].append(w)
                 weights[name] = w.split(rows) if len(rows) > 1 else (w,)
-            valid = to_cp_local(view.valid, cp_size, cp_rank, positions)
-            membership = view.membership()
+            if block.group_ids is not None:
+                index = agg.group_index(block.views[mask_names[0]], block.group_ids, self.layout.num_groups)
+                self._group_index.append(to_cp_local(index, cp_size, cp_rank, positions).contiguous())
+            valids = {}
+            for k in mask_names:
+                valid = to_cp_local(block.views[k].valid, cp_size, cp_rank, positions)
+                self._valid_all[k].append(valid)
+                valids[k] = valid.split(rows) if len(rows) > 1 else (valid,)
+            membership = block.views[mask_names[0]].membership()
             member = None if membership is None else to_cp_local(membership, cp_size, cp_rank, positions)
-            self._valid_all.append(valid)
             self._member_all.append(member)
-            valids = valid.split(rows) if len(rows) > 1 else (valid,)
             members = member.split(rows) if (member is not None and len(rows) > 1) else (member,) * len(rows)
             for i, b in enumerate(rows):
-                shape = torch.Size((b, mask.shape[-1]))
-                local_shape = torch.Size((b, mask.shape[-1] // cp_size))
-                self.plans.append(_MicroBatchPlan(shape, local_shape, {n: weights[n][i] for n in self.terms},
-                                                  valids[i], members[i]))
-        # num_tokens of every micro-batch: this CP slice's valid tokens; clamped to >= 1 where only
-        # the schedule's division uses it (megatron-core < 0.15 divides unclamped; F has the clamp).
+                shape = torch.Size((b, mask0.shape[-1]))
+                local_shape = torch.Size((b, mask0.shape[-1] // cp_size))
+                self.plans.append(_MicroBatchPlan(shape, local_shape, {n: weights[n][i] for n in self.channels},
+                                                  {k: valids[k][i] for k in mask_names}, members[i]))
+        # num_tokens of every micro-batch: this CP slice's valid tokens of the first mask; clamped to
+        # >= 1 where only the schedule's division uses it (megatron-core < 0.15 divides unclamped; F
+        # has the clamp).
         if batched:
-            per_row = self._valid_all[0].sum(dim=-1, dtype=torch.int)
+            per_row = self._valid_all[mask_names[0]][0].sum(dim=-1, dtype=torch.int)
             num_tokens = torch.zeros(len(sizes), dtype=torch.int, device=device).index_add_(0, self._row_to_mb, per_row)
         else:
-            num_tokens = torch.stack([plan.valid.sum(dtype=torch.int) for plan in self.plans])
+            num_tokens = torch.stack([plan.valid[mask_names[0]].sum(dtype=torch.int) for plan in self.plans])
         if not scaling.calculate_per_token_loss:
             num_tokens = torch.clamp(num_tokens, min=1)
         self._num_tokens_all = num_tokens
         self._num_tokens = num_tokens.unbind()
         self._multipliers: Sequence[torch.Tensor] = ()
-        self._given: List[Optional[torch.Tensor]] = [None] * len(self.plans)
-        self._reports: Dict[str, List[torch.Tensor]] = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms)}
+        self._given: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(self.plans)
+        self._reports = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms, *self.metrics)}
         self.report_count = torch.tensor(scaling.report_count(), dtype=torch.float32, device=device)
 
     def _wait(self) -> None:
@@ -301,25 +412,80 @@ class PreparedStep:
             self.wait_seconds += time.perf_counter() - t0
             self._work = None
 
-    def scales(self) -> Dict[str, torch.Tensor]:
-        """``1 / D_k`` of every term (waits for the totals' all-reduce the first time)."""
-        if self._scales is None:
+    @property
+    def step_totals(self) -> StepTotals:
+        """The all-reduced totals, read by name (waits for the all-reduce)."""
+        if self._step_totals is None:
             self._wait()
             assert self.totals is not None
+            self._step_totals = StepTotals(self.layout, self.totals, self._local_group_tokens)
+        return self._step_totals
+
+    def scales(self) -> Dict[str, torch.Tensor]:
+        """``1 / D_k`` of every term and metric (waits for the totals' all-reduce the first time)."""
+        if self._scales is None:
+            totals = self.step_totals
             self._scales = {
-                name: agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
-                for name, term in self.terms.items()
+                name: agg.safe_reciprocal(totals.denominator(term)).to(torch.float32)
+                for name, term in self.channels.items()
             }
-            for name, buffers in self._weight_buffers.items():  # 1/D_k folded into the weights, once
-                for buffer in buffers:
+            inverse_group_tokens = {m: totals.group_reciprocals(m) for m in self.layout.group_masks}
+            for name, buffers in self._weight_buffers.items():  # α's global part and 1/D_k, once
+                term = self.channels[name]
+                for i, buffer in enumerate(buffers):
+                    if term.agg_mode.needs_groups:  # 1/M_g of each token's group, gathered
+                        buffer.mul_(torch.take(inverse_group_tokens[term.mask], self._group_index[i]))
                     buffer.mul_(self._scales[name])
-            self._multipliers = self.scaling.multipliers(
-                self._num_tokens_all, self.totals[agg.TOKENS]
-            ).expand(self.num_microbatches).unbind()
+            # F from Σ num_tokens (valid tokens of the first mask). When that is 0 while other masks
+            # hold tokens, Megatron's finalize divides by nothing (or by max(0, 1)): F takes 1.
+            total = torch.clamp(totals.tokens(self.layout.masks[0]), min=1)
+            self._multipliers = self.scaling.multipliers(self._num_tokens_all, total).expand(
+                self.num_microbatches).unbind()
         return self._scales
 
+    def _given_masks(self, loss_mask: Any, index: int, plan: _MicroBatchPlan) -> Dict[str, torch.Tensor]:
+        """The loss function's mask(s) by name, shapes checked: a tensor when the step has one mask,
+        else a mapping with every mask name."""
+        mask_names = self.layout.masks
+        if isinstance(loss_mask, Mapping):
+            if set(loss_mask) != set(mask_names):
+                raise ValueError(
+                    f"{self.names.loss_call} got masks {sorted(loss_mask)} for micro-batch {index}, but the step "
+                    f"has the masks {list(mask_names)}; pass this micro-batch's mask of every name."
+                )
+            given = dict(loss_mask)
+        elif len(mask_names) == 1:
+            given = {mask_names[0]: loss_mask}
+        else:
+            raise ValueError(
+                f"{self.names.loss_call} needs this micro-batch's mask of every name the terms and metrics "
+                f"use, {{{', '.join(repr(n) for n in mask_names)}}}; micro-batch {index} got "
+                f"{type(loss_mask).__name__}."
+            )
+        for name, mask in given.items():
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(
+                    f"{self.names.loss_call} needs a tensor mask; micro-batch {index} got {type(mask).__name__}."
+                )
+            if mask.shape != plan.local_shape:
+                label = self.names.masks if len(mask_names) == 1 else f"{self.names.masks}[{name!r}]"
+                cp_note = (
+                    f" (the CP-local slice, 1/{self.groups.cp_size} of the sequence, of the whole-sequence "
+                    f"mask {tuple(plan.shape)} in {label})"
+                    if self.groups.cp_size > 1
+                    else f" (the shape of {label}[{index}])"
+                )
+                raise ValueError(
+                    f"Loss evaluation {index + 1} of this step got a mask of shape {tuple(mask.shape)}, "
+                    f"expected {tuple(plan.local_shape)}{cp_note}. Either {self.names.masks} is not in "
+                    f"micro-batch order, or a loss function was skipped or evaluated twice: every "
+                    f"micro-batch's {self.names.loss_call} must be evaluated exactly once, in order."
+                )
+        return given
+
     def microbatch_loss(self, losses: Dict[str, torch.Tensor], loss_mask: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        """``(S·F, num_tokens, report)`` for the next micro-batch (see the module docstring)."""
+        """``(S·F, num_tokens, report)`` for the next micro-batch (see the module docstring).
+        ``losses`` holds the per-token loss of every term and the per-token value of every metric."""
         index = self.next_microbatch
         if index >= self.num_microbatches:
             raise ValueError(
@@ -330,52 +496,39 @@ class PreparedStep:
         self.next_microbatch += 1
         assert self.is_last_stage, "losses are computed on the last pipeline stage only"
         plan = self.plans[index]
-        if not isinstance(loss_mask, torch.Tensor):
-            raise ValueError(
-                f"{self.names.loss_call} needs a tensor mask; micro-batch {index} got {type(loss_mask).__name__}."
-            )
-        mask_shape = loss_mask.shape
-        if mask_shape != plan.local_shape:
-            cp_note = (
-                f" (the CP-local slice, 1/{self.groups.cp_size} of the sequence, of the whole-sequence "
-                f"mask {tuple(plan.shape)} in {self.names.masks})"
-                if self.groups.cp_size > 1
-                else f" (the shape of {self.names.masks}[{index}])"
-            )
-            raise ValueError(
-                f"Loss evaluation {index + 1} of this step got a mask of shape {tuple(mask_shape)}, "
-                f"expected {tuple(plan.local_shape)}{cp_note}. Either {self.names.masks} is not in "
-                f"micro-batch order, or a loss function was skipped or evaluated twice: every "
-                f"micro-batch's {self.names.loss_call} must be evaluated exactly once, in order."
-            )
+        given = self._given_masks(loss_mask, index, plan)
+        mask_shape = plan.local_shape
         if self.config.check_masks:
-            self._given[index] = loss_mask  # compared with loss_masks after the step, vectorized
+            self._given[index] = given  # compared with loss_masks after the step, vectorized
         self.scales()
-        valid = plan.valid
         total = None
         shares: Dict[str, torch.Tensor] = {}
-        for name, term in self.terms.items():
-            per_token_loss = losses[name]
-            if not isinstance(per_token_loss, torch.Tensor) or per_token_loss.shape != mask_shape:
-                shape = tuple(per_token_loss.shape) if isinstance(per_token_loss, torch.Tensor) else type(per_token_loss).__name__
+        for name, value in losses.items():
+            if not isinstance(value, torch.Tensor) or value.shape != mask_shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                what = ("value", "metric") if name in self.metrics else ("loss", "term")
                 raise ValueError(
-                    f"Micro-batch {index}: the per-token loss of term {name!r} has shape {shape} but its "
-                    f"mask has shape {tuple(mask_shape)}; the loss function must return one loss per "
+                    f"Micro-batch {index}: the per-token {what[0]} of {what[1]} {name!r} has shape {shape} but "
+                    f"its mask has shape {tuple(mask_shape)}; the loss function must return one {what[0]} per "
                     "token ([b, s])."
                 )
-            # S_k = Σ where(mask, l, 0) · (m·α/D_k): masked positions selected away, never multiplied.
-            share = agg.weighted_share(per_token_loss, valid, plan.weights[name])
+        for name, term in self.terms.items():
+            # S_k = Σ where(m_k, l, 0) · (m_k·α/D_k): masked positions selected away, never multiplied.
+            share = agg.weighted_share(losses[name], plan.valid[term.mask], plan.weights[name])
             shares[name] = share
             weighted = share * term.weight if term.weight != 1.0 else share
             total = weighted if total is None else total + weighted
         assert total is not None
         report: Dict[str, torch.Tensor] = {}
-        with torch.no_grad():  # the step's checks and reports: outside autograd, one block
+        with torch.no_grad():  # the step's checks, reports and metrics: outside autograd, one block
             for name, share in shares.items():
                 self.checks.record_loss(index, name, share, losses[name], grad_mode=False)
                 if len(shares) > 1:
                     self._report(name, share, report)
             self._report(DEFAULT_TERM_NAME, total, report)
+            for name, metric in self.metrics.items():
+                value = agg.weighted_share(losses[name].detach(), plan.valid[metric.mask], plan.weights[name])
+                self._report(name, value, report)
         loss = total * self._multipliers[index]
         num_tokens = self._num_tokens[index] if self.scaling.loss_return is LossReturn.THREE_TUPLE else None
         return loss, num_tokens, report
@@ -387,7 +540,8 @@ class PreparedStep:
 
     @property
     def local_losses(self) -> Dict[str, torch.Tensor]:
-        """This rank's share of each term's ``L_k`` and of the total, summed over micro-batches."""
+        """This rank's share of each term's ``L_k``, of the total and of each metric, summed over
+        micro-batches."""
         with torch.no_grad():
             return {
                 name: torch.stack(values)[:, 0].sum() if values else torch.zeros((), device=self._device)
@@ -395,29 +549,31 @@ class PreparedStep:
             }
 
     def _mask_mismatches(self) -> None:
-        """Tokens where the loss functions' masks differ from ``loss_masks``, per micro-batch
-        (vectorized over the step where the micro-batches were batched)."""
+        """Tokens where the loss functions' masks differ from ``loss_masks``, per micro-batch and
+        mask (vectorized over the step where the micro-batches were batched)."""
         given = self._given
         if not self.config.check_masks or any(g is None for g in given) or not given:
             return
         with torch.no_grad():
-            if self._batched and len({g.shape[-1] for g in given}) == 1:
-                whole = torch.cat(given) if len(given) > 1 else given[0]
-                per_row = (agg.valid_tokens(whole) != self._valid_all[0]).sum(dim=-1)
-                counts = torch.zeros(len(given), dtype=per_row.dtype, device=per_row.device)
-                counts = counts.index_add_(0, self._row_to_mb, per_row)
-                self.checks.mismatch.append((list(range(len(given))), counts))  # one vector, labelled
-                return
-            for j, (g, plan) in enumerate(zip(given, self.plans)):
-                tokens = agg.valid_tokens(g)
-                if plan.member is not None:
-                    tokens = tokens & plan.member
-                self.checks.mismatch.append((j, (tokens != plan.valid).sum()))
+            for k in self.layout.masks:
+                masks = [g[k] for g in given]
+                if self._batched and len({g.shape[-1] for g in masks}) == 1:
+                    whole = torch.cat(masks) if len(masks) > 1 else masks[0]
+                    per_row = (agg.valid_tokens(whole) != self._valid_all[k][0]).sum(dim=-1)
+                    counts = torch.zeros(len(masks), dtype=per_row.dtype, device=per_row.device)
+                    counts = counts.index_add_(0, self._row_to_mb, per_row)
+                    self.checks.mismatch.append((list(range(len(masks))), counts))  # one vector, labelled
+                    continue
+                for j, (g, plan) in enumerate(zip(masks, self.plans)):
+                    tokens = agg.valid_tokens(g)
+                    if plan.member is not None:
+                        tokens = tokens & plan.member
+                    self.checks.mismatch.append((j, (tokens != plan.valid[k]).sum()))
 
     def finish(self, evaluated_all: bool = True) -> None:
         """After the step: every micro-batch's loss evaluated once (``evaluated_all=False`` for
         steps that compute no loss, e.g. forward-only with non-loss data), agreement, masks, values,
-        boundaries and finiteness — one host sync, spread over every rank of the step."""
+        boundaries, group ids and finiteness — one host sync, spread over every rank of the step."""
         if self.is_last_stage and evaluated_all and self.next_microbatch != self.num_microbatches:
             self.checks.evaluations = (
                 f"The step was given {self.num_microbatches} {self.names.masks} but "
@@ -429,14 +585,18 @@ class PreparedStep:
         if self._reduced is not None:
             self._wait()
             if not self.config.raise_on_every_rank:  # the totals' block is the DP-wide agreement
-                raise_if_disagree(self._reduced[len(agg.TOTALS_FIELDS):], self.names, "checked after the step")
+                raise_if_disagree(self._reduced[self.layout.size:], self.names, "checked after the step")
         self.collectives += self.checks.finish(self.groups, self.config.raise_on_every_rank, self._device)
 
     def state_bytes(self) -> int:
-        tensors = [t for ts in self._weight_buffers.values() for t in ts] if self.is_last_stage else []
-        tensors += [t for t in (*self._valid_all, *self._member_all) if t is not None] if self.is_last_stage else []
-        if self.is_last_stage and self.totals is not None:
-            tensors += [self.totals if self._reduced is None else self._reduced]
+        tensors: List[torch.Tensor] = []
+        if self.is_last_stage:
+            tensors += [t for ts in self._weight_buffers.values() for t in ts]
+            tensors += [t for ts in self._valid_all.values() for t in ts] + self._group_index
+            tensors += [t for t in self._member_all if t is not None]
+            tensors += list(self._local_group_tokens.values())
+            if self.totals is not None:
+                tensors += [self.totals if self._reduced is None else self._reduced]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def summary(self, engine_seconds: float = 0.0, engine_cpu_seconds: float = 0.0) -> StepSummary:

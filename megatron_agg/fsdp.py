@@ -41,7 +41,7 @@ from .groups import ParallelGroups
 from .modes import AggModeLike
 from .scaling import SumScaling
 from .terms import LossTerm, PerTokenLossFn, per_token_losses, split_term_losses
-from .validation import as_int, check_loss_masks, check_packed_seqs
+from .validation import as_int, check_group_ids, check_named_masks, check_packed_seqs
 
 __all__ = ["FSDPLossHook"]
 
@@ -67,13 +67,16 @@ class _FSDPStep:
         self._step = step
 
     def loss(
-        self, output: Any, loss_mask: torch.Tensor, per_token_loss_fn: Optional[PerTokenLossFn] = None
+        self, output: Any, loss_mask: Any, per_token_loss_fn: Optional[PerTokenLossFn] = None
     ) -> torch.Tensor:
-        """The next micro-batch's exact share of the global loss; call ``.backward()`` on it."""
+        """The next micro-batch's exact share of the global loss; call ``.backward()`` on it.
+        ``loss_mask``: this micro-batch's mask (this rank's slice under SP), or ``{name: mask}``
+        when terms or metrics name their own masks; ``per_token_loss_fn`` returns one entry per
+        term and metric, as for :meth:`~megatron_agg.LossHook.loss_func`."""
         step = self._step
         t0, c0 = time.perf_counter(), time.thread_time()
         per_token = per_token_losses(per_token_loss_fn, output)
-        losses = split_term_losses(step.terms, per_token, step.next_microbatch)
+        losses = split_term_losses(step.terms, per_token, step.next_microbatch, step.metrics)
         loss = step.microbatch_loss(losses, loss_mask)[0]
         step.engine_seconds += time.perf_counter() - t0
         step.engine_cpu_seconds += time.thread_time() - c0
@@ -88,9 +91,9 @@ class FSDPLossHook:
     """Exact loss aggregation for FSDP2 models (see the module docstring).
 
     Args:
-        mode, exclude_fully_masked_seqs, loss_scale_factor, terms, config and the check options:
-            as for :class:`~megatron_agg.LossHook` (:class:`~megatron_agg.AggConfig`;
-            ``loss_return`` does not apply).
+        mode, exclude_fully_masked_seqs, loss_scale_factor, terms, metrics, num_groups,
+            group_scope, config and the check options: as for :class:`~megatron_agg.LossHook`
+            (:class:`~megatron_agg.AggConfig`; ``loss_return`` does not apply).
         dp_group: the data-parallel group the totals are summed over (default: WORLD).
         sp_group: an optional sequence-parallel group (ranks holding slices of the same
             sequences); ``None`` for none.
@@ -107,6 +110,9 @@ class FSDPLossHook:
         exclude_fully_masked_seqs: bool = False,
         loss_scale_factor: Optional[float] = None,
         terms: Optional[Mapping[str, LossTerm]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        num_groups: Optional[int] = None,
+        group_scope: Optional[str] = None,
         dp_group: Any = None,
         sp_group: Any = None,
         grad_group: Any = None,
@@ -129,7 +135,7 @@ class FSDPLossHook:
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
             terms=terms, config=config, check_masks=check_masks, async_totals=async_totals,
             allow_nonfinite_masked=allow_nonfinite_masked, raise_on_every_rank=raise_on_every_rank,
-            agreement=agreement,
+            agreement=agreement, metrics=metrics, num_groups=num_groups, group_scope=group_scope,
         )
         self.terms: Dict[str, LossTerm] = dict(self.config.terms)
         self._dp_group = dp_group if dp_group is not None else torch.distributed.group.WORLD
@@ -174,9 +180,11 @@ class FSDPLossHook:
 
     # -- the step ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def step(self, loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[Sequence[Any]] = None
-             ) -> Iterator[_FSDPStep]:
-        """A step over ``loss_masks`` (this rank's whole-sequence masks, one per micro-batch).
+    def step(self, loss_masks: Any, packed_seqs: Optional[Sequence[Any]] = None,
+             group_ids: Optional[Sequence[Any]] = None) -> Iterator[_FSDPStep]:
+        """A step over ``loss_masks`` (this rank's whole-sequence masks, one per micro-batch, or
+        ``{name: [...]}`` when terms or metrics name their own masks), with ``group_ids`` for
+        ``prompt-mean`` (per micro-batch one id per sequence).
 
         Starts the step's one all-reduce; on leaving the block, checks that every micro-batch's
         loss was taken (and the checks of :class:`~megatron_agg.LossHook`), on every rank of
@@ -188,9 +196,13 @@ class FSDPLossHook:
             )
         self._last, self._failed = None, "the step did not finish"
         t0, c0 = time.perf_counter(), time.thread_time()
-        count = len(loss_masks) if isinstance(loss_masks, (list, tuple)) else 0
-        masks = check_loss_masks(loss_masks, as_int(max(count, 1), "len(loss_masks)"), missing_hint=_MISSING_MASKS)
+        some = next(iter(loss_masks.values()), None) if isinstance(loss_masks, Mapping) else loss_masks
+        count = len(some) if isinstance(some, (list, tuple)) else 0
+        named = check_named_masks(loss_masks, as_int(max(count, 1), "len(loss_masks)"), self.config.mask_names,
+                                  missing_hint=_MISSING_MASKS)
+        masks = next(iter(named.values()))
         packed = check_packed_seqs(packed_seqs, masks)
+        ids = check_group_ids(group_ids, masks, packed, self.config.uses_groups)
         groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,
                                 cp_layout=self._sp_layout)
         scaling = SumScaling(len(masks), groups.dp_cp_size)
@@ -199,7 +211,8 @@ class FSDPLossHook:
                 f"Sequence parallelism over {groups.cp_size} ranks needs padded lengths divisible by "
                 f"{groups.cp_size}; got {[m.shape[-1] for m in masks]}."
             )
-        step = PreparedStep(self.config, masks, groups, scaling, packed, names=_NAMES, tracker=self._tracker)
+        step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
+                            group_ids=ids)
         step.engine_seconds += time.perf_counter() - t0
         step.engine_cpu_seconds += time.thread_time() - c0
         try:
@@ -218,5 +231,6 @@ class FSDPLossHook:
         return self._last
 
     def global_loss(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The exact global loss of the last step (one all-reduce over ``grad_group``)."""
+        """The exact global loss of the last step, each term's and each metric's value (one
+        all-reduce over ``grad_group``)."""
         return global_loss_of(self._last, self._failed)

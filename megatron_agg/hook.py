@@ -33,11 +33,16 @@ What one step does, on each rank of the last pipeline stage:
    positions. The check is summed over every rank of the step first, so a failure raises on
    every rank; the next step starts clean either way.
 
-The all-reduced vector is ``[T, N, N_nonempty, (p, p·f, p·f²) × 6]`` (21 float64 values); with
-context parallelism every CP rank does its own (identical) all-reduce over its DP group, so
-nothing is counted once per CP rank, and TP/PP replicas never add to the totals. On the first
-step (and any step whose set-up changed) it is awaited at once and a disagreement raises on
-every DP rank before the schedule starts. The engine itself is :mod:`megatron_agg.engine`.
+The all-reduced vector is ``[T, N, N_nonempty, (p, p·f, p·f²) × 9]`` (30 float64 values) for one
+mask; each further mask adds ``T_k, N⁺_k`` (2 values), ``prompt-mean`` with ``group_scope="global"``
+adds the per-group counts ``S_g`` and ``M_{k,g}`` (``G·(1+K_g)`` values: 2,048 = 16 KiB at
+``G = 1,024`` and one mask) and with ``"per-rank"`` only ``P, P⁺_k`` (:mod:`megatron_agg.totals`);
+metrics add nothing. With context parallelism every CP rank does its own (identical) all-reduce
+over its DP group, so nothing is counted once per CP rank, and TP/PP replicas never add to the
+totals. The hook's first step checks the DP ranks' agreement on the set-up (which fixes the
+vector's length) in a small all-reduce of its own before the totals; a step whose set-up changed
+awaits the totals at once; either way a disagreement raises on every DP rank before the schedule
+starts. The engine itself is :mod:`megatron_agg.engine`.
 
 The loss the hook reports per micro-batch is a Megatron-LM style ``{name: [sum, count]}`` dict
 whose sums over micro-batches and data×context-parallel ranks give ``L`` exactly
@@ -61,7 +66,7 @@ from .integration import check_megatron_version, checked_cp_layout, resolve_grou
 from .modes import AggModeLike
 from .scaling import MegatronScaling
 from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses
-from .validation import check_loss_masks, check_packed_seqs
+from .validation import check_group_ids, check_named_masks, check_packed_seqs
 
 __all__ = ["LossHook", "PerTokenLossFn", "StepSummary", "NonFiniteLossError"]
 
@@ -79,12 +84,18 @@ class LossHook:
 
     Args:
         mode: the aggregation mode of a single-term loss (``"token-mean"``,
-            ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum-norm"``
-            or an :class:`~megatron_agg.AggMode`). Leave ``None`` when ``terms`` is given.
+            ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum-norm"``,
+            ``"token-sum"``, ``"prompt-mean"`` or an :class:`~megatron_agg.AggMode`). Leave ``None``
+            when ``terms`` is given.
         exclude_fully_masked_seqs: single-term option, see :class:`~megatron_agg.LossTerm`.
         loss_scale_factor: single-term option, see :class:`~megatron_agg.LossTerm`.
-        terms: several named terms, ``{name: LossTerm(mode, weight=...)}``; the step's loss is
-            ``Σ_k weight_k · L_k``, all from the same masks and the same single collective.
+        terms: several named terms, ``{name: LossTerm(mode, weight=..., mask=...)}``; the step's
+            loss is ``Σ_k weight_k · L_k``, each term over its own mask, all in the same single
+            collective.
+        metrics: ``{name: LossTerm or mode}``, detached per-token quantities aggregated exactly
+            (see :class:`~megatron_agg.AggConfig`); reported by :meth:`global_loss` and in the
+            ``[sum, count]`` reports, never part of the loss.
+        num_groups, group_scope: for ``prompt-mean`` (see :class:`~megatron_agg.AggConfig`).
         loss_return, check_masks, async_totals, allow_nonfinite_masked, raise_on_every_rank,
             agreement: see :class:`~megatron_agg.AggConfig` (the defaults are its defaults).
         config: an :class:`~megatron_agg.AggConfig` instead of the options above.
@@ -111,6 +122,9 @@ class LossHook:
         exclude_fully_masked_seqs: bool = False,
         loss_scale_factor: Optional[float] = None,
         terms: Optional[Mapping[str, LossTerm]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        num_groups: Optional[int] = None,
+        group_scope: Optional[str] = None,
         loss_return: Union[LossReturn, str, None] = None,
         check_masks: Optional[bool] = None,
         async_totals: Optional[bool] = None,
@@ -127,7 +141,8 @@ class LossHook:
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
             terms=terms, config=config, loss_return=loss_return, check_masks=check_masks,
             async_totals=async_totals, allow_nonfinite_masked=allow_nonfinite_masked,
-            raise_on_every_rank=raise_on_every_rank, agreement=agreement,
+            raise_on_every_rank=raise_on_every_rank, agreement=agreement, metrics=metrics,
+            num_groups=num_groups, group_scope=group_scope,
         )
         if groups is not None and not isinstance(groups, ParallelGroups):
             raise ValueError(f"groups must be a megatron_agg.groups.ParallelGroups, got {type(groups).__name__}.")
@@ -160,10 +175,15 @@ class LossHook:
         The result takes Megatron's keyword arguments unchanged plus
 
         - ``loss_masks``: this rank's masks, one ``[b_j, s_j]`` tensor per micro-batch in order, of
-          whole sequences (before any context-parallel split; the same on every CP rank);
+          whole sequences (before any context-parallel split; the same on every CP rank); with
+          terms or metrics that name their own masks, ``{name: [mask_0, ...]}`` with one list per
+          name, the masks of a micro-batch all of one shape;
         - ``packed_seqs`` (optional): per micro-batch ``None`` (one sequence per row) or the
           sequences packed into its one row, as :class:`~megatron_agg.PackedSequences` or
-          Megatron's ``PackedSeqParams`` (THD), with whole-row (pre-CP-split) boundaries.
+          Megatron's ``PackedSeqParams`` (THD), with whole-row (pre-CP-split) boundaries;
+        - ``group_ids`` (``prompt-mean`` only): per micro-batch a 1-D integer tensor with the group
+          of each sequence (one id per row, or per packed sequence), numbered as ``group_scope``
+          says, in ``[0, num_groups)``.
 
         The original function is ``result.__wrapped__``.
         """
@@ -179,15 +199,16 @@ class LossHook:
 
         @functools.wraps(forward_backward_func)
         def forward_backward(
-            *args: Any, loss_masks: Any = _MISSING, packed_seqs: Any = None, **kwargs: Any
+            *args: Any, loss_masks: Any = _MISSING, packed_seqs: Any = None, group_ids: Any = None, **kwargs: Any
         ) -> Any:
-            return self._run_step(forward_backward_func, args, kwargs, loss_masks, packed_seqs)
+            return self._run_step(forward_backward_func, args, kwargs, loss_masks, packed_seqs, group_ids)
 
         forward_backward.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
         return forward_backward
 
     def _run_step(
-        self, func: Callable[..., Any], args: tuple, kwargs: dict, loss_masks: Any, packed_seqs: Any
+        self, func: Callable[..., Any], args: tuple, kwargs: dict, loss_masks: Any, packed_seqs: Any,
+        group_ids: Any = None,
     ) -> Any:
         if self._step is not None:
             raise ValueError(
@@ -197,15 +218,18 @@ class LossHook:
         self._last, self._failed = None, "the step did not finish"
         t0, c0 = time.perf_counter(), time.thread_time()
         num_microbatches = kwargs.get("num_microbatches")
-        masks = check_loss_masks(None if loss_masks is _MISSING else loss_masks, num_microbatches,
-                                 missing_hint=_MISSING_MASKS)
+        named = check_named_masks(None if loss_masks is _MISSING else loss_masks, num_microbatches,
+                                  self.config.mask_names, missing_hint=_MISSING_MASKS)
+        masks = next(iter(named.values()))
         packed = check_packed_seqs(packed_seqs, masks)
+        ids = check_group_ids(group_ids, masks, packed, self.config.uses_groups)
         groups = self._groups or resolve_groups(
             kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),
             cp_layout=self._cp_layout,
         )
         scaling = self._scaling.for_step(kwargs.get("model"), self.loss_return, len(masks), groups)
-        step = PreparedStep(self.config, masks, groups, scaling, packed, names=_NAMES, tracker=self._tracker)
+        step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
+                            group_ids=ids)
         self._step = step
         seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
         try:
@@ -224,19 +248,21 @@ class LossHook:
         return result
 
     def loss_func(
-        self, loss_mask: torch.Tensor, per_token_loss_fn: Optional[PerTokenLossFn] = None
+        self, loss_mask: Union[torch.Tensor, Mapping[str, torch.Tensor]],
+        per_token_loss_fn: Optional[PerTokenLossFn] = None
     ) -> Callable[..., tuple]:
         """The ``loss_func`` for ``forward_step`` to return with the model output.
 
         Args:
             loss_mask: this micro-batch's mask as the output tensor sees it (on a
-                context-parallel rank, its slice of the sequence). Its shape is checked at once;
+                context-parallel rank, its slice of the sequence); ``{name: mask}`` with every
+                mask name when the terms or metrics name their own. Its shape is checked at once;
                 its content is checked against ``loss_masks`` after the step (``check_masks``).
                 The gradients always follow ``loss_masks``.
             per_token_loss_fn: maps the model output to the per-token loss ``[b, s]`` (or to
-                ``{term name: [b, s]}`` with several terms), e.g. a policy-gradient loss from
-                log-probs. By default the output *is* the per-token loss (``GPTModel`` called
-                with ``labels``).
+                ``{name: [b, s]}`` for several terms and for metrics: one entry per term and per
+                metric), e.g. a policy-gradient loss from log-probs. By default the output *is*
+                the per-token loss (``GPTModel`` called with ``labels``).
 
         Megatron calls the result on the last pipeline stage with the output tensor; it returns
         ``(loss, {name: [sum, count]})`` or ``(loss, num_tokens, {...})`` per ``loss_return``.
@@ -254,7 +280,7 @@ class LossHook:
                     "function returned by hook.wrap(get_forward_backward_func()) with loss_masks=..."
                 )
             t0, c0 = time.perf_counter(), time.thread_time()
-            losses = split_term_losses(self.config.terms, per_token, step.next_microbatch)
+            losses = split_term_losses(self.config.terms, per_token, step.next_microbatch, self.config.metrics)
             loss, num_tokens, report = step.microbatch_loss(losses, loss_mask)
             step.engine_seconds += time.perf_counter() - t0
             step.engine_cpu_seconds += time.thread_time() - c0
@@ -272,10 +298,10 @@ class LossHook:
         return self._last
 
     def global_loss(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The exact global loss of the last step: ``{"loss": L, <term>: L_k, ...}``.
+        """The exact global loss of the last step: ``{"loss": L, <term>: L_k, ..., <metric>: value}``.
 
         Issues one all-reduce (SUM) over the data×context-parallel group, on demand (for
-        logging; not part of the step). Returns ``None`` on ranks off the last pipeline stage,
+        logging; not part of the step); the metrics ride in it. Returns ``None`` on ranks off the last pipeline stage,
         which compute no loss. The values are 0-dim tensors on the masks' device (no host sync).
         Raises ``ValueError`` before the first step and after a step that raised.
         """

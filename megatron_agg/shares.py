@@ -18,17 +18,24 @@ denominators and turns its result into what Megatron's ``loss_func`` must return
     return shares.megatron_return(S_j, output)                           # (S_j·F, [nt_j,] output)
 
 Formula (:mod:`megatron_agg.aggregation`): ``share(l, m, mode) = Σ_{i,t} m·α_i·l / D`` with
-``α_i`` from the sequence itself (``1``, ``1/n_i``, ``1/C_i``) and ``D`` from the step totals
-(``T``, ``N`` or the non-empty ``N``), so that the shares of all micro-batches on all
-data-parallel ranks add up to the global-batch loss ``L``. ``megatron_return`` multiplies by
+``α_i`` from the sequence itself (``1``, ``1/n_i``, ``1/C_i``) or, for ``prompt-mean``, from its
+group's valid tokens over the step (``1/M_g``), and ``D`` from the step totals (``T``, ``N`` or
+the non-empty ``N``, 1 for ``token-sum``, ``P`` for ``prompt-mean``), so that the shares of all
+micro-batches on all data-parallel ranks add up to the global-batch loss ``L``. Several masks
+(``loss_masks={"default": [...], "correct": [...]}``) each get their own totals, chosen per call
+with ``share(..., mask_name="correct")``; ``metric(...)`` aggregates a detached per-token metric the
+same way and :meth:`StepShares.global_metrics` reports it (one all-reduce, on demand). ``megatron_return`` multiplies by
 the factor ``F`` of :func:`megatron_agg.averaging.loss_multiplier`, which cancels Megatron's
 averaging; after ``finalize_model_grads`` the gradients are exactly ``∂L``.
 
 Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per step, of
-``[T, N, N_nonempty, Σ num_tokens, agreement triples...]``, on the last pipeline stage only
-(started at construction, awaited by the first ``share``; awaited at once, with one host sync, the
-first time a set-up is seen in the process, so that disagreeing DP ranks raise before any
-gradient); every CP rank does its own identical one, so nothing is counted once per CP rank.
+``[T, N, N_nonempty, (T_k, N⁺_k per further mask), Σ num_tokens, (group counts), agreement
+triples...]`` (:mod:`megatron_agg.totals`), on the last pipeline stage only (started at
+construction, awaited by the first ``share``; awaited at once, with one host sync, the first time
+a set-up is seen in the process, so that disagreeing DP ranks raise before any gradient; the first
+time a totals layout — masks, ``num_groups`` — is seen, the ranks' agreement on it is checked in a
+small all-reduce of its own first, once); every CP rank does its own identical one, so nothing is
+counted once per CP rank.
 :meth:`finish` runs the end-of-step check of :mod:`megatron_agg.checks` (NaN/Inf at valid tokens
 and at masked positions, mask values, the masks' counts, agreement on the modes used), summed over
 every rank of the step so that a failure raises on all of them. Host syncs: none per
@@ -37,7 +44,7 @@ micro-batch; one in :meth:`finish`. Call :meth:`finish` on every rank, also off 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -51,14 +58,14 @@ from .groups import ParallelGroups
 from .integration import check_megatron_version, resolve_groups
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
-from .terms import LossTerm
-from .validation import as_bool, as_int, check_loss_masks, mask_value_problems
+from .terms import DEFAULT_MASK_NAME, LossTerm
+from .totals import GROUP_SCOPES, StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
+from .validation import as_bool, as_int, check_group_ids, check_loss_masks, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
-#: verl's ``token-sum`` mode (``Σ m·l``, no denominator), accepted by :meth:`StepShares.share`
-#: besides the :class:`~megatron_agg.AggMode` values.
-TOKEN_SUM = "token-sum"
+#: verl's ``token-sum`` mode (``Σ m·l``, no denominator): now :attr:`AggMode.TOKEN_SUM`, kept as a name.
+TOKEN_SUM = AggMode.TOKEN_SUM.value
 _NAMES = FrontEndNames(entry="StepShares", loss_call="StepShares.share(...)", masks="loss_masks",
                        mismatch_fix=("build StepShares from the masks the loss function reduces with (e.g. "
                                      "verl's response masks), in micro-batch order: the denominators "
@@ -70,6 +77,8 @@ _TRACKER = AgreementTracker()
 
 def _dense(loss_masks: Any) -> Any:
     """Nested (jagged, one row per sequence) masks as padded ``[b, s]`` ones; the rest unchanged."""
+    if isinstance(loss_masks, Mapping):
+        return {k: _dense(v) for k, v in loss_masks.items()}
     if isinstance(loss_masks, torch.Tensor) or not isinstance(loss_masks, Sequence):
         return loss_masks  # refused by check_loss_masks
     return [m.to_padded_tensor(0) if getattr(m, "is_nested", False) else m for m in loss_masks]
@@ -81,7 +90,8 @@ class StepShares:
     Args:
         loss_masks: this rank's masks, one per micro-batch in Megatron's order, each ``[b_j, s_j]``
             (or a nested tensor with one row per sequence), of whole sequences. They define
-            the step totals ``T``, ``N`` and ``N_nonempty``.
+            the step totals ``T``, ``N`` and ``N_nonempty``. Several masks over the same sequences:
+            ``{name: [...]}`` (``share(..., mask_name=name)`` picks one; a list is ``"default"``).
         model: the model chunks handed to ``forward_backward_func`` (Megatron's DDP-wrapped
             modules); read for ``calculate_per_token_loss`` and the DDP settings.
         num_microbatches: ``M``, this rank's number of micro-batches (default ``len(loss_masks)``).
@@ -100,6 +110,10 @@ class StepShares:
         groups: a :class:`~megatron_agg.groups.ParallelGroups` instead of Megatron's.
         async_totals, allow_nonfinite_masked, raise_on_every_rank, agreement: as for
             :class:`~megatron_agg.AggConfig`.
+        group_ids, num_groups, group_scope: for ``share(..., "prompt-mean")``: per micro-batch one
+            id per sequence (row), numbered as ``group_scope`` says (``"global"`` or ``"per-rank"``,
+            see :class:`~megatron_agg.AggConfig`), in ``[0, num_groups)``; ``num_groups`` the same on
+            every rank and, with ``"global"``, a constant of the run (it sizes the all-reduce).
     """
 
     def __init__(
@@ -117,12 +131,43 @@ class StepShares:
         allow_nonfinite_masked: bool = False,
         raise_on_every_rank: bool = True,
         agreement: str = "on-change",
+        group_ids: Optional[Sequence[Any]] = None,
+        num_groups: Optional[int] = None,
+        group_scope: Optional[str] = None,
     ) -> None:
         check_megatron_version()
         loss_masks = _dense(loss_masks)
+        named_input = loss_masks if isinstance(loss_masks, Mapping) else {DEFAULT_MASK_NAME: loss_masks}
+        if not named_input:
+            raise ValueError(_MISSING_MASKS)
+        first_input = next(iter(named_input.values()))
         m = as_int(num_microbatches, "num_microbatches", minimum=1) if num_microbatches is not None else (
-            len(loss_masks) if isinstance(loss_masks, Sequence) else 0)
-        masks = check_loss_masks(loss_masks, m, missing_hint=_MISSING_MASKS)
+            len(first_input) if isinstance(first_input, Sequence) and not isinstance(first_input, torch.Tensor) else 0)
+        named = {}
+        for name, value in named_input.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"loss_masks names must be non-empty strings, got {name!r}.")
+            label = "loss_masks" if not isinstance(loss_masks, Mapping) else f"loss_masks[{name!r}]"
+            named[name] = check_loss_masks(value, m, missing_hint=_MISSING_MASKS, label=label)
+        mask_names = [DEFAULT_MASK_NAME] if DEFAULT_MASK_NAME in named else []
+        mask_names += [n for n in named if n != DEFAULT_MASK_NAME]
+        masks = named[mask_names[0]]
+        for name in mask_names[1:]:
+            for j, (a, b) in enumerate(zip(masks, named[name])):
+                if a.shape != b.shape:
+                    raise ValueError(
+                        f"loss_masks[{name!r}][{j}] has shape {tuple(b.shape)} but loss_masks[{mask_names[0]!r}][{j}] "
+                        f"has {tuple(a.shape)}: the masks of a micro-batch must describe the same sequences."
+                    )
+        grouped = group_ids is not None or num_groups is not None or group_scope is not None
+        if grouped:
+            if num_groups is None or group_scope not in GROUP_SCOPES:
+                raise ValueError(
+                    "StepShares with group_ids needs num_groups=G (the same on every rank) and group_scope='global' "
+                    f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
+                )
+            num_groups = as_int(num_groups, "num_groups", minimum=1)
+        ids = check_group_ids(group_ids, masks, None, grouped)
         self.exclude_fully_masked_seqs = as_bool(exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
         # The options every entry point shares (terms are chosen per call here: none fixed).
         self.config = AggConfig({"loss": LossTerm("token-mean")}, async_totals=async_totals,
@@ -142,11 +187,19 @@ class StepShares:
         self._ready = False
         self._view: Any = None  # (micro-batch, mask, SequenceView) of the last share() call
         self._used: Dict[str, LossTerm] = {}  # the modes share() was called with (agreement check)
+        self._metrics: Dict[str, List[torch.Tensor]] = {}  # detached metric shares, by name
+        self.mask_names = tuple(mask_names)
+        self._prompt_groups = (num_groups, group_scope) if grouped else None
+        self.layout = TotalsLayout(self.mask_names, self.mask_names if grouped else (), num_groups or 0,
+                                   group_scope if grouped else None, extra=1)
         device = masks[0].device
         self._device = device
         self.checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)
-        views = [agg.sequence_view(mask) for mask in masks]
-        self._counts = [view.counts for view in views]
+        views_by_mask = {k: [agg.sequence_view(mask) for mask in named[k]] for k in self.mask_names}
+        views = views_by_mask[self.mask_names[0]]
+        self._counts = {k: [view.counts for view in v] for k, v in views_by_mask.items()}
+        self._group_ids: Optional[List[torch.Tensor]] = None
+        self._totals: Optional[StepTotals] = None
         if num_tokens is None:
             nt = torch.stack([view.counts.sum() for view in views])
         else:
@@ -163,20 +216,40 @@ class StepShares:
         if not self.is_last_stage:
             self.totals = None
             return  # no loss is computed here: no totals, no collective (finish() still checks)
-        for j, mask in enumerate(masks):
-            self.checks.mask_values.append((f"loss_masks[{j}]", mask_value_problems(mask)))
-        prints = set_up_fingerprints(None, self.scaling)
-        totals = torch.cat([agg.local_totals(views, device), nt.sum().reshape(1)])
-        self.totals = torch.cat([totals, agreement_block(prints, device)])
-        sync = _TRACKER.needs_sync(("dp", id(self.groups.dp)), prints)
+        for name in self.mask_names:
+            for j, mask in enumerate(named[name]):
+                label = f"loss_masks[{j}]" if len(self.mask_names) == 1 else f"loss_masks[{name!r}][{j}]"
+                self.checks.mask_values.append((label, mask_value_problems(mask)))
+        ids_all = None
+        if grouped:
+            assert ids is not None
+            ids_all, bad = checked_group_ids(torch.cat(ids), num_groups)
+            self.checks.group_ids.append(("group_ids", bad))
+            self.checks.group_ids_expected = f"Ids must be integers in [0, {num_groups}) (group_scope={group_scope!r})."
+            self._group_ids = list(ids_all.split([mask.shape[0] for mask in masks]))
+        prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
+        counts = {k: torch.cat(v) for k, v in self._counts.items()}
+        local = local_totals_vector(self.layout, counts, sum(v.num_seqs for v in views), ids_all, device,
+                                    extra=[nt.sum()])
+        self._local_group_tokens = local.group_tokens
+        self.totals = torch.cat([local.vector, agreement_block(prints, device)])
+        key = ("dp", id(self.groups.dp))
+        sync = _TRACKER.needs_sync(key, prints)
         if self.groups.dp_size > 1:
+            if _TRACKER.needs_length_check(key, self.layout):  # the layout fixes the vector's length
+                block = agreement_block(prints, device)
+                self.groups.sum_over_dp(block, async_op=False)
+                self.collectives += 1
+                raise_if_disagree(block, _NAMES, "checked when the step's StepShares was built")
+                sync = False
             self._work = self.groups.sum_over_dp(self.totals, async_op=async_totals and not sync)
             self.collectives += 1
             if sync:
                 self._wait()
-                raise_if_disagree(self.totals[len(agg.TOTALS_FIELDS) + 1:], _NAMES,
+                raise_if_disagree(self.totals[self.layout.size:], _NAMES,
                                   "checked when the step's StepShares was built")
-        _TRACKER.verified(("dp", id(self.groups.dp)), prints)
+        _TRACKER.verified(key, prints)
+        _TRACKER.length_verified(key, self.layout)
 
     # -- per micro-batch ---------------------------------------------------------------------
     def _wait(self) -> None:
@@ -186,7 +259,8 @@ class StepShares:
             self._work = None
             self._ready = True
             assert self.totals is not None
-            self._multiplier = self.scaling.multipliers(self._num_tokens, self.totals[3])
+            self._totals = StepTotals(self.layout, self.totals[: self.layout.size], self._local_group_tokens)
+            self._multiplier = self.scaling.multipliers(self._num_tokens, self._totals.extra(0))
 
     def share(
         self,
@@ -196,73 +270,123 @@ class StepShares:
         *,
         loss_scale_factor: Optional[float] = None,
         exclude_fully_masked_seqs: Optional[bool] = None,
+        mask_name: str = DEFAULT_MASK_NAME,
     ) -> torch.Tensor:
         """This micro-batch's exact share of the global-batch loss of ``mode``.
 
         ``Σ_{i,t} m·α_i·l / D`` over the whole sequences of ``loss_mat``/``loss_mask`` (``[b, s]``,
         one row per sequence, in the order of this micro-batch's ``loss_masks`` entry), a 0-dim
-        tensor. ``mode`` is an :class:`AggMode` value or ``"token-sum"`` (``D = 1``). The token-level
-        modes also take a flattened ``[1, t]`` view. The rows' valid-token counts are checked
-        against ``loss_masks`` in :meth:`finish` (no host sync here), and so is the finiteness of
-        ``loss_mat`` (at valid tokens, and at masked positions unless ``allow_nonfinite_masked``).
+        tensor. ``mode`` is an :class:`AggMode` value (``"token-sum"``: ``D = 1``; ``"prompt-mean"``
+        needs ``group_ids``). ``mask_name`` names the mask of ``loss_masks`` whose totals apply
+        (``loss_mask`` is this micro-batch's mask of that name). The token-level modes also take a
+        flattened ``[1, t]`` view. The rows' valid-token counts are checked against ``loss_masks`` in
+        :meth:`finish` (no host sync here), and so is the finiteness of ``loss_mat`` (at valid
+        tokens, and at masked positions unless ``allow_nonfinite_masked``).
         """
+        term, key, index, view = self._prepare(loss_mat, loss_mask, mode, loss_scale_factor,
+                                               exclude_fully_masked_seqs, mask_name, "share")
+        self._used.setdefault(key, term)
+        result = self._weighted_share(loss_mat, term, view, index)
+        self.checks.record_loss(index, key, result, loss_mat)
+        return result
+
+    def metric(self, name: str, values: torch.Tensor, loss_mask: torch.Tensor, mode: Union[AggModeLike, str],
+               *, loss_scale_factor: Optional[float] = None, exclude_fully_masked_seqs: Optional[bool] = None,
+               mask_name: str = DEFAULT_MASK_NAME) -> torch.Tensor:
+        """Aggregate a detached per-token metric (entropy, clip fraction, KL, ...) of this micro-batch
+        exactly like :meth:`share` would a loss of ``mode``; returns its share (detached). The
+        shares of every call with ``name`` add up over micro-batches and ranks to the metric of the
+        global batch, read by :meth:`global_metrics` after the step. No collective, no host sync."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric() needs a name (a non-empty str), got {name!r}.")
+        with torch.no_grad():
+            term, key, index, view = self._prepare(values, loss_mask, mode, loss_scale_factor,
+                                                   exclude_fully_masked_seqs, mask_name, "metric")
+            result = self._weighted_share(values.detach(), term, view, index)
+        self._metrics.setdefault(name, []).append(result)
+        return result
+
+    def global_metrics(self) -> Dict[str, torch.Tensor]:
+        """``{name: value}`` of every :meth:`metric` of the step, exact over the global batch: one
+        all-reduce (SUM) over the data×context-parallel group, on demand (for logging; call it on
+        every rank of the last pipeline stage, after the step). 0-dim tensors, no host sync."""
+        names = sorted(self._metrics)
+        if not names:
+            return {}
+        values = torch.stack([torch.stack(self._metrics[n]).sum() for n in names]).to(torch.float64)
+        self.groups.sum_over_dp_cp(values)
+        return {n: values[i] for i, n in enumerate(names)}
+
+    def _prepare(self, loss_mat: Any, loss_mask: Any, mode: Any, loss_scale_factor: Optional[float],
+                 exclude_fully_masked_seqs: Optional[bool], mask_name: str, call: str) -> tuple:
+        """Checks shared by :meth:`share` and :meth:`metric`: ``(term, key, micro-batch, view)``."""
         if not self.is_last_stage:
-            raise ValueError("StepShares.share is for the last pipeline stage, where Megatron computes losses.")
+            raise ValueError(f"StepShares.{call} is for the last pipeline stage, where Megatron computes losses.")
         index = self._next
         if index >= self.num_microbatches:
             raise ValueError(
-                f"StepShares.share was called for micro-batch {index}, but the step has "
+                f"StepShares.{call} was called for micro-batch {index}, but the step has "
                 f"{self.num_microbatches}; call megatron_return once per micro-batch."
             )
         if not isinstance(loss_mat, torch.Tensor) or not isinstance(loss_mask, torch.Tensor):
-            raise ValueError("share() needs tensors: share(loss_mat, loss_mask, mode).")
+            raise ValueError(f"{call}() needs tensors: {call}(loss_mat, loss_mask, mode).")
         if loss_mat.shape != loss_mask.shape:
             raise ValueError(
-                f"share() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
+                f"{call}() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
                 f"loss_mask {tuple(loss_mask.shape)}."
             )
         if loss_mask.dim() != 2:
-            raise ValueError(f"share() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
-        token_sum = isinstance(mode, str) and mode == TOKEN_SUM
-        term = None
-        if not token_sum:
-            try:
-                agg_mode = AggMode.parse(mode)
-            except ValueError as err:
-                raise ValueError(f"{err} StepShares.share also accepts {TOKEN_SUM!r}.") from None
-            exclude = self.exclude_fully_masked_seqs if exclude_fully_masked_seqs is None else as_bool(
-                exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
-            norm = agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM
-            term = LossTerm(agg_mode, exclude_fully_masked_seqs=exclude,
-                            loss_scale_factor=loss_scale_factor if norm else None)
-        key = TOKEN_SUM if term is None else f"{term.agg_mode.value}|{term.exclude_fully_masked_seqs}|{term.loss_scale_factor}"
-        self._used.setdefault(key, term if term is not None else LossTerm("token-mean", weight=0.0))
-        expected = self._counts[index]
+            raise ValueError(f"{call}() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
+        if mask_name not in self.mask_names:
+            raise ValueError(
+                f"{call}(mask_name={mask_name!r}): the step's loss_masks are {list(self.mask_names)}; name one of "
+                "them (the totals of that mask apply)."
+            )
+        agg_mode = AggMode.parse(mode)
+        if agg_mode.needs_groups and self._group_ids is None:
+            raise ValueError(
+                f"{call}(..., 'prompt-mean') needs StepShares(..., group_ids=[...], num_groups=G, group_scope=...): "
+                "each sequence's group, counted over the step before the first share."
+            )
+        exclude = self.exclude_fully_masked_seqs if exclude_fully_masked_seqs is None else as_bool(
+            exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
+        norm = agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM
+        term = LossTerm(agg_mode, exclude_fully_masked_seqs=exclude,
+                        loss_scale_factor=loss_scale_factor if norm else None, mask=mask_name)
+        if agg_mode is AggMode.TOKEN_SUM:
+            key = TOKEN_SUM if mask_name == DEFAULT_MASK_NAME else f"{TOKEN_SUM}|{mask_name}"
+        else:
+            key = f"{agg_mode.value}|{term.exclude_fully_masked_seqs}|{term.loss_scale_factor}"
+            key += "" if mask_name == DEFAULT_MASK_NAME else f"|{mask_name}"
+        expected = self._counts[mask_name][index]
         cached = self._view
-        if cached is not None and cached[0] == index and cached[1] is loss_mask:
-            view = cached[2]  # the same mask again (verl: policy loss, entropy, KL): viewed and checked once
+        if cached is not None and cached[:3] == (index, mask_name, id(loss_mask)) and cached[3] is loss_mask:
+            view = cached[4]  # the same mask again (verl: policy loss, entropy, KL): viewed and checked once
         else:
             view = agg.sequence_view(loss_mask)
             if view.num_seqs == expected.numel():
                 self.checks.mismatch.append((index, (view.counts != expected.to(view.counts.device)).sum()))
             else:  # a flattened view: only the token total can be compared
                 self.checks.mismatch.append((index, (view.counts.sum() != expected.sum()).to(torch.int64)))
-            self._view = (index, loss_mask, view)
-        if term is not None and term.agg_mode is not AggMode.TOKEN_MEAN and view.num_seqs != expected.numel():
+            self._view = (index, mask_name, id(loss_mask), loss_mask, view)
+        token_level = agg_mode in (AggMode.TOKEN_MEAN, AggMode.TOKEN_SUM)
+        if not token_level and view.num_seqs != expected.numel():
             raise ValueError(
-                f"Micro-batch {index}: mode {term.agg_mode.value!r} needs one row per sequence "
+                f"Micro-batch {index}: mode {agg_mode.value!r} needs one row per sequence "
                 f"({expected.numel()} rows, as in loss_masks), got {view.num_seqs}."
             )
+        return term, key, index, view
+
+    def _weighted_share(self, values: torch.Tensor, term: LossTerm, view: agg.SequenceView, index: int) -> torch.Tensor:
         self._wait()
-        if token_sum:
-            result = agg.masked_weighted_sum(loss_mat, view.valid, view.valid.to(torch.float32))
-        else:
-            assert term is not None and self.totals is not None
-            weights = agg.sequence_weights(term, view)
-            scale = agg.safe_reciprocal(agg.denominator(term, self.totals)).to(torch.float32)
-            result = agg.masked_weighted_sum(loss_mat, view.valid, weights) * scale
-        self.checks.record_loss(index, key, result, loss_mat)
-        return result
+        assert self._totals is not None
+        weights = agg.sequence_weights(term, view)
+        if term.agg_mode.needs_groups:
+            assert self._group_ids is not None
+            group_index = agg.group_index(view, self._group_ids[index], self.layout.num_groups)
+            weights = weights * torch.take(self._totals.group_reciprocals(term.mask).to(weights.device), group_index)
+        scale = agg.safe_reciprocal(self._totals.denominator(term)).to(torch.float32)
+        return agg.masked_weighted_sum(values, view.valid, weights) * scale
 
     def megatron_return(self, share: torch.Tensor, *extra: Any) -> tuple:
         """What ``loss_func`` returns for the next micro-batch: ``(share·F, *extra)`` for the 2-tuple
@@ -291,9 +415,10 @@ class StepShares:
                 self.checks.evaluations = (
                     f"megatron_return was called for {self._next} of {self.num_microbatches} micro-batches."
                 )
-            self.checks.fingerprints = set_up_fingerprints(self._used, self.scaling)
+            self.checks.fingerprints = set_up_fingerprints(self._used, self.scaling, prompt_groups=self._prompt_groups,
+                                                           masks=self.mask_names)
             if self._work is not None or not self._ready:
                 self._wait()
-        else:
+        else:  # no say: this stage computes no loss
             self.checks.fingerprints = set_up_fingerprints(None, self.scaling)
         self.collectives += self.checks.finish(self.groups, self.config.raise_on_every_rank, self._device)

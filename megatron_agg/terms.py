@@ -1,4 +1,5 @@
-"""A loss term: one per-token loss with its own aggregation mode, options and weight."""
+"""A loss term: one per-token loss with its own aggregation mode, options, mask and weight; and the
+metrics (detached per-token quantities aggregated like a term, for logging)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from .modes import AggMode, AggModeLike
 from .validation import as_bool
 
-__all__ = ["LossTerm", "DEFAULT_TERM_NAME", "PerTokenLossFn", "normalize_terms", "split_term_losses",
-           "per_token_losses", "detached_losses"]
+__all__ = ["LossTerm", "DEFAULT_TERM_NAME", "DEFAULT_MASK_NAME", "PerTokenLossFn", "normalize_terms",
+           "normalize_metrics", "split_term_losses", "per_token_losses", "detached_losses"]
 
 #: Maps the model output of a micro-batch to its per-token loss ``[b, s]`` (one term), or to a
 #: ``{term name: [b, s]}`` mapping (several terms).
@@ -21,6 +22,9 @@ PerTokenLossFn = Callable[[torch.Tensor], Union[torch.Tensor, Mapping[str, torch
 
 #: Name of the term when a :class:`~megatron_agg.LossHook` is built from a single mode.
 DEFAULT_TERM_NAME = "loss"
+#: Name of the step's mask that a term uses unless it names another one (``LossTerm(mask=...)``);
+#: a plain list of ``loss_masks`` is this mask.
+DEFAULT_MASK_NAME = "default"
 
 
 @dataclass(frozen=True)
@@ -31,15 +35,22 @@ class LossTerm:
         mode: the aggregation mode (an :class:`AggMode` or its string value).
         weight: the term's coefficient in the total loss ``Σ_k weight_k · L_k``.
         exclude_fully_masked_seqs: count only sequences with at least one valid token in ``N``.
+        exclude_fully_masked_seqs: count only sequences with at least one valid token in ``N``
+            (``seq-mean-*``), only groups with at least one valid token in ``P``
+            (``prompt-mean``); no effect on ``token-mean`` and ``token-sum``.
         loss_scale_factor: the constant ``C`` of ``seq-mean-token-sum-norm``; ``None`` means the
             padded length of each sequence's mask row (the mask's last dimension). Only valid
             with ``seq-mean-token-sum-norm``.
+        mask: the name of the step's mask this term selects its tokens with and counts its
+            denominator from (``loss_masks={"default": [...], "correct": [...]}``); default
+            ``"default"``, the mask of a plain ``loss_masks=[...]`` list.
     """
 
     mode: AggModeLike
     weight: float = 1.0
     exclude_fully_masked_seqs: bool = False
     loss_scale_factor: Optional[float] = None
+    mask: str = DEFAULT_MASK_NAME
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", AggMode.parse(self.mode))
@@ -51,6 +62,11 @@ class LossTerm:
         object.__setattr__(self, "weight", float(self.weight))  # 16 and 16.0 (or numpy's) are one weight
         object.__setattr__(self, "exclude_fully_masked_seqs",
                            as_bool(self.exclude_fully_masked_seqs, "exclude_fully_masked_seqs"))
+        if not isinstance(self.mask, str) or not self.mask:
+            raise ValueError(
+                f"LossTerm mask must be the name (a non-empty str) of one of the step's loss_masks, got "
+                f"{self.mask!r}; e.g. mask='correct' with loss_masks={{'default': [...], 'correct': [...]}}."
+            )
         if self.loss_scale_factor is not None:
             if self.mode is not AggMode.SEQ_MEAN_TOKEN_SUM_NORM:
                 raise ValueError(
@@ -117,21 +133,58 @@ def normalize_terms(
     return dict(terms)
 
 
-def split_term_losses(terms: Mapping[str, LossTerm], per_token: Any, index: int) -> Dict[str, torch.Tensor]:
-    """The per-token loss of every term from what the per-token loss function returned."""
-    names = list(terms)
+def normalize_metrics(metrics: Optional[Mapping[str, Union[LossTerm, AggModeLike]]],
+                      terms: Mapping[str, LossTerm]) -> Dict[str, LossTerm]:
+    """``{name: LossTerm}`` of the metrics: detached per-token quantities aggregated exactly like a
+    term (mode, options, mask) but not part of the loss. A metric may be given as a mode string;
+    its ``weight`` must stay 1 (a metric has none); names must differ from the terms' and from
+    ``"loss"`` (the total)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a mapping {{name: LossTerm or mode}}, got {type(metrics).__name__}.")
+    out: Dict[str, LossTerm] = {}
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric names must be non-empty strings, got {name!r}.")
+        if name in terms or name == DEFAULT_TERM_NAME:
+            raise ValueError(
+                f"The metric name {name!r} is already a loss term's name (or {DEFAULT_TERM_NAME!r}, the total); "
+                "give metrics names of their own: they are reported next to the terms."
+            )
+        if not isinstance(metric, LossTerm):
+            if not isinstance(metric, (str, AggMode)):
+                raise ValueError(f"metrics must map names to LossTerm objects or modes; got {name!r}: {metric!r}.")
+            metric = LossTerm(metric)
+        if metric.weight != 1.0:
+            raise ValueError(
+                f"Metric {name!r} has weight {metric.weight}; a metric is reported, not added to the loss: "
+                "leave its weight at 1 and scale it when you log it."
+            )
+        out[name] = metric
+    return out
+
+
+def split_term_losses(terms: Mapping[str, LossTerm], per_token: Any, index: int,
+                      metrics: Optional[Mapping[str, LossTerm]] = None) -> Dict[str, torch.Tensor]:
+    """The per-token loss of every term (and the per-token value of every metric) from what the
+    per-token loss function returned: a tensor for a single term without metrics, else a mapping
+    with exactly the names of the terms and metrics."""
+    names = list(terms) + list(metrics or ())
     if isinstance(per_token, torch.Tensor):
         if len(names) != 1:
+            what = "terms and metrics" if metrics else "terms"
             raise ValueError(
-                f"Micro-batch {index}: the hook has terms {names} but the per-token loss "
-                "function returned a single tensor; return {term name: per-token loss}."
+                f"Micro-batch {index}: the hook has {what} {names} but the per-token loss "
+                "function returned a single tensor; return {name: per-token value} for each of them."
             )
         return {names[0]: per_token}
     if isinstance(per_token, Mapping):
         if set(per_token) != set(names):
+            what = " (the terms and the metrics)" if metrics else ""
             raise ValueError(
                 f"Micro-batch {index}: the per-token loss function returned terms "
-                f"{sorted(per_token)}, expected exactly {sorted(names)}."
+                f"{sorted(per_token)}, expected exactly {sorted(names)}{what}."
             )
         return dict(per_token)
     raise ValueError(

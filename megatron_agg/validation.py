@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,9 @@ __all__ = [
     "as_bool",
     "as_int",
     "check_loss_masks",
+    "check_named_masks",
     "check_packed_seqs",
+    "check_group_ids",
     "mask_value_problems",
     "boundary_problems",
 ]
@@ -53,33 +55,114 @@ def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     return value
 
 
-def check_loss_masks(loss_masks: Any, num_microbatches: Any, *, missing_hint: str) -> List[torch.Tensor]:
+def check_loss_masks(loss_masks: Any, num_microbatches: Any, *, missing_hint: str,
+                     label: str = "loss_masks") -> List[torch.Tensor]:
     """This rank's whole-sequence masks, one ``[b, s]`` tensor per micro-batch, in order."""
     if loss_masks is None:
         raise ValueError(missing_hint)
     if isinstance(loss_masks, torch.Tensor):
         raise ValueError(
-            "loss_masks must be a list with one mask per micro-batch, got a single tensor; "
+            f"{label} must be a list with one mask per micro-batch, got a single tensor; "
             "pass list(masks) if they are stacked."
         )
     if not isinstance(loss_masks, Sequence):
-        raise ValueError(f"loss_masks must be a list of [batch, seq] tensors, got {type(loss_masks).__name__}.")
+        raise ValueError(f"{label} must be a list of [batch, seq] tensors, got {type(loss_masks).__name__}.")
     num_microbatches = as_int(num_microbatches, "num_microbatches", minimum=1)
     masks = list(loss_masks)
     if len(masks) != num_microbatches:
         raise ValueError(
-            f"Got {len(masks)} loss_masks for num_microbatches={num_microbatches}; pass exactly "
+            f"Got {len(masks)} {label} for num_microbatches={num_microbatches}; pass exactly "
             "one mask per micro-batch, in order."
         )
     for j, mask in enumerate(masks):
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(
-                f"loss_masks[{j}] must be a [batch, seq] tensor (bool, int or float 0/1), got {shape}."
+                f"{label}[{j}] must be a [batch, seq] tensor (bool, int or float 0/1), got {shape}."
             )
         if mask.is_complex():
-            raise ValueError(f"loss_masks[{j}] must be bool, int or float 0/1, got {mask.dtype}.")
+            raise ValueError(f"{label}[{j}] must be bool, int or float 0/1, got {mask.dtype}.")
     return masks
+
+
+def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequence[str], *,
+                      missing_hint: str) -> Dict[str, List[torch.Tensor]]:
+    """The step's masks by name: a list is the ``"default"`` mask; with terms or metrics that name
+    their own masks, a mapping ``{name: [mask_0, …]}`` with exactly those names, every name's
+    masks of the same shapes (they select tokens of the same sequences)."""
+    from .terms import DEFAULT_MASK_NAME
+
+    names = list(mask_names)
+    if isinstance(loss_masks, Mapping):
+        given = list(loss_masks)
+        missing = [n for n in names if n not in loss_masks]
+        unused = [n for n in given if n not in names]
+        if missing or unused:
+            raise ValueError(
+                f"loss_masks has the masks {given}, but the terms and metrics use {names}"
+                + (f"; missing: {missing}" if missing else "") + (f"; used by no term or metric: {unused}" if unused else "")
+                + ". Pass exactly one list of masks per name a LossTerm(mask=...) uses (default 'default')."
+            )
+        out = {n: check_loss_masks(loss_masks[n], num_microbatches, missing_hint=missing_hint,
+                                   label=f"loss_masks[{n!r}]") for n in names}
+        first = out[names[0]]
+        for n in names[1:]:
+            for j, (a, b) in enumerate(zip(first, out[n])):
+                if a.shape != b.shape:
+                    raise ValueError(
+                        f"loss_masks[{n!r}][{j}] has shape {tuple(b.shape)} but loss_masks[{names[0]!r}][{j}] "
+                        f"has {tuple(a.shape)}: the masks of a micro-batch select tokens of the same sequences "
+                        "and must have the same shape."
+                    )
+        return out
+    if names != [DEFAULT_MASK_NAME]:
+        if loss_masks is None:
+            raise ValueError(missing_hint)
+        raise ValueError(
+            f"The terms and metrics use the masks {names}; pass loss_masks={{name: [mask_0, ..., mask_(M-1)]}} "
+            "with one list per name (a plain list is the 'default' mask only)."
+        )
+    return {DEFAULT_MASK_NAME: check_loss_masks(loss_masks, num_microbatches, missing_hint=missing_hint)}
+
+
+def check_group_ids(group_ids: Any, masks: Sequence[torch.Tensor], packed: Optional[Sequence[Any]],
+                    required: bool) -> Optional[List[torch.Tensor]]:
+    """Per micro-batch, one integer group id per sequence (one per row, or one per packed sequence
+    of a packed row), as int64 tensors on the masks' device. Shapes and dtypes are checked at once;
+    the values' range (``[0, num_groups)``) with the step's other checks, on the device."""
+    if group_ids is None:
+        if required:
+            raise ValueError(
+                "prompt-mean needs group_ids=[ids_0, ..., ids_(M-1)] next to loss_masks: per micro-batch one "
+                "integer group id per sequence (per row, or per packed sequence of a packed row)."
+            )
+        return None
+    if not required:
+        raise ValueError("group_ids were given but no term or metric uses prompt-mean; drop them.")
+    if isinstance(group_ids, torch.Tensor) or not isinstance(group_ids, Sequence):
+        raise ValueError(
+            "group_ids must be a list with one 1-D tensor of group ids per micro-batch, got "
+            f"{type(group_ids).__name__}."
+        )
+    if len(group_ids) != len(masks):
+        raise ValueError(f"Got {len(group_ids)} group_ids for {len(masks)} micro-batches; pass one entry per micro-batch.")
+    out = []
+    for j, (ids, mask) in enumerate(zip(group_ids, masks)):
+        entry = packed[j] if packed is not None else None
+        num_seqs = entry.num_sequences if entry is not None else mask.shape[0]
+        if not isinstance(ids, torch.Tensor):
+            try:
+                ids = torch.as_tensor(ids, device=mask.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"group_ids[{j}] must be a 1-D tensor of integer ids, got {ids!r}.") from None
+        if ids.dim() != 1 or ids.numel() != num_seqs or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            what = "packed sequence(s)" if entry is not None else "row(s)"
+            raise ValueError(
+                f"group_ids[{j}] must be a 1-D integer tensor with one id per sequence ({num_seqs} {what}), "
+                f"got shape {tuple(ids.shape)} of {ids.dtype}."
+            )
+        out.append(ids.to(device=mask.device, dtype=torch.int64))
+    return out
 
 
 def check_packed_seqs(packed_seqs: Any, masks: Sequence[torch.Tensor]) -> Optional[List[Optional[PackedSequences]]]:

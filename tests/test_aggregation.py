@@ -10,11 +10,16 @@ from megatron_agg import AggMode, LossTerm, reference_loss
 from megatron_agg import aggregation as agg
 from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging, loss_multiplier, report_count
 from megatron_agg.layout import cp_local_positions, to_cp_local
+from megatron_agg.totals import StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
 
 TERMS = [
     LossTerm(mode, exclude_fully_masked_seqs=exclude)
     for mode, exclude in itertools.product(AggMode, (False, True))
 ] + [LossTerm("seq-mean-token-sum-norm", loss_scale_factor=5.0, weight=0.3)]
+#: Groups (prompts) of the 13 sequences of ragged_batch: 6 ids, id 4 absent, group 3 holds only the
+#: fully masked sequences 2 and 5 (M_3 = 0); groups straddle every split below.
+GROUPS = [0, 1, 3, 1, 0, 3, 2, 0, 5, 2, 1, 5, 0]
+NUM_GROUPS = 6
 
 
 def ragged_batch(seed: int, num_seqs: int = 13, seq_len: int = 8):
@@ -43,15 +48,36 @@ def random_split(num_seqs: int, dp: int, seed: int):
     return ranks
 
 
-def shares(term, loss, mask, split):
-    totals = sum(agg.local_totals([agg.sequence_view(mask[rows]) for rows in mbs]) for mbs in split)  # the all-reduce
-    inv = agg.safe_reciprocal(agg.denominator(term, totals))
-    out = []
+def shares(term, loss, mask, split, groups=GROUPS, scope="global"):
+    """Every micro-batch's share of ``L``, each DP rank counting its part of the totals vector and the
+    vectors summed (the all-reduce). ``scope="per-rank"``: each rank's group ids are its own."""
+    grouped = term.agg_mode.needs_groups
+    layout = TotalsLayout(("default",), ("default",) if grouped else (), NUM_GROUPS if grouped else 0,
+                          scope if grouped else None)
+    local = []
     for mbs in split:
+        rows = [r for mb in mbs for r in mb]
+        ids, _ = checked_group_ids(torch.tensor([groups[r] for r in rows]), NUM_GROUPS)
+        counts = torch.cat([agg.sequence_view(mask[mb]).counts for mb in mbs]) if mbs else torch.zeros(0)
+        local.append(local_totals_vector(layout, {"default": counts}, len(rows), ids if grouped else None,
+                                         torch.device("cpu")))
+    summed = sum(t.vector for t in local)  # the all-reduce
+    out = []
+    for t, mbs in zip(local, split):
+        totals = StepTotals(layout, summed, t.group_tokens)
+        inv = agg.safe_reciprocal(totals.denominator(term))
         for rows in mbs:
-            w = agg.sequence_weights(term, agg.sequence_view(mask[rows])).double()
+            view = agg.sequence_view(mask[rows])
+            w = agg.sequence_weights(term, view).double()
+            if grouped:
+                index = agg.group_index(view, torch.tensor([groups[r] for r in rows]), NUM_GROUPS)
+                w = w * torch.take(totals.group_reciprocals("default").double(), index)
             out.append(agg.masked_weighted_sum(loss[rows], agg.valid_tokens(mask[rows]), w) * inv * term.weight)
     return out
+
+
+def reference(term, loss, mask, groups=GROUPS):
+    return reference_loss([loss], [mask], term, group_ids=[groups[: loss.shape[0]]])
 
 
 @pytest.mark.parametrize("term", TERMS, ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}-C{t.loss_scale_factor}")
@@ -60,14 +86,15 @@ def test_shares_sum_to_the_definition_value_and_gradient(term, dp, seed):
     loss, mask = ragged_batch(seed)
     loss.requires_grad_(True)
     total = sum(shares(term, loss, mask, random_split(loss.shape[0], dp, seed)))
-    ref = reference_loss([loss], [mask], term)
+    ref = reference(term, loss, mask)
     assert torch.allclose(total.double(), ref, rtol=1e-6, atol=0)
     g_total, = torch.autograd.grad(total, loss)
     g_ref, = torch.autograd.grad(ref, loss)
     assert torch.allclose(g_total, g_ref, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("term", TERMS[:8], ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}")
+@pytest.mark.parametrize("term", [t for t in TERMS[:12] if t.agg_mode is not AggMode.TOKEN_SUM],
+                         ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}")
 def test_a_mean_of_local_means_is_wrong(term):
     """The negative control of the arithmetic: local denominators miss the definition."""
     loss, mask = ragged_batch(7)
@@ -75,9 +102,9 @@ def test_a_mean_of_local_means_is_wrong(term):
     local_means = []
     for mbs in split:
         for rows in mbs:
-            local_means.append(reference_loss([loss[rows]], [mask[rows]], term))
+            local_means.append(reference_loss([loss[rows]], [mask[rows]], term, group_ids=[[GROUPS[r] for r in rows]]))
     mean_of_means = sum(local_means) / len(local_means)
-    assert not torch.allclose(mean_of_means, reference_loss([loss], [mask], term), rtol=1e-3)
+    assert not torch.allclose(mean_of_means, reference(term, loss, mask), rtol=1e-3)
 
 
 def test_all_masked_step_is_zero_with_zero_gradients_not_nan():
@@ -88,7 +115,7 @@ def test_all_masked_step_is_zero_with_zero_gradients_not_nan():
         assert float(total) == 0.0
         (grad,) = torch.autograd.grad(total, loss)
         assert torch.equal(grad, torch.zeros_like(grad))
-        assert float(reference_loss([loss.detach().nan_to_num()], [mask], term)) == 0.0
+        assert float(reference(term, loss.detach().nan_to_num(), mask)) == 0.0
 
 
 def test_nan_and_inf_in_masked_positions_do_not_leak():
@@ -102,7 +129,7 @@ def test_nan_and_inf_in_masked_positions_do_not_leak():
         assert math.isfinite(float(total))
         (grad,) = torch.autograd.grad(total, poisoned)
         assert torch.isfinite(grad).all()
-        assert torch.allclose(total.double(), reference_loss([loss], [mask], term))
+        assert torch.allclose(total.double(), reference(term, loss, mask))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.float16, torch.float32])
@@ -143,7 +170,7 @@ def test_cp_layout_is_megatrons_load_balanced_order():
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_slices_with_whole_sequence_weights_sum_to_the_whole(cp):
     loss, mask = ragged_batch(5, seq_len=8)
-    for term in TERMS:
+    for term in [t for t in TERMS if not t.agg_mode.needs_groups]:  # prompt-mean under CP: the matrix
         whole = sum(shares(term, loss, mask, [[list(range(13))]]))
         totals = agg.local_totals([agg.sequence_view(mask)])
         inv = agg.safe_reciprocal(agg.denominator(term, totals))
@@ -182,3 +209,92 @@ def test_loss_multiplier_cancels_megatron_averaging(loss_return, per_token, m, c
     assert f * megatron_gradient_factor(avg, nt, total_nt) == pytest.approx(1.0, rel=1e-6)
     # the report counts of a step add up to one: dp·cp ranks × m micro-batches
     assert report_count(avg) * m * dp * cp == pytest.approx(1.0)
+
+
+# -- prompt-mean: group counts that straddle micro-batches and ranks ----------------------------
+def test_prompt_groups_straddle_the_splits_and_include_an_empty_and_an_absent_group():
+    split = random_split(13, 3, 2)
+    owners = {}
+    for r, mbs in enumerate(split):
+        for j, rows in enumerate(mbs):
+            for row in rows:
+                owners.setdefault(GROUPS[row], set()).add((r, j))
+    assert any(len({r for r, _ in o}) > 1 for o in owners.values())  # across ranks
+    assert 4 not in owners  # an id of no sequence: not counted in P
+    _, mask = ragged_batch(2)
+    assert float(mask[[i for i, g in enumerate(GROUPS) if g == 3]].sum()) == 0  # M_3 = 0
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_per_rank_group_ids_are_pairs_of_rank_and_id(exclude):
+    """group_scope='per-rank': the same id on two ranks is two groups; the definition with global
+    ids rank·G + id gives the same loss."""
+    term = LossTerm("prompt-mean", exclude_fully_masked_seqs=exclude)
+    loss, mask = ragged_batch(4)
+    loss.requires_grad_(True)
+    split = random_split(13, 3, 4)
+    local_ids = [0] * 13
+    global_ids = [0] * 13
+    for r, mbs in enumerate(split):
+        for rows in mbs:
+            for row in rows:
+                local_ids[row] = GROUPS[row] % 3  # each rank numbers its groups 0, 1, 2
+                global_ids[row] = r * NUM_GROUPS + local_ids[row]
+    total = sum(shares(term, loss, mask, split, groups=local_ids, scope="per-rank"))
+    ref = reference(term, loss, mask, groups=global_ids)
+    assert torch.allclose(total.double(), ref, rtol=1e-6)
+    assert torch.allclose(torch.autograd.grad(total, loss)[0], torch.autograd.grad(ref, loss)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_counting_group_tokens_per_rank_is_wrong():
+    """The control: global ids read as per-rank ids (each rank's part of a group a group of its own)
+    miss the definition when groups straddle ranks."""
+    term = LossTerm("prompt-mean")
+    loss, mask = ragged_batch(6)
+    split = random_split(13, 3, 6)
+    per_rank = sum(shares(term, loss, mask, split, scope="per-rank"))
+    assert not torch.allclose(per_rank.double(), reference(term, loss, mask), rtol=1e-3)
+    assert torch.allclose(sum(shares(term, loss, mask, split)).double(), reference(term, loss, mask), rtol=1e-6)
+
+
+def test_token_sum_is_the_plain_masked_sum():
+    loss, mask = ragged_batch(8)
+    total = sum(shares(LossTerm("token-sum", weight=0.5), loss, mask, random_split(13, 2, 8)))
+    assert torch.allclose(total.double(), 0.5 * torch.where(mask != 0, loss, 0.0).sum())
+
+
+def test_out_of_range_group_ids_are_counted_and_never_index_out_of_bounds():
+    ids, bad = checked_group_ids(torch.tensor([0, 5, -1, 6, 2]), 6)
+    assert ids.tolist() == [0, 5, 6, 6, 2] and int(bad) == 2
+    layout = TotalsLayout(("default",), ("default",), 6, "global")
+    t = local_totals_vector(layout, {"default": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])}, 5, ids, torch.device("cpu"))
+    totals = StepTotals(layout, t.vector)
+    assert totals.group_tokens("default").tolist() == [1.0, 0, 5.0, 0, 0, 2.0]  # ids -1 and 6 in no group
+    assert float(totals.groups("default", False)) == 3.0
+
+
+def test_totals_layout_and_its_size_at_1024_groups():
+    one = TotalsLayout(("default",))
+    assert one.size == 3  # [T, N, N⁺]: the layout of agg.local_totals
+    two = TotalsLayout(("default", "correct"))
+    assert two.size == 5 and two.tokens_index("correct") == 3 and two.nonempty_index("correct") == 4
+    dense = TotalsLayout(("default",), ("default",), 1024, "global")
+    assert dense.size == 3 + 2 * 1024 and dense.nbytes() == 8 * 2051  # 16,408 bytes (+ 27 agreement values)
+    per_rank = TotalsLayout(("default",), ("default",), 1024, "per-rank")
+    assert per_rank.size == 5  # P and P⁺ only: the groups' counts stay on their rank
+
+
+def test_per_term_masks_count_their_own_denominators():
+    """Two masks over the same sequences: each term's T, N⁺ and 1/n_i come from its own mask."""
+    loss, mask = ragged_batch(9)
+    correct = mask.clone()
+    correct[::3] = 0  # the "correct" subset
+    layout = TotalsLayout(("default", "correct"))
+    counts = {"default": agg.sequence_view(mask).counts, "correct": agg.sequence_view(correct).counts}
+    totals = StepTotals(layout, local_totals_vector(layout, counts, 13, None, torch.device("cpu")).vector)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        term = LossTerm(mode, mask="correct", exclude_fully_masked_seqs=True)
+        w = agg.sequence_weights(term, agg.sequence_view(correct)).double()
+        share = agg.masked_weighted_sum(loss, agg.valid_tokens(correct), w) * agg.safe_reciprocal(totals.denominator(term))
+        assert torch.allclose(share.double(), reference_loss([loss], [correct], term))
+        assert not torch.allclose(share.double(), reference_loss([loss], [mask], term), rtol=1e-3)

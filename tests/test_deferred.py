@@ -276,3 +276,68 @@ def test_deferred_refuses_an_auxiliary_loss_switched_on_after_install(megatron_c
     with pytest.raises(ValueError, match="z-loss"):
         DeferredLossHook("seq-mean-token-sum").check_config(config)
     DeferredLossHook("token-mean").check_config(config)  # token-mean: Megatron's own denominator
+
+
+# -- issue 13: token-sum, prompt-mean, per-term masks, metrics -----------------------------------
+def test_prompt_mean_and_per_term_masks_need_the_prepared_mode():
+    for kwargs in ({"mode": "prompt-mean"},
+                   {"terms": {"a": LossTerm("token-mean"), "b": LossTerm("prompt-mean")}},
+                   {"mode": "token-mean", "metrics": {"clip": "prompt-mean"}}):
+        mode = kwargs.pop("mode", None)
+        with pytest.raises(ValueError, match=r"cannot make prompt-mean exact.*1/M_g.*LossHook\('prompt-mean'"):
+            DeferredLossHook(mode, **kwargs)
+    with pytest.raises(ValueError, match=r"one mask per micro-batch.*\{'nll': 'correct'\}.*loss_masks=\{name"):
+        DeferredLossHook(terms={"pg": LossTerm("token-mean"), "nll": LossTerm("token-mean", mask="correct")})
+    with pytest.raises(ValueError, match=r"\{'kl': 'correct'\}"):
+        DeferredLossHook("token-mean", metrics={"kl": LossTerm("token-mean", mask="correct")})
+    with pytest.raises(ValueError, match=r"'a': no denominator \(token-sum: 1\).*'b': valid tokens"):
+        DeferredLossHook(terms={"a": LossTerm("token-sum"), "b": LossTerm("token-mean")})
+
+
+def test_token_sum_sends_a_total_of_one_through_num_tokens(megatron_cpu):
+    """token-sum has no denominator: num_tokens is 1 on the step's first micro-batch of DP×CP rank 0
+    and 0 elsewhere, so that Megatron divides the summed gradients by Σ num_tokens = 1."""
+    hook = DeferredLossHook("token-sum")
+    config = _Config()
+    hook.install(config)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 1]])
+    loss = torch.arange(9.0).reshape(3, 3)
+    outs = [hook.loss_func(mask)(loss) for _ in range(3)]
+    assert [int(nt) for _, nt, _ in outs] == [1, 0, 0]
+    assert float(outs[0][0]) == float((loss * mask).sum())
+    pairs = torch.stack([rep["loss"] for _, _, rep in outs]).sum(dim=0)
+    assert float(pairs[0] / pairs[1]) == pytest.approx(3 * float((loss * mask).sum()))  # L over the step
+    config.finalize_model_grads_func([])  # a new step: the first micro-batch counts again
+    assert int(hook.loss_func(mask)(loss)[1]) == 1
+    hook.uninstall()
+    moe = _Config()
+    moe.num_moe_experts, moe.moe_router_load_balancing_type, moe.moe_aux_loss_coeff = 4, "aux_loss", 0.01
+    moe.moe_z_loss_coeff, moe.mtp_num_layers = None, None
+    with pytest.raises(ValueError, match=r"'token-sum' sends a total of 1.*MoE load-balancing"):
+        DeferredLossHook("token-sum").check_config(moe)
+
+
+def test_deferred_metrics_ride_in_the_reports(megatron_cpu):
+    """Each metric's [sum, count] pairs add up over micro-batches (and ranks) to its exact value,
+    whatever its mode; they never reach the loss."""
+    from megatron_agg import reference_loss
+
+    metrics = {"ent": LossTerm("token-mean"), "kl": LossTerm("seq-mean-token-mean"),
+               "kl_ex": LossTerm("seq-mean-token-mean", exclude_fully_masked_seqs=True),
+               "n": LossTerm("token-sum"), "r": LossTerm("seq-mean-token-sum-norm")}
+    hook = DeferredLossHook("seq-mean-token-sum", metrics=metrics)
+    hook.install(_Config())
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), torch.tensor([[0, 1, 1, 1]]),
+             torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])]
+    losses = [torch.rand(m.shape, generator=g, requires_grad=True) for m in masks]
+    outs = [hook.loss_func(m, lambda out: {"loss": out, **{n: 2 * out + i for i, n in enumerate(metrics)}})(l)
+            for m, l in zip(masks, losses)]
+    for i, (name, term) in enumerate(metrics.items()):
+        pair = torch.stack([rep[name] for _, _, rep in outs]).sum(dim=0)
+        expected = reference_loss([(2 * l + i).detach() for l in losses], masks, term)
+        assert float(pair[0] / pair[1]) == pytest.approx(float(expected), rel=1e-6), name
+    numerator = sum(o[0] for o in outs)
+    (grad,) = torch.autograd.grad(numerator, losses[0])
+    assert torch.equal(grad, masks[0].float())  # seq-mean-token-sum's numerator only: no metric in it
+    hook.uninstall()

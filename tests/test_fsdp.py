@@ -9,10 +9,11 @@ from conftest import REPO, SUMMARY, torchrun
 def test_fsdp_path_is_exact_and_controls_fail():
     proc = torchrun(4, [str(REPO / "tests" / "support" / "fsdp_check.py")], timeout=900)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("ok  ", "FAIL"))]
-    assert proc.returncode == 0 and len(lines) == 20, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(lines) == 29, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert all(l.startswith("ok") for l in lines), "\n".join(lines)
-    SUMMARY.append(f"fsdp: {len(lines) - 2} exact FSDP2 configurations (DP4, DP2×SP2; every mode, two terms, "
-                   "gradient accumulation over uneven micro-batches) and 2 failing controls")
+    SUMMARY.append(f"fsdp: {len(lines) - 3} exact FSDP2 configurations (DP4, DP2×SP2; every mode incl. token-sum and "
+                   "prompt-mean, two terms, a term over its own mask with exact metrics, gradient accumulation over "
+                   "uneven micro-batches) and 3 failing controls")
 
 
 def test_prepare_requires_fsdp_and_is_undone(one_rank_world):

@@ -9,7 +9,9 @@ from megatron_agg import AggMode, LossTerm, PackedSequences, reference_loss
 from megatron_agg import aggregation as agg
 from megatron_agg.layout import cp_local_positions, thd_cp_local_positions, to_cp_local
 
-TERMS = [LossTerm(m, exclude_fully_masked_seqs=e) for m, e in itertools.product(AggMode, (False, True))]
+# prompt-mean's packed and CP arithmetic: tests/test_aggregation.py (group counts) and the matrix's cp suite
+TERMS = [LossTerm(m, exclude_fully_masked_seqs=e)
+         for m, e in itertools.product([m for m in AggMode if not m.needs_groups], (False, True))]
 
 
 def literal_thd_positions(cu_padded, total, cp, r):

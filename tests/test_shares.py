@@ -26,10 +26,16 @@ def losses(seed=0):
     return [torch.randn(m.shape, generator=g) for m in MASKS]
 
 
+#: Group ids of the rows of MASKS: groups 1 and 2 straddle micro-batches, group 3 is the fully masked
+#: sequence alone (M_3 = 0: left out of P with exclude_fully_masked_seqs), id 4 is absent.
+GROUP_IDS = [torch.tensor([0, 3, 2]), torch.tensor([1]), torch.tensor([2, 1])]
+
+
 @pytest.mark.parametrize("mode", [m.value for m in AggMode])
 @pytest.mark.parametrize("exclude", [False, True])
 def test_shares_add_up_to_the_definition(megatron_cpu, mode, exclude):
-    shares = StepShares(MASKS, model=model(), exclude_fully_masked_seqs=exclude)
+    grouped = dict(group_ids=GROUP_IDS, num_groups=5, group_scope="global") if mode == "prompt-mean" else {}
+    shares = StepShares(MASKS, model=model(), exclude_fully_masked_seqs=exclude, **grouped)
     ls = losses()
     total = 0.0
     for loss, mask in zip(ls, MASKS):
@@ -38,8 +44,48 @@ def test_shares_add_up_to_the_definition(megatron_cpu, mode, exclude):
         shares.megatron_return(s)
     shares.finish()
     term = LossTerm(mode, exclude_fully_masked_seqs=exclude, loss_scale_factor=3.0 if "norm" in mode else None)
-    expected = float(reference_loss(ls, MASKS, term))
+    expected = float(reference_loss(ls, MASKS, term, group_ids=[g.tolist() for g in GROUP_IDS]))
     assert abs(float(total) - expected) <= 1e-6 * max(abs(expected), 1.0)
+
+
+def test_named_masks_and_metrics(megatron_cpu):
+    """A term over its own mask divides by that mask's counts; a metric is aggregated like a term and
+    reported by global_metrics() (one rank: no collective)."""
+    correct = [m.clone() for m in MASKS]
+    correct[0][2] = False  # the third sequence of micro-batch 0 is not "correct"
+    shares = StepShares({"default": MASKS, "correct": correct}, model=model())
+    ls = losses()
+    total = 0.0
+    with forbid_host_sync():
+        for loss, mask, good in zip(ls, MASKS, correct):
+            s = shares.share(loss, mask, "token-mean") + 0.5 * shares.share(loss, good, "seq-mean-token-mean",
+                                                                            mask_name="correct")
+            shares.metric("entropy", loss * 2, good, "token-mean", mask_name="correct")
+            shares.megatron_return(s)
+            total = total + s
+    shares.finish()
+    expected = float(reference_loss(ls, MASKS, "token-mean")) + 0.5 * float(
+        reference_loss(ls, correct, "seq-mean-token-mean"))
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    metrics = shares.global_metrics()
+    assert float(metrics["entropy"]) == pytest.approx(float(reference_loss([2 * l for l in ls], correct, "token-mean")),
+                                                      rel=1e-6)
+    with pytest.raises(ValueError, match=r"mask_name='wrong'.*\['default', 'correct'\]"):
+        StepShares({"default": MASKS, "correct": correct}, model=model()).share(ls[0], MASKS[0], "token-mean",
+                                                                                mask_name="wrong")
+    with pytest.raises(ValueError, match=r"needs StepShares\(\.\.\., group_ids"):
+        StepShares(MASKS, model=model()).share(ls[0], MASKS[0], "prompt-mean")
+    with pytest.raises(ValueError, match="num_groups=G"):
+        StepShares(MASKS, model=model(), group_ids=GROUP_IDS)
+    with pytest.raises(ValueError, match=r"group_ids\[1\] must be a 1-D integer tensor with one id per sequence \(1 row\(s\)\)"):
+        StepShares(MASKS, model=model(), group_ids=[GROUP_IDS[0], GROUP_IDS[0], GROUP_IDS[2]], num_groups=5,
+                   group_scope="global")
+    bad = StepShares(MASKS, model=model(), group_ids=[torch.tensor([0, 1, 7]), GROUP_IDS[1], GROUP_IDS[2]],
+                     num_groups=5, group_scope="global")
+    for loss, mask in zip(ls, MASKS):
+        bad.megatron_return(bad.share(loss, mask, "prompt-mean"))
+    with pytest.raises(ValueError, match=r"Group ids outside \[0, num_groups\): group_ids: 1 id"):
+        bad.finish()
 
 
 def test_token_sum_and_nested_masks(megatron_cpu):

@@ -4,12 +4,20 @@ The batch is what breaks a mean of local means: masked prompts of varying length
 varying length, fully masked sequences, micro-batches of different sizes, data-parallel ranks
 with different numbers of sequences and micro-batches, and (with four ranks) one rank whose
 tokens are all masked. Masks alternate bool / int64 / float32 dtypes between micro-batches.
+
+For the options of issue 13 every sequence also has a group (the prompt it answers:
+:data:`GROUP_IDS`, groups that straddle micro-batches and data-parallel ranks, one group of fully
+masked sequences only, one id of no sequence; :data:`ALIGNED_GROUP_IDS`, groups that never
+straddle a data-parallel rank, for ``group_scope="per-rank"``) and a second mask, ``"correct"``
+(:func:`correct_mask`: the responses of the "correct" sequences, plus a few tokens of a
+sequence the default mask leaves out entirely).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -24,6 +32,10 @@ __all__ = [
     "split_for_rank_packed",
     "rows_for_rank",
     "MicroBatch",
+    "GROUP_IDS",
+    "ALIGNED_GROUP_IDS",
+    "NUM_GROUPS",
+    "correct_mask",
 ]
 
 #: Micro-batch sizes of each data-parallel rank, for each data-parallel size; 24 sequences in
@@ -44,6 +56,17 @@ EQUAL_COUNT_PLANS: Dict[int, List[List[int]]] = {
 NUM_SEQUENCES = 24
 FULLY_MASKED = (7, 15, 16)
 _MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
+#: The group (prompt) of every sequence, global ids: groups straddle the micro-batches and the
+#: data-parallel ranks of every plan (e.g. group 0 = rows 0, 3, 8, 23); group 8 holds the fully
+#: masked rows 15 and 16 only (M_8 = 0); id 9 names no sequence (not counted in P).
+GROUP_IDS = (0, 1, 2, 0, 3, 1, 2, 4, 0, 5, 3, 6, 1, 4, 7, 8, 8, 5, 2, 6, 7, 3, 4, 0)
+NUM_GROUPS = 10
+#: Groups that never straddle a data-parallel rank of any plan (rank boundaries at rows 5, 13, 15,
+#: 17) but do straddle micro-batches; group 6 = rows 15 and 16 (fully masked). For
+#: ``group_scope="per-rank"``: each rank's ids are its own, and these groups are the same groups.
+ALIGNED_GROUP_IDS = (0, 1, 0, 1, 0, 2, 3, 4, 2, 3, 4, 2, 3, 5, 5, 6, 6, 7, 8, 9, 7, 8, 9, 7)
+#: Rows whose response is "correct" (the ``"correct"`` mask keeps their valid tokens).
+_CORRECT_ROWS = tuple(i for i in range(NUM_SEQUENCES) if i % 3 != 2)
 
 
 @dataclass
@@ -57,6 +80,22 @@ class GlobalBatch:
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """The batch's masks by name: ``"default"`` (``loss_mask``) and ``"correct"``."""
+        return {"default": self.loss_mask, "correct": correct_mask(self)}
+
+
+def correct_mask(batch: GlobalBatch) -> torch.Tensor:
+    """The ``"correct"`` mask: the default mask's tokens of the rows in ``_CORRECT_ROWS`` (every
+    third row is "incorrect": none of its tokens), plus the first two tokens of row 7, which the
+    default mask leaves out entirely (a mask of its own, not a subset)."""
+    mask = torch.zeros_like(batch.loss_mask)
+    rows = list(_CORRECT_ROWS)
+    mask[rows] = batch.loss_mask[rows]
+    mask[7, :2] = 1.0
+    return mask
+
 
 @dataclass
 class MicroBatch:
@@ -67,6 +106,11 @@ class MicroBatch:
     full_loss_mask: torch.Tensor  # whole sequences, for LossHook.wrap(loss_masks=...)
     packed: Optional[PackedSequences] = None  # for LossHook.wrap(packed_seqs=...)
     packed_seq_params: Any = None  # Megatron's PackedSeqParams, for the model
+    #: Every mask of the batch by name, as the loss function sees it / of whole sequences.
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    full_masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The global-batch row of each sequence (row, or packed sequence in packing order).
+    rows: List[int] = field(default_factory=list)
 
 
 def make_global_batch(vocab_size: int, seq_length: int = 16, seed: int = 0) -> GlobalBatch:
@@ -114,6 +158,8 @@ def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int 
         s = batch.seq_length
         position_ids = torch.arange(s).unsqueeze(0).expand(size, s).contiguous()
         local = lambda t: to_cp_local(t, cp_size, cp_rank).contiguous()  # noqa: E731
+        full_masks = {name: m[rows].to(dtype) for name, m in batch.masks.items()}
+        full_masks["default"] = full_mask
         out.append(
             MicroBatch(
                 tokens=local(batch.tokens[rows]),
@@ -121,6 +167,9 @@ def split_for_rank(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_size: int 
                 position_ids=local(position_ids),
                 loss_mask=local(full_mask),
                 full_loss_mask=full_mask,
+                masks={name: local(m) for name, m in full_masks.items()},
+                full_masks=full_masks,
+                rows=list(range(rows.start, rows.stop)),
             )
         )
     return out
@@ -162,13 +211,16 @@ def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_siz
         tokens = torch.zeros(1, total, dtype=torch.int64)
         labels = torch.zeros(1, total, dtype=torch.int64)
         position_ids = torch.zeros(1, total, dtype=torch.int64)
-        mask = torch.zeros(1, total)
+        named = {name: torch.zeros(1, total) for name in batch.masks}
         for i, n, a, p in zip(rows, lengths, cu_padded, padded):
             tokens[0, a : a + n] = batch.tokens[i, :n]
             labels[0, a : a + n] = batch.labels[i, :n]
-            mask[0, a : a + n] = batch.loss_mask[i, :n]
+            for name, m in batch.masks.items():
+                named[name][0, a : a + n] = m[i, :n]
             position_ids[0, a : a + p] = torch.arange(p)
-        full_mask = mask.to(_MASK_DTYPES[j % len(_MASK_DTYPES)])
+        dtype = _MASK_DTYPES[j % len(_MASK_DTYPES)]
+        full_masks = {name: m.to(dtype) for name, m in named.items()}
+        full_mask = full_masks["default"]
         cu_t = torch.tensor(cu, dtype=torch.int32)
         cu_padded_t = torch.tensor(cu_padded, dtype=torch.int32)
         positions = local_positions(cp_layout, total, cp_size, cp_rank, cu_padded_t)
@@ -192,6 +244,9 @@ def split_for_rank_packed(batch: GlobalBatch, dp_size: int, dp_rank: int, cp_siz
                 full_loss_mask=full_mask,
                 packed=PackedSequences(cu_t, cu_padded_t, padded_length=batch.seq_length),
                 packed_seq_params=params,
+                masks={name: local(m) for name, m in full_masks.items()},
+                full_masks=full_masks,
+                rows=list(rows),
             )
         )
     return out

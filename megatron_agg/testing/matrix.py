@@ -7,12 +7,15 @@ Run under ``torchrun`` (gloo, CPU)::
 Each *configuration* is one optimizer step of a small ``GPTModel`` on a ragged global batch
 (:mod:`.data`) under a layout (TP/PP/VPP/CP, DP from the world size), a Megatron path (loss
 return convention × ``calculate_per_token_loss`` × ``average_in_collective``) and a loss spec
-(mode × options, or a two-term GRPO-style loss). It passes when every rank's gradients
+(mode × options, or a two-term GRPO-style loss; and the specs of issue 13: ``token-sum``,
+``prompt-mean`` with groups that straddle micro-batches and ranks, terms over masks of their own,
+exact metrics). It passes when every rank's gradients
 (``main_grad`` after ``finalize_model_grads``) equal the matching slice of the single-process
 reference gradients (:func:`megatron_agg.reference_loss` over the whole global batch, the model
 written out in plain PyTorch (:mod:`.reference_gpt`), plain autograd) to ``--tol`` relative, the hook's :meth:`~megatron_agg.LossHook.global_loss` and its
-``[sum, count]`` reports equal the reference loss, and the hook issued exactly the expected
-number of collectives. Negative controls (Megatron's plain per-micro-batch averaging, a
+``[sum, count]`` reports equal the reference loss, every metric (``global_loss()`` and its
+reports) equals its single-process value, and the hook issued exactly the expected number of
+collectives. Negative controls (Megatron's plain per-micro-batch averaging, a
 ``local × dp`` denominator) run in the same harness and must *fail* the comparison; the native
 ``calculate_per_token_loss`` token-mean must pass it.
 """
@@ -35,7 +38,7 @@ from ..groups import ParallelGroups
 from ..scaling import MegatronScaling
 from ..definition import reference_loss
 from ..modes import AggMode
-from ..terms import LossTerm
+from ..terms import DEFAULT_MASK_NAME, LossTerm
 from . import data as data_mod
 from .cpu import cpu_shim
 from .gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
@@ -43,8 +46,8 @@ from .parallel import Layout, model_parallel
 from .reference_gpt import init_full_weights, per_token_loss
 from .sync_guard import count_collectives, forbid_host_sync
 
-__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "VARIANTS", "CONTROLS", "CP_CONTROLS", "LocalTimesDpGroups",
-           "CpFactorLeftIn", "groups_like", "plain_masked_mean", "main"]
+__all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "EXTENDED_SPECS", "VARIANTS", "CONTROLS",
+           "CP_CONTROLS", "LocalTimesDpGroups", "CpFactorLeftIn", "groups_like", "plain_masked_mean", "main"]
 
 TOLERANCE = 1e-5
 #: A negative control must miss the reference by at least this much (not a borderline pass).
@@ -56,17 +59,69 @@ CONTROL_MARGIN = 1e-3
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LossSpec:
-    """A loss: named terms and a map from the model output (per-token CE) to per-token losses."""
+    """A loss: named terms and a map from the model output (per-token CE) to per-token losses
+    (and to the per-token values of the ``metrics``); terms and metrics may name masks of their
+    own (the batch's ``"correct"`` mask) and be ``prompt-mean`` over ``group_ids`` (one id per
+    global-batch row) numbered as ``group_scope`` says."""
 
     name: str
     terms: Mapping[str, LossTerm]
     fn: Optional[Callable[[torch.Tensor], Any]] = None
+    metrics: Mapping[str, LossTerm] = field(default_factory=dict)
+    group_ids: Optional[Tuple[int, ...]] = None
+    num_groups: Optional[int] = None
+    group_scope: Optional[str] = None
 
-    def reference(self, ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def channels(self) -> Dict[str, LossTerm]:
+        return {**self.terms, **self.metrics}
+
+    @property
+    def named_masks(self) -> bool:
+        """Whether the hook needs ``loss_masks={name: [...]}`` (a term or metric off the default mask)."""
+        return any(t.mask != DEFAULT_MASK_NAME for t in self.channels.values())
+
+    @property
+    def mask_names(self) -> List[str]:
+        used = [t.mask for t in self.channels.values()]
+        return [n for n in dict.fromkeys([DEFAULT_MASK_NAME] * (DEFAULT_MASK_NAME in used) + used)]
+
+    def hook_options(self) -> Dict[str, Any]:
+        options: Dict[str, Any] = {}
+        if self.metrics:
+            options["metrics"] = dict(self.metrics)
+        if self.group_ids is not None:
+            options.update(num_groups=self.num_groups, group_scope=self.group_scope)
+        return options
+
+    def _per_token(self, ce: torch.Tensor) -> Dict[str, torch.Tensor]:
         per_token = self.fn(ce) if self.fn is not None else ce
         if isinstance(per_token, torch.Tensor):
             per_token = {next(iter(self.terms)): per_token}
-        return sum(reference_loss([per_token[n]], [mask], t) for n, t in self.terms.items())
+        return per_token
+
+    def _reference(self, values: torch.Tensor, masks: Any, term: LossTerm) -> torch.Tensor:
+        mask = masks[term.mask] if isinstance(masks, Mapping) else masks
+        groups = [list(self.reference_groups())] if term.agg_mode.needs_groups else None
+        return reference_loss([values], [mask], term, group_ids=groups)
+
+    def reference_groups(self) -> Tuple[int, ...]:
+        """The groups of the definition: the spec's ids read as global ids. A ``"per-rank"`` spec
+        uses :data:`.data.ALIGNED_GROUP_IDS`, whose groups never straddle a data-parallel rank, so
+        that the hook's (rank, id) pairs are these same groups."""
+        assert self.group_ids is not None
+        return tuple(self.group_ids)
+
+    def reference(self, ce: torch.Tensor, mask: Any) -> torch.Tensor:
+        """The loss by its definition over the global batch: ``mask`` is the default mask or every
+        mask of the batch by name."""
+        per_token = self._per_token(ce)
+        return sum(self._reference(per_token[n], mask, t) for n, t in self.terms.items())
+
+    def metric_references(self, ce: torch.Tensor, mask: Any) -> Dict[str, float]:
+        per_token = self._per_token(ce)
+        with torch.no_grad():
+            return {n: float(self._reference(per_token[n].detach(), mask, t)) for n, t in self.metrics.items()}
 
 
 def _grpo_fn(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -77,6 +132,8 @@ def _grpo_fn(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
 def _mode_specs() -> List[LossSpec]:
     specs = []
     for mode in AggMode:
+        if mode in (AggMode.TOKEN_SUM, AggMode.PROMPT_MEAN):  # the issue-13 specs: EXTENDED_SPECS
+            continue
         for exclude in (False, True):
             name = mode.value + ("+excl" if exclude else "")
             specs.append(LossSpec(name, {"loss": LossTerm(mode, exclude_fully_masked_seqs=exclude)}))
@@ -96,9 +153,61 @@ def _mode_specs() -> List[LossSpec]:
     return specs
 
 
+def _rl_fn(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
+    # A policy term, an NLL term (VAPO: over the "correct" samples' tokens) and per-token metrics:
+    # an entropy-like value, a ratio-like value, a 0/1 clip indicator and a KL-like value.
+    return {"pg": ce, "nll": 0.5 * ce * ce, "entropy": torch.exp(-ce), "clipfrac": (ce > 4.0).float(),
+            "kl": 0.1 * ce * ce, "ratio": 1.0 + 0.01 * ce}
+
+
+def _metrics_fn(ce: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {"loss": ce, "entropy": torch.exp(-ce), "kl": 0.1 * ce * ce, "kl_excl": 0.1 * ce * ce,
+            "tokens": torch.ones_like(ce), "ratio": 1.0 + 0.01 * ce}
+
+
+def _extended_specs() -> List[LossSpec]:
+    """Issue 13: token-sum; prompt-mean over groups that straddle micro-batches and ranks (global
+    ids), with empty groups excluded or not, and over per-rank ids; terms over masks of their own
+    with exact metrics of every kind of mode; metrics on the default mask (which the deferred mode
+    reports through Megatron's [sum, count] pairs)."""
+    groups = dict(group_ids=data_mod.GROUP_IDS, num_groups=data_mod.NUM_GROUPS, group_scope="global")
+    return [
+        LossSpec("token-sum", {"loss": LossTerm("token-sum")}),
+        LossSpec("prompt-mean", {"loss": LossTerm("prompt-mean")}, **groups),
+        LossSpec("prompt-mean+excl", {"loss": LossTerm("prompt-mean", exclude_fully_masked_seqs=True)}, **groups),
+        LossSpec("prompt-mean+excl[per-rank ids]", {"loss": LossTerm("prompt-mean", exclude_fully_masked_seqs=True)},
+                 group_ids=data_mod.ALIGNED_GROUP_IDS, num_groups=data_mod.NUM_GROUPS, group_scope="per-rank"),
+        LossSpec(
+            "vapo:pg-token-mean+0.5*nll-token-mean[correct]+metrics",
+            {"pg": LossTerm("token-mean"), "nll": LossTerm("token-mean", weight=0.5, mask="correct")},
+            fn=_rl_fn,
+            metrics={"entropy": LossTerm("token-mean"),
+                     "clipfrac": LossTerm("prompt-mean", mask="correct"),
+                     "kl": LossTerm("seq-mean-token-mean", exclude_fully_masked_seqs=True, mask="correct"),
+                     "ratio": LossTerm("token-sum")},
+            **groups,
+        ),
+        LossSpec(
+            "token-mean+metrics",
+            {"loss": LossTerm("token-mean")},
+            fn=_metrics_fn,
+            metrics={"entropy": LossTerm("token-mean"), "kl": LossTerm("seq-mean-token-mean"),
+                     "kl_excl": LossTerm("seq-mean-token-mean", exclude_fully_masked_seqs=True),
+                     "tokens": LossTerm("token-sum"), "ratio": LossTerm("seq-mean-token-sum-norm")},
+        ),
+    ]
+
+
 LOSS_SPECS: List[LossSpec] = _mode_specs()
 TOKEN_MEAN = LOSS_SPECS[0]
 SEQ_MEAN_TOKEN_MEAN = next(s for s in LOSS_SPECS if s.name == "seq-mean-token-mean")
+#: The specs of issue 13, run on every layout of the core suite and on a subset elsewhere
+#: (:data:`EXTENDED_IN`).
+EXTENDED_SPECS: List[LossSpec] = _extended_specs()
+LOSS_SPECS += EXTENDED_SPECS
+PROMPT_MEAN = next(s for s in EXTENDED_SPECS if s.name == "prompt-mean")
+TOKEN_SUM = next(s for s in EXTENDED_SPECS if s.name == "token-sum")
+RL_SPEC = next(s for s in EXTENDED_SPECS if s.name.startswith("vapo:"))
 
 
 @dataclass(frozen=True)
@@ -131,12 +240,52 @@ VARIANTS: List[Variant] = [
 
 
 def runs_in(variant: Variant, spec: LossSpec) -> bool:
-    """The deferred mode carries one denominator: specs whose terms have several are not run
-    there (DeferredLossHook refuses them, tested in tests/test_deferred.py)."""
+    """The deferred mode carries one denominator: specs whose terms have several, that use
+    ``prompt-mean`` or masks of their own are not run there (DeferredLossHook refuses them, tested
+    in tests/test_deferred.py)."""
     if not variant.deferred:
         return True
-    kinds = {(t.agg_mode is AggMode.TOKEN_MEAN, t.exclude_fully_masked_seqs) for t in spec.terms.values()}
+    if spec.group_ids is not None or spec.named_masks:
+        return False
+    kinds = {(t.agg_mode is AggMode.TOKEN_MEAN, t.agg_mode is AggMode.TOKEN_SUM, t.exclude_fully_masked_seqs)
+             for t in spec.terms.values()}
     return len(kinds) == 1
+
+
+#: Where the issue-13 specs run: per suite (and ``"suite:world"`` where a world differs), the
+#: variants (``None``: all) of each extended spec (absent: not run there). Every layout of the
+#: core suite runs them, with every Megatron path on 1 and 2 ranks and four paths on 4 and 8; the
+#: cp suite with three paths (two on its slowest launch, 4 ranks); the version matrix's release
+#: suite a few.
+_SHORT = ("2-tuple", "3-tuple+per-token", "deferred-3-tuple+per-token")
+_MID = ("2-tuple", "3-tuple", "3-tuple+per-token", "deferred-3-tuple+per-token")
+EXTENDED_IN: Dict[str, Dict[str, Optional[Tuple[str, ...]]]] = {
+    "core": {s.name: None for s in EXTENDED_SPECS},
+    "core:4": {s.name: _MID for s in EXTENDED_SPECS},
+    "core:8": {s.name: _MID for s in EXTENDED_SPECS},
+    "cp": {s.name: _SHORT for s in EXTENDED_SPECS},
+    "cp:4": {s.name: ("2-tuple", "deferred-3-tuple+per-token") for s in EXTENDED_SPECS},
+    "release": {"token-sum": None, "token-mean+metrics": None, "prompt-mean+excl": ("3-tuple+per-token",),
+                "vapo:pg-token-mean+0.5*nll-token-mean[correct]+metrics": ("2-tuple",)},
+    "smoke": {},
+}
+
+
+def runs_in_suite(suite: Optional[str], variant: Variant, spec: LossSpec, world: Optional[int] = None) -> bool:
+    """Whether ``spec`` runs with ``variant`` in ``suite`` on ``world`` ranks (``suite`` ``None``:
+    every spec everywhere; ``world`` ``None``: on some world size of the suite)."""
+    if not runs_in(variant, spec):
+        return False
+    if suite is None or spec not in EXTENDED_SPECS:
+        return True
+    keys = [f"{suite}:{world}"] if world is not None else [k for k in EXTENDED_IN if k.startswith(suite + ":")]
+    tables = [EXTENDED_IN[k] for k in keys if k in EXTENDED_IN] or [EXTENDED_IN.get(suite, {})]
+    if world is None and suite in EXTENDED_IN:
+        tables.append(EXTENDED_IN[suite])
+    for table in tables:
+        if spec.name in table and (table[spec.name] is None or variant.name in table[spec.name]):
+            return True
+    return False
 
 #: Layouts of each suite by world size (every layout uses the whole world; dp = world / tp·pp·cp).
 SUITES: Dict[str, Dict[int, List[Layout]]] = {
@@ -184,14 +333,17 @@ CP_CONTROL_SUITES = {"cp", "release"}
 # ---------------------------------------------------------------------------------------------
 # Controls: loss functions that do *not* use the hook's exact scaling
 # ---------------------------------------------------------------------------------------------
-def plain_masked_mean(loss_return: LossReturn):
-    """Megatron's classic per-micro-batch loss: the local masked mean (or sum + count)."""
+def plain_masked_mean(loss_return: LossReturn, token_sum: bool = False):
+    """Megatron's classic per-micro-batch loss: the local masked mean (or sum + count); with
+    ``token_sum`` the local masked sum as the loss (verl's ``token-sum`` returned to Megatron as is)."""
 
     def make(mask: torch.Tensor):
         def loss_func(output: torch.Tensor):
             valid = mask != 0
             total = torch.where(valid, output, torch.zeros_like(output)).sum()
             count = valid.sum(dtype=torch.int)
+            if token_sum:
+                return total, {"loss": total.detach().clone()}
             if loss_return is LossReturn.TWO_TUPLE:
                 mean = total / torch.clamp(count, min=1)
                 return mean, {"loss": mean.detach().clone()}  # the schedule rescales `mean` in place
@@ -250,6 +402,26 @@ def _told_per_document(groups: ParallelGroups) -> Dict[str, Any]:
     return {"cp_layout": "load-balanced", "pad_documents": True, "check_masks": False}
 
 
+def _groups_counted_per_rank(groups: ParallelGroups) -> Dict[str, Any]:
+    """The step's global group ids told to the hook as per-rank ids: each rank's part of a group
+    becomes a group of its own, M_g and P counted per rank (what a trainer gets when it averages
+    prompt groups inside one DP shard)."""
+    return {"group_scope": "per-rank"}
+
+
+def _term_mask_ignored(groups: ParallelGroups) -> Dict[str, Any]:
+    """The NLL term over the "correct" tokens built on the default mask, its per-token loss zeroed
+    outside the correct tokens: the numerator is right, the denominator counts every valid token
+    of the step (the approximation NeMo-RL #3791 reports)."""
+    return {"term_masks_to_default": True}
+
+
+def _metrics_mean_of_local_means(groups: ParallelGroups) -> Dict[str, Any]:
+    """The metrics reported as Megatron-LM reports them without the hook: per micro-batch the
+    local masked mean with a count of 1, averaged over micro-batches and ranks."""
+    return {"local_mean_metrics": True}
+
+
 def _told_no_cp(groups: ParallelGroups) -> Dict[str, Any]:
     """The user does not tell the hook about context parallelism and gives it the CP-local masks:
     per-sequence counts come from the slice, sequences are counted per CP rank."""
@@ -268,6 +440,8 @@ class Control:
     breaker: Optional[Callable[[ParallelGroups], Dict[str, Any]]] = None
     #: The packings it runs in (the per-row controls run only there).
     packings: Tuple[str, ...] = ("unpacked", "packed")
+    #: With ``plain``: the local masked sum instead of the mean (a token-sum left to Megatron's averaging).
+    plain_sum: bool = False
 
 
 CONTROLS: List[Control] = [
@@ -279,6 +453,15 @@ CONTROLS: List[Control] = [
     ),
     Control("hook-local-x-dp", Variant(LossReturn.TWO_TUPLE), SEQ_MEAN_TOKEN_MEAN, lambda dp, cp: dp == 1,
             breaker=_local_times_dp),
+    # issue 13: one control per new option (the arithmetic's in tests/test_aggregation.py)
+    Control("plain-token-sum-2-tuple", Variant(LossReturn.TWO_TUPLE), TOKEN_SUM, lambda dp, cp: False,
+            plain=LossReturn.TWO_TUPLE, plain_sum=True),
+    Control("hook-prompt-groups-counted-per-rank", Variant(LossReturn.THREE_TUPLE, per_token=True), PROMPT_MEAN,
+            lambda dp, cp: dp == 1, breaker=_groups_counted_per_rank),
+    Control("hook-term-mask-counted-from-the-default-mask", Variant(LossReturn.TWO_TUPLE), RL_SPEC,
+            lambda dp, cp: False, breaker=_term_mask_ignored),
+    Control("metrics-mean-of-local-means", Variant(LossReturn.THREE_TUPLE), RL_SPEC,
+            lambda dp, cp: False, breaker=_metrics_mean_of_local_means),
 ]
 CP_CONTROLS: List[Control] = [
     Control("hook-2-tuple-cp-uncancelled", Variant(LossReturn.TWO_TUPLE), TOKEN_MEAN,
@@ -310,13 +493,21 @@ class Result:
     expect_pass: bool
     seconds: float
     passed: bool = field(default=False)
+    #: The largest relative error of a metric (global_loss() and the [sum, count] reports).
+    metric_err: float = 0.0
 
     def finalize(self, tol: float) -> None:
-        exact = self.grad_err <= tol and self.loss_err <= tol and self.report_err <= tol and self.collectives_ok
+        exact = (self.grad_err <= tol and self.loss_err <= tol and self.report_err <= tol and self.collectives_ok
+                 and self.metric_err <= tol)
         if self.expect_pass:
             self.passed = exact
-        else:  # a control must clearly miss the reference
-            self.passed = self.grad_err > CONTROL_MARGIN
+        else:  # a control must clearly miss the reference (its gradients, or its metrics)
+            self.passed = max(self.grad_err, self.metric_err) > CONTROL_MARGIN
+
+
+#: Reads this rank's gradients after a step and returns its largest relative error against the
+#: reference gradients (``Harness.run(grad_error_fn=...)``).
+GradErrorFn = Callable[[List[torch.nn.Module], Dict[str, torch.Tensor]], float]
 
 
 class Harness:
@@ -331,6 +522,7 @@ class Harness:
         self.rank = dist.get_rank()
         self.full: Dict[str, torch.Tensor] = {}
         self.ref: Dict[str, Tuple[Dict[str, torch.Tensor], float]] = {}
+        self.metric_ref: Dict[str, Dict[str, float]] = {}
 
     # -- reference: the plain-PyTorch model on the whole global batch, on every rank -------------
     def compute_references(self, specs: Sequence[LossSpec]) -> None:
@@ -344,8 +536,10 @@ class Harness:
 
             def loss_fn(w: Dict[str, torch.Tensor], spec: LossSpec = spec) -> torch.Tensor:
                 ce = per_token_loss(w, self.model, b.tokens, position_ids, b.labels)
-                loss = spec.reference(ce, b.loss_mask)
+                loss = spec.reference(ce, b.masks)
                 value.append(float(loss))
+                if spec.metrics:
+                    self.metric_ref[spec.name] = spec.metric_references(ce, b.masks)
                 return loss
 
             grads = reference_grads(self.full, loss_fn)
@@ -353,7 +547,18 @@ class Harness:
 
     # -- one configuration ---------------------------------------------------------------------
     def run(self, layout: Layout, variant: Variant, spec: LossSpec, control: Optional[Control] = None,
-            packing: str = "unpacked") -> Result:
+            packing: str = "unpacked", *, model_spec: Optional[TinyGPT] = None,
+            config_overrides: Optional[Mapping[str, Any]] = None,
+            ddp_options: Optional[Mapping[str, Any]] = None, steps: int = 1,
+            grad_error_fn: Optional[GradErrorFn] = None) -> Result:
+        """One configuration. The keyword options (used by :mod:`.features`; the matrix leaves them
+        at their defaults) build another Megatron model of the same reference (``model_spec``,
+        e.g. another layer spec), add ``TransformerConfig`` overrides,
+        ``DistributedDataParallelConfig`` options, further steps (the same global batch again
+        after ``zero_grad_buffer``; every step is compared after its ``finalize_model_grads``, the
+        result carries the worst) and another way of reading the gradients to compare
+        (``grad_error_fn(model, ref_grads)`` -> this rank's largest relative error; default: every
+        parameter's ``main_grad``, :func:`.gpt.grad_error`)."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -362,15 +567,17 @@ class Harness:
 
         t0 = time.perf_counter()
         packed = packing != "unpacked"
-        model_spec = self.model
+        model_spec = model_spec or self.model
         if layout.cp > 1 or packed:
             if self.cp_model is None:
                 raise SystemExit("context parallelism and packed sequences need --layer-spec with an "
                                  "attention that supports them (tests/support/cp_attention.py:layer_spec)")
             model_spec = self.cp_model
-        chunks = build_chunks(model_spec, layout, calculate_per_token_loss=variant.per_token)
+        overrides = dict(config_overrides or {})
+        overrides["calculate_per_token_loss"] = variant.per_token
+        chunks = build_chunks(model_spec, layout, **overrides)
         load_full_weights(chunks, self.full)
-        model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective)
+        model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective, **dict(ddp_options or {}))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         from ..integration import resolve_groups
@@ -386,15 +593,52 @@ class Harness:
         broken.setdefault("cp_layout", cp_layout)  # the layout the data was cut with (unless a control lies)
         is_last = ps.is_pipeline_last_stage()
         deferred = variant.deferred and not (control and control.plain)
+        options = spec.hook_options()
+        if "group_scope" in broken:  # a control that numbers the groups otherwise than the data does
+            options["group_scope"] = broken.pop("group_scope")
+        terms = dict(spec.terms)
+        zero_outside: Dict[str, str] = {}  # term -> the mask its per-token loss is zeroed outside
+        if broken.pop("term_masks_to_default", False):
+            for name, term in terms.items():
+                if term.mask != DEFAULT_MASK_NAME:
+                    zero_outside[name] = term.mask
+                    terms[name] = LossTerm(term.mode, weight=term.weight, exclude_fully_masked_seqs=term.exclude_fully_masked_seqs)
+        local_mean_metrics = bool(broken.pop("local_mean_metrics", False))
+        named = spec.named_masks
         if deferred:
-            hook: Any = DeferredLossHook(terms=spec.terms, cp_layout=broken.pop("cp_layout"))
+            hook: Any = DeferredLossHook(terms=terms, cp_layout=broken.pop("cp_layout"), **options)
             hook.install(model)  # checks the config and the ranks' agreement before the step
         else:
             if "groups" in broken:
                 # keep the class of the injected groups (LocalTimesDpGroups & co.), change the layout only
                 broken["groups"] = groups_like(broken["groups"], type(broken["groups"]), cp_layout=broken.pop("cp_layout"))
-            hook = LossHook(terms=spec.terms, loss_return=variant.loss_return, **broken)
-        plain = plain_masked_mean(control.plain) if control and control.plain else None
+            hook = LossHook(terms=terms, loss_return=variant.loss_return, **options, **broken)
+        plain = plain_masked_mean(control.plain, control.plain_sum) if control and control.plain else None
+
+        local_means: Dict[str, List[torch.Tensor]] = {name: [] for name in spec.metrics}
+
+        def loss_fn_of(mb: data_mod.MicroBatch) -> Optional[Callable[[torch.Tensor], Any]]:
+            if not zero_outside and not local_mean_metrics:
+                return spec.fn
+
+            def changed(output: torch.Tensor) -> Any:
+                values = dict(spec.fn(output))  # type: ignore[misc]
+                for name, mask in zero_outside.items():
+                    values[name] = torch.where(mb.masks[mask] != 0, values[name], torch.zeros_like(values[name]))
+                if local_mean_metrics:  # what a trainer logs without the hook: the local masked mean
+                    with torch.no_grad():
+                        for name, metric in spec.metrics.items():
+                            valid = mb.masks[metric.mask] != 0
+                            total = torch.where(valid, values[name], torch.zeros_like(values[name])).sum()
+                            local_means[name].append(total / valid.sum().clamp(min=1))
+                return values
+
+            return changed
+
+        def group_ids_of(mbs: Sequence[data_mod.MicroBatch]) -> Optional[List[torch.Tensor]]:
+            if spec.group_ids is None:
+                return None
+            return [torch.tensor([spec.group_ids[r] for r in mb.rows], dtype=torch.int64) for mb in mbs]
 
         def forward_step(data_iterator: Iterator[data_mod.MicroBatch], chunk: torch.nn.Module):
             mb = next(data_iterator)
@@ -406,7 +650,8 @@ class Harness:
                 counts = DeferredLossHook.sequence_token_counts(mb.full_loss_mask, mb.packed) if cp > 1 else None
                 inner = hook.loss_func(mb.loss_mask, spec.fn, sequence_token_counts=counts, packed_seqs=mb.packed)
             else:
-                inner = hook.loss_func(mb.loss_mask, spec.fn)
+                mask = {n: mb.masks[n] for n in spec.mask_names} if named else mb.loss_mask
+                inner = hook.loss_func(mask, loss_fn_of(mb))
 
             def guarded(*args: Any, **kwargs: Any):
                 with forbid_host_sync():
@@ -415,53 +660,86 @@ class Harness:
             return output, guarded
 
         fb = get_forward_backward_func()
-        iterators: Any = [iter(mbs) for _ in model] if layout.vpp else iter(mbs)
-        kwargs = dict(
-            forward_step_func=forward_step,
-            data_iterator=iterators,
-            model=model,
-            num_microbatches=len(mbs),
-            seq_length=mbs[0].tokens.shape[1],
-            micro_batch_size=mbs[0].tokens.shape[0],
-            forward_only=False,
-        )
-        # The 3-tuple runs hand the schedule the caller's groups (pg_collection & co., which the
-        # hook must take its groups from); the 2-tuple runs leave them to parallel_state.
-        if variant.loss_return is LossReturn.THREE_TUPLE:
-            kwargs.update(schedule_group_kwargs(layout, model[0].config))
-        with count_collectives() as counter:
-            if plain is not None or deferred:
-                losses = fb(**kwargs)
-            else:
-                told_cp = not local_masks or cp == 1
-                losses = hook.wrap(fb)(
-                    loss_masks=[mb.loss_mask if local_masks else mb.full_loss_mask for mb in mbs],
-                    packed_seqs=[mb.packed for mb in mbs] if packed and told_cp else None,
-                    **kwargs,
-                )
-        if deferred:
-            hook.uninstall()
-
         ref_grads, ref_loss = self.ref[spec.name]
-        grad_err = max(grad_error(model, ref_grads).values())
-        loss_err = report_err = 0.0
         broken_totals = isinstance(broken.get("groups"), LocalTimesDpGroups)
-        expected_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals and not deferred) else 0
+        totals_collectives = 1 if (is_last and dp > 1 and plain is None and not broken_totals and not deferred) else 0
+        expected_collectives = totals_collectives
         if plain is None:  # the end-of-step check, spread over the step (deferred: over the loss stage)
             groups = resolve_groups()
             spread = groups.loss_groups() if deferred else groups.step_groups()
             expected_collectives += len(spread)  # the harness installs the deferred hook on every rank
-        collectives_ok = counter.count == expected_collectives
-        if plain is None and is_last:
-            scale = max(abs(ref_loss), 1e-12)
-            pair = torch.stack([r["loss"] for r in losses]).sum(dim=0)
-            dist.all_reduce(pair, group=ps.get_data_parallel_group(with_context_parallel=True))
-            report_err = abs(float(pair[0] / pair[1]) - ref_loss) / scale
-            if deferred:  # no global_loss() in the deferred mode: its value is the report's
-                loss_err = report_err
+        grad_err = loss_err = report_err = metric_err = 0.0
+        metric_ref = self.metric_ref.get(spec.name, {})
+        collectives_ok = True
+        for step in range(steps):
+            if step > 0:  # a new step: Megatron-LM zeroes the grad buffers before each one
+                for chunk in model:
+                    chunk.zero_grad_buffer()
+            iterators: Any = [iter(mbs) for _ in model] if layout.vpp else iter(mbs)
+            kwargs = dict(
+                forward_step_func=forward_step,
+                data_iterator=iterators,
+                model=model,
+                num_microbatches=len(mbs),
+                seq_length=mbs[0].tokens.shape[1],
+                micro_batch_size=mbs[0].tokens.shape[0],
+                forward_only=False,
+            )
+            # The 3-tuple runs hand the schedule the caller's groups (pg_collection & co., which the
+            # hook must take its groups from); the 2-tuple runs leave them to parallel_state.
+            if variant.loss_return is LossReturn.THREE_TUPLE:
+                kwargs.update(schedule_group_kwargs(layout, model[0].config))
+            with count_collectives() as counter:
+                if plain is not None or deferred:
+                    losses = fb(**kwargs)
+                else:
+                    told_cp = not local_masks or cp == 1
+                    masks: Any = [mb.loss_mask if local_masks else mb.full_loss_mask for mb in mbs]
+                    if named:
+                        masks = {n: [mb.full_masks[n] for mb in mbs] for n in spec.mask_names}
+                    losses = hook.wrap(fb)(
+                        loss_masks=masks,
+                        packed_seqs=[mb.packed for mb in mbs] if packed and told_cp else None,
+                        group_ids=group_ids_of(mbs),
+                        **kwargs,
+                    )
+            if grad_error_fn is None:
+                grad_err = max(grad_err, max(grad_error(model, ref_grads).values()))
             else:
-                loss_err = abs(float(hook.global_loss()["loss"]) - ref_loss) / scale
-        stats = torch.tensor([grad_err, loss_err, report_err, 0.0 if collectives_ok else 1.0], dtype=torch.float64)
+                grad_err = max(grad_err, float(grad_error_fn(model, ref_grads)))
+            # The hook's first step checks the ranks' agreement on the set-up in a small all-reduce
+            # of its own before the totals (once per hook).
+            first = totals_collectives if step == 0 else 0
+            collectives_ok = collectives_ok and counter.count == expected_collectives + first
+            if plain is None and is_last:
+                scale = max(abs(ref_loss), 1e-12)
+                dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+                pair = torch.stack([r["loss"] for r in losses]).sum(dim=0)
+                dist.all_reduce(pair, group=dp_cp_group)
+                report_err = max(report_err, abs(float(pair[0] / pair[1]) - ref_loss) / scale)
+                values = None if deferred else hook.global_loss()
+                if deferred:  # no global_loss() in the deferred mode: its value is the report's
+                    loss_err = report_err
+                else:
+                    loss_err = max(loss_err, abs(float(values["loss"]) - ref_loss) / scale)
+                for name, ref_value in metric_ref.items():
+                    metric_scale = max(abs(ref_value), 1e-12)
+                    if local_mean_metrics:  # the control: per micro-batch [local mean, 1]
+                        means = local_means[name][-len(mbs):]
+                        pairs = torch.stack([torch.stack(means).sum(), torch.tensor(float(len(means)))]).double()
+                        dist.all_reduce(pairs, group=dp_cp_group)
+                        metric_err = max(metric_err, abs(float(pairs[0] / pairs[1]) - ref_value) / metric_scale)
+                        continue
+                    metric_pair = torch.stack([r[name] for r in losses]).sum(dim=0).to(torch.float64)
+                    dist.all_reduce(metric_pair, group=dp_cp_group)
+                    metric_err = max(metric_err, abs(float(metric_pair[0] / metric_pair[1]) - ref_value) / metric_scale)
+                    if values is not None:
+                        metric_err = max(metric_err, abs(float(values[name]) - ref_value) / metric_scale)
+        if deferred:
+            hook.uninstall()
+
+        stats = torch.tensor([grad_err, loss_err, report_err, 0.0 if collectives_ok else 1.0, metric_err],
+                             dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         result = Result(
             layout=layout.name(self.world),
@@ -476,6 +754,7 @@ class Harness:
             collectives_ok=bool(stats[3] == 0),
             expect_pass=control.expect_pass(dp, cp) if control else True,
             seconds=time.perf_counter() - t0,
+            metric_err=float(stats[4]),
         )
         result.finalize(self.tol)
         return result
@@ -527,23 +806,26 @@ def packings_of(layout: Layout, packings: Sequence[str]) -> List[str]:
 
 
 def jobs_of(packing: str, variants: Sequence[Variant], specs: Sequence[LossSpec],
-            controls: Sequence[Control]) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
+            controls: Sequence[Control], suite: Optional[str] = None,
+            world: Optional[int] = None) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
     jobs: List[Tuple[Variant, LossSpec, Optional[Control]]] = [
-        (v, s, None) for v in variants for s in specs if runs_in(v, s)]
+        (v, s, None) for v in variants for s in specs if runs_in_suite(suite, v, s, world)]
     return jobs + [(c.variant, c.spec, c) for c in controls if packing in c.packings]
 
 
 def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpec], variants: Sequence[Variant],
               controls: Sequence[Control], tol: float, packings: Sequence[str] = ("unpacked",),
-              cp_layer_spec: Optional[Callable[[], Any]] = None) -> List[Result]:
+              cp_layer_spec: Optional[Callable[[], Any]] = None, suite: Optional[str] = None) -> List[Result]:
     harness = Harness(model, tol=tol, cp_layer_spec=cp_layer_spec)
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
-    total = sum(len(jobs_of(p, variants, specs, controls)) for layout in layouts for p in packings_of(layout, packings))
+    world = dist.get_world_size()
+    total = sum(len(jobs_of(p, variants, specs, controls, suite, world)) for layout in layouts
+                for p in packings_of(layout, packings))
     for layout in layouts:
         with model_parallel(layout):
             for packing in packings_of(layout, packings):
-                for variant, spec, control in jobs_of(packing, variants, specs, controls):
+                for variant, spec, control in jobs_of(packing, variants, specs, controls, suite, world):
                     res = harness.run(layout, variant, spec, control, packing=packing)
                     results.append(res)
                     mark = "ok  " if res.passed else "FAIL"
@@ -553,7 +835,9 @@ def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpe
                         harness.rank,
                         f"[{len(results):>4}/{total}] {mark} {where:<22} {what:<70} "
                         f"grad_err={res.grad_err:.2e} loss_err={res.loss_err:.1e} "
-                        f"report_err={res.report_err:.1e} coll={'ok' if res.collectives_ok else 'BAD'} "
+                        f"report_err={res.report_err:.1e} "
+                        + (f"metric_err={res.metric_err:.1e} " if res.metric_err else "")
+                        + f"coll={'ok' if res.collectives_ok else 'BAD'} "
                         f"({res.seconds:.2f}s)",
                     )
     return results
@@ -605,7 +889,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cp_layer_spec = _load_layer_spec(args.layer_spec) if args.layer_spec else None
     t0 = time.perf_counter()
     with cpu_shim():
-        results = run_suite(TinyGPT(), layouts, specs, VARIANTS, controls, args.tol, packing, cp_layer_spec)
+        results = run_suite(TinyGPT(), layouts, specs, VARIANTS, controls, args.tol, packing, cp_layer_spec,
+                            suite=args.suite)
     failed = [r for r in results if not r.passed]
     n_controls = sum(1 for r in results if r.control)
     _log(

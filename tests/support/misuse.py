@@ -91,6 +91,34 @@ def hook_skipped_loss_on_rank_1(rank: int) -> None:
     _run(model, mbs, loss_func_of, hook.wrap, loss_masks=[mb.full_loss_mask for mb in mbs])
 
 
+def hook_layout(rank: int, what: str) -> None:
+    """Rank 1 builds a set-up whose totals vector has another length (another num_groups, a term on
+    a mask of its own): the ranks' agreement is checked before an all-reduce of that length."""
+    model, mbs = _model(False), _mbs()
+    ids = [torch.tensor([data_mod.GROUP_IDS[r] for r in mb.rows]) for mb in mbs]
+    if what == "num_groups":
+        hook = LossHook("prompt-mean", num_groups=10 if rank == 0 else 12, group_scope="global")
+        _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask), hook.wrap,
+             loss_masks=[mb.full_loss_mask for mb in mbs], group_ids=ids)
+        return
+    mask = "correct" if rank == 1 else "default"
+    hook = LossHook(terms={"pg": LossTerm("token-mean"), "nll": LossTerm("token-mean", mask=mask)})
+    names = ["default", "correct"] if rank == 1 else ["default"]
+    _run(model, mbs, lambda mb, chunk: hook.loss_func({n: mb.masks[n] for n in names} if rank == 1 else mb.loss_mask,
+                                                      lambda out: {"pg": out, "nll": out}),
+         hook.wrap, loss_masks={n: [mb.full_masks[n] for mb in mbs] for n in names} if rank == 1 else
+         [mb.full_loss_mask for mb in mbs])
+
+
+def hook_prompt_mean(rank: int) -> None:
+    """The same prompt-mean set-up on both ranks (groups straddling them): no error."""
+    model, mbs = _model(False), _mbs()
+    ids = [torch.tensor([data_mod.GROUP_IDS[r] for r in mb.rows]) for mb in mbs]
+    hook = LossHook("prompt-mean", num_groups=10, group_scope="global")
+    _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask), hook.wrap,
+         loss_masks=[mb.full_loss_mask for mb in mbs], group_ids=ids)
+
+
 # -- StepShares -----------------------------------------------------------------------------------
 def shares_setup(rank: int, loss_return: str, mode_of_rank_1: str) -> None:
     model, mbs = _model(False), _mbs()
@@ -99,6 +127,16 @@ def shares_setup(rank: int, loss_return: str, mode_of_rank_1: str) -> None:
     mode = mode_of_rank_1 if rank == 1 else "seq-mean-token-mean"
     _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
         shares.share(out, mb.loss_mask, mode), {})))
+    shares.finish()
+
+
+def shares_num_groups(rank: int) -> None:
+    model, mbs = _model(False), _mbs()
+    ids = [torch.tensor([data_mod.GROUP_IDS[r] for r in mb.rows]) for mb in mbs]
+    shares = StepShares([mb.full_loss_mask for mb in mbs], model=model, group_ids=ids,
+                        num_groups=10 + 2 * rank, group_scope="global")
+    _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+        shares.share(out, mb.loss_mask, "prompt-mean"), {})))
     shares.finish()
 
 
@@ -150,11 +188,17 @@ SCENARIOS = {
     "hook: NaN on rank 1 only": (hook_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
     "hook: mask mismatch on rank 1 only": (hook_mask_mismatch_on_rank_1, ValueError, "differ"),
     "hook: a loss skipped on rank 1 only": (hook_skipped_loss_on_rank_1, ValueError, "evaluated"),
+    # The totals vector's length follows the set-up: checked before an all-reduce of that length.
+    "hook: num_groups": (lambda r: hook_layout(r, "num_groups"), ValueError,
+                         "disagree on: prompt groups (num_groups, group_scope)"),
+    "hook: a term's mask": (lambda r: hook_layout(r, "mask"), ValueError, "disagree on: term masks"),
+    "hook: prompt-mean agrees": (hook_prompt_mean, None, None),
     "shares: loss_return": (lambda r: shares_setup(r, "2-tuple", "seq-mean-token-mean"), ValueError,
                             "disagree on: loss_return"),
     "shares: modes used": (lambda r: shares_setup(r, "3-tuple", "token-mean"), ValueError,
                            "disagree on: terms and their modes"),
     "shares: NaN on rank 1 only": (shares_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
+    "shares: num_groups": (shares_num_groups, ValueError, "disagree on: prompt groups (num_groups, group_scope)"),
     "deferred: mode": (deferred_mode, ValueError, "disagree on: terms and their modes"),
     "deferred: NaN on rank 1 only": (deferred_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
 }
