@@ -12,6 +12,7 @@ from .parallel import Layout
 
 __all__ = [
     "TinyGPT",
+    "TinyMoEGPT",
     "build_chunks",
     "full_state_dict",
     "full_name",
@@ -58,8 +59,44 @@ class TinyGPT:
             moe_token_dispatcher_type="alltoall",
             batch_p2p_comm=False,  # gloo + interleaving + batched p2p silently swaps tensors
         )
+        if layout.ep > 1:  # expert parallelism (MoE models); dense layouts pass nothing new
+            kwargs["expert_model_parallel_size"] = layout.ep
+        if layout.etp is not None:
+            kwargs["expert_tensor_parallel_size"] = layout.etp
+        kwargs.update(self.extra_config())
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+    def extra_config(self) -> Dict[str, Any]:
+        """Config options a subclass adds (none for the dense model)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TinyMoEGPT(TinyGPT):
+    """:class:`TinyGPT` with a mixture-of-experts MLP in every layer (Megatron's local spec:
+    ``TopKRouter`` with softmax over the top-k logits, ``SequentialMLP`` experts of GeLU MLPs,
+    no bias: Megatron's MoE without Transformer-Engine needs ``add_bias_linear=False``).
+
+    No auxiliary loss, no z-loss and no capacity factor by default (no token dropping), so the
+    model is a deterministic function of its weights that
+    :func:`~megatron_agg.testing.reference_gpt.per_token_loss` reproduces.
+    """
+
+    num_layers: int = 2
+    num_moe_experts: int = 4
+    moe_router_topk: int = 2
+    add_bias_linear: bool = False
+
+    def extra_config(self) -> Dict[str, Any]:
+        return dict(
+            num_moe_experts=self.num_moe_experts,
+            moe_router_topk=self.moe_router_topk,
+            add_bias_linear=self.add_bias_linear,
+            moe_aux_loss_coeff=0.0,
+            moe_z_loss_coeff=None,
+            moe_expert_capacity_factor=None,
+        )
 
 
 def _layer_spec(spec: TinyGPT):
@@ -67,6 +104,9 @@ def _layer_spec(spec: TinyGPT):
         return spec.layer_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    num_experts = getattr(spec, "num_moe_experts", None)
+    if num_experts:
+        return get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
     return get_gpt_layer_local_spec()
 
 
@@ -106,12 +146,18 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_name(chunk: torch.nn.Module, local_name: str) -> str:
-    """The reference (TP=PP=1) name of a parameter of a sharded chunk."""
+    """The reference (TP=PP=EP=1) name of a parameter of a sharded chunk."""
     model = _unwrap(chunk)
     parts = local_name.split(".")
     if parts[:2] == ["decoder", "layers"]:
         layer = model.decoder.layers[int(parts[2])]
         parts[2] = str(layer.layer_number - 1)
+        if parts[3:6] == ["mlp", "experts", "local_experts"]:
+            # Expert parallelism: local expert j of EP rank r is global expert r·(E/ep) + j.
+            from megatron.core import parallel_state as ps
+
+            local = len(layer.mlp.experts.local_experts)
+            parts[6] = str(ps.get_expert_model_parallel_rank() * local + int(parts[6]))
     name = ".".join(parts)
     if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
         return "embedding.word_embeddings.weight"
@@ -125,6 +171,11 @@ def _shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
     assert getattr(param, "partition_stride", 1) == 1, "strided TP partitions are not supported"
     dim = param.partition_dim
+    if tuple(param.shape) == tuple(full.shape):  # not split (e.g. an expert weight under expert TP 1)
+        return full
+    if not getattr(param, "allreduce", True):  # an expert weight (EP > 1): sharded over expert TP
+        etp, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        return full.chunk(etp, dim=dim)[rank]
     tp = ps.get_tensor_model_parallel_world_size()
     return full.chunk(tp, dim=dim)[ps.get_tensor_model_parallel_rank()]
 
@@ -145,8 +196,11 @@ def load_full_weights(chunks: Sequence[torch.nn.Module], full: Dict[str, torch.T
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], average_in_collective: bool = False,
-             use_distributed_optimizer: bool = False) -> List[torch.nn.Module]:
-    """Wrap every chunk in Megatron's DDP and set the config hooks Megatron-LM sets."""
+             use_distributed_optimizer: bool = False, **ddp_options: Any) -> List[torch.nn.Module]:
+    """Wrap every chunk in Megatron's DDP and set the config hooks Megatron-LM sets.
+
+    ``ddp_options`` are further ``DistributedDataParallelConfig`` fields (``overlap_grad_reduce``,
+    ``bucket_size``, ...)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -157,6 +211,7 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], average_in_collective: bool = Fa
         grad_reduce_in_fp32=True,
         average_in_collective=average_in_collective,
         use_distributed_optimizer=use_distributed_optimizer,
+        **ddp_options,
     )
     wrapped = [
         DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0)

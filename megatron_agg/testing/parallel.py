@@ -18,12 +18,19 @@ __all__ = ["Layout", "model_parallel"]
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout. ``dp`` is derived from the world size."""
+    """A parallel layout. ``dp`` is derived from the world size.
+
+    ``ep`` (expert model parallel) and ``etp`` (expert tensor parallel; ``None``: Megatron's
+    default, ``tp``) only matter for MoE models; the expert data-parallel size is
+    ``world / (etp·ep·pp)`` (:meth:`edp`).
+    """
 
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None
     cp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
 
     def dp(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
@@ -31,13 +38,35 @@ class Layout:
             raise ValueError(f"world size {world_size} is not divisible by tp·pp·cp = {model_parallel}")
         return world_size // model_parallel
 
+    def edp(self, world_size: int) -> int:
+        """The expert data-parallel size (Megatron's ``expert_data_parallel`` group)."""
+        expert_parallel = (self.etp or self.tp) * self.ep * self.pp
+        if world_size % expert_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by etp·ep·pp = {expert_parallel}")
+        return world_size // expert_parallel
+
     def name(self, world_size: int) -> str:
         parts = [f"dp{self.dp(world_size)}", f"tp{self.tp}", f"pp{self.pp}"]
         if self.vpp:
             parts.append(f"vpp{self.vpp}")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        if self.etp is not None:
+            parts.append(f"etp{self.etp}")
         return "-".join(parts)
+
+
+def _expert_sizes(layout: Layout) -> dict:
+    """The expert-parallel arguments of ``initialize_model_parallel`` (none for a dense layout,
+    so that dense layouts initialize exactly as before)."""
+    sizes = {}
+    if layout.ep > 1:
+        sizes["expert_model_parallel_size"] = layout.ep
+    if layout.etp is not None:
+        sizes["expert_tensor_parallel_size"] = layout.etp
+    return sizes
 
 
 @contextlib.contextmanager
@@ -61,6 +90,7 @@ def model_parallel(layout: Layout) -> Iterator[None]:
             virtual_pipeline_model_parallel_size=layout.vpp,
             context_parallel_size=layout.cp,
             create_gloo_process_groups=False,
+            **_expert_sizes(layout),
         )
     finally:
         dist.new_group = original
