@@ -218,13 +218,16 @@ def loss_multiplier(
       3-tuple with per-token loss ``1``.
     - ddp: ``1 / dp_cp`` for :attr:`GradReduction.MEAN`, ``1`` for :attr:`GradReduction.SUM`.
     - finalize: ``1 / Σ nt`` on the 3-tuple per-token path, where the hook returns
-      ``nt = local_num_tokens`` on every rank so that ``Σ nt = global_num_tokens``; if that is
-      0, ``L = 0`` and ``F`` is 0 (finalize then skips its division). ``1`` where the wrapper
-      drops that division (``finalize_divides=False``).
+      ``nt = local_num_tokens`` on every rank so that ``Σ nt = global_num_tokens``; when that
+      is 0, Megatron skips (<= 0.17) or clamps (>= 0.18) its division, so ``F`` uses
+      ``max(Σ nt, 1)`` (passed by the engine). ``1`` where the wrapper drops that division
+      (``finalize_divides=False``).
 
     Args:
         local_num_tokens: the ``nt`` returned with each micro-batch (integer tensor, 0-dim or ``[M]``).
-        global_num_tokens: the step's total valid tokens ``T`` (0-dim tensor).
+        global_num_tokens: the step's total valid tokens ``T`` (0-dim tensor). The engine passes
+            ``max(T, 1)``: with per-term masks the default mask may be empty while other terms
+            are not, and Megatron then divides by nothing (<= 0.17) or by ``max(0, 1)`` (>= 0.18).
     """
     ddp = 1.0 / avg.dp_cp_size if avg.grad_reduction is GradReduction.MEAN else 1.0
     if avg.loss_return is LossReturn.TWO_TUPLE:

@@ -46,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--loss-agg-mode", default="seq-mean-token-mean", choices=[m.value for m in AggMode])
+    # prompt-mean needs group ids, which compare's synthetic batches do not carry
+    p.add_argument("--loss-agg-mode", default="seq-mean-token-mean",
+                   choices=[m.value for m in AggMode if not m.needs_groups])
     p.add_argument("--exclude-fully-masked-seqs", action="store_true")
     p.add_argument("--loss-scale-factor", type=float, default=None)
     p.add_argument("--lr", type=float, default=1.0)
