@@ -13,7 +13,9 @@ matches the two messages in posting order, so the shapes of activations and grad
 :func:`cpu_shim` replaces that exchange with the same messages on distinct tags.
 
 It also emulates ``ReduceOp.AVG`` (which gloo lacks) as a SUM followed by a division, so
-that Megatron's ``DistributedDataParallelConfig(average_in_collective=True)`` can be tested.
+that Megatron's ``DistributedDataParallelConfig(average_in_collective=True)`` can be tested,
+and NCCL's ``PREMUL_SUM`` (Megatron-FSDP's default ``gradient_reduce_div_fusion=True``) as a
+multiplication followed by a SUM, so that Megatron-FSDP runs the code path it runs on GPUs.
 
 Not for GPU runs: on a machine with CUDA, do not enable it.
 """
@@ -106,27 +108,81 @@ class _NullStream:
         return None
 
 
-def _avg_emulating(collective):
-    """Wrap a gloo collective so that ``op=ReduceOp.AVG`` becomes SUM then ÷ group size."""
+class _PremulSum:
+    """NCCL's ``PREMUL_SUM`` reduction for gloo (what ``torch.distributed._make_nccl_premul_sum(f)``
+    returns under :func:`cpu_shim`): every rank's input times ``factor``, then summed."""
+
+    def __init__(self, factor: Any) -> None:
+        self.factor = factor
+
+    def __repr__(self) -> str:
+        return f"PREMUL_SUM({self.factor})"
+
+
+def _avg_emulating(collective, eager_in_coalescing: bool = False):
+    """Wrap a gloo collective so that ``op=ReduceOp.AVG`` becomes SUM then ÷ group size, and
+    ``op=PREMUL_SUM(f)`` (:class:`_PremulSum`) becomes ×f then SUM. ``eager_in_coalescing``: the
+    collective has an output apart from its input (``reduce_scatter_tensor``).
+
+    Inside ``torch.distributed._coalescing_manager`` a collective is only recorded and runs when
+    the manager exits, so the division would come first. For an in-place ``all_reduce`` that is
+    still the mean (÷ then SUM); for ``reduce_scatter_tensor`` the output is overwritten afterwards
+    and the division lost (a SUM instead of an AVG): that one runs at once, outside the coalescing
+    (same result; coalescing only batches the launches). ``PREMUL_SUM`` scales the in-place
+    ``all_reduce`` tensor first, and a copy of ``reduce_scatter_tensor``'s input (the input itself
+    is left as NCCL leaves it).
+    """
 
     @functools.wraps(collective)
     def wrapper(*args: Any, **kwargs: Any):
         op = kwargs.get("op")
-        if op != dist.ReduceOp.AVG:
+        premul = isinstance(op, _PremulSum)
+        if op != dist.ReduceOp.AVG and not premul:
             return collective(*args, **kwargs)
         kwargs["op"] = dist.ReduceOp.SUM
         group = kwargs.get("group")
         size = dist.get_world_size(group)
         out = kwargs.get("output", args[0] if args else None)
+        if premul and not eager_in_coalescing:  # in place: scale, then sum (also when deferred)
+            kwargs.get("tensor", out).mul_(op.factor)
+            return collective(*args, **kwargs)
+        if premul:
+            if "input" in kwargs:
+                kwargs["input"] = kwargs["input"] * op.factor
+            else:
+                args = (args[0], args[1] * op.factor, *args[2:])
         async_op = kwargs.get("async_op", False)
         kwargs["async_op"] = False
-        collective(*args, **kwargs)
-        out.div_(size)
+        pending = None
+        coalescing = getattr(dist.distributed_c10d, "_world", None)
+        coalescing = getattr(coalescing, "pg_coalesce_state", None)
+        key = group if group is not None else dist.distributed_c10d._get_default_group()
+        if eager_in_coalescing and coalescing is not None and key in coalescing:
+            pending = coalescing.pop(key)
+        try:
+            collective(*args, **kwargs)
+        finally:
+            if pending is not None:
+                coalescing[key] = pending
+        if not premul:
+            out.div_(size)
         if async_op:
             return _DoneWork()
         return None
 
     wrapper.__wrapped_collective__ = collective  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _cpu_mesh_from_group(from_group):
+    """``DeviceMesh.from_group`` with a ``"cuda"`` device type built as a ``"cpu"`` mesh."""
+
+    @functools.wraps(from_group)
+    def wrapper(group: Any, device_type: str, *args: Any, **kwargs: Any):
+        if isinstance(device_type, str) and device_type.startswith("cuda"):
+            device_type = "cpu"
+        return from_group(group, device_type, *args, **kwargs)
+
     return wrapper
 
 
@@ -187,8 +243,11 @@ def cpu_shim() -> Iterator[None]:
 
     Patches ``torch.cuda.{current_device, synchronize, current_stream, default_stream, Stream,
     Event, stream, set_stream, empty_cache, device_count, manual_seed}``, the no-op
-    ``CudaRNGStatesTracker.fork``, the MoE router's missing ``te_general_gemm`` name, and AVG
-    emulation for ``all_reduce``/``reduce_scatter_tensor``; all are restored on exit.
+    ``CudaRNGStatesTracker.fork``, the MoE router's missing ``te_general_gemm`` name, AVG and
+    PREMUL_SUM emulation for ``all_reduce``/``reduce_scatter_tensor`` (with
+    ``_make_nccl_premul_sum``), ``DeviceMesh.from_group(...,
+    "cuda")`` as a CPU mesh and ``torch.cuda.{get,set}_rng_state`` (FSDP wrappers,
+    :mod:`megatron_agg.testing.wrappers`); all are restored on exit.
     """
     patches: list[tuple[Any, str, Any]] = []
 
@@ -208,7 +267,17 @@ def cpu_shim() -> Iterator[None]:
     patch(torch.cuda, "manual_seed", lambda *a, **k: None)
     patch(torch.cuda, "manual_seed_all", lambda *a, **k: None)
     patch(dist, "all_reduce", _avg_emulating(dist.all_reduce))
-    patch(dist, "reduce_scatter_tensor", _avg_emulating(dist.reduce_scatter_tensor))
+    patch(dist, "reduce_scatter_tensor", _avg_emulating(dist.reduce_scatter_tensor, eager_in_coalescing=True))
+    # FSDP on the CPU (Megatron's TorchFullyShardedDataParallel and Megatron-FSDP build their
+    # meshes with DeviceMesh.from_group(group, "cuda")); the Megatron-FSDP adapter syncs the CUDA
+    # RNG state over TP, which a CPU build of torch has none of.
+    from torch.distributed.device_mesh import DeviceMesh
+
+    patches.append((DeviceMesh, "from_group", DeviceMesh.__dict__["from_group"]))  # the staticmethod itself
+    DeviceMesh.from_group = staticmethod(_cpu_mesh_from_group(DeviceMesh.from_group))
+    patch(dist, "_make_nccl_premul_sum", _PremulSum)  # Megatron-FSDP's gradient_reduce_div_fusion
+    patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    patch(torch.cuda, "set_rng_state", lambda *a, **k: None)
     try:
         from megatron.core.tensor_parallel import random as mrandom
 
