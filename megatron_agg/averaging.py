@@ -141,21 +141,19 @@ class WrapperBehaviour:
         per_token_reduction: the same with ``calculate_per_token_loss=True``.
         finalize_divides: ``finalize_model_grads``' division by ``Σ num_tokens`` reaches the
             gradients (the wrapper implements ``scale_gradients``).
-        refused: a known defect: ``(strategy or None, what, needs_several_microbatches)`` entries;
-            a step that matches one is refused with ``what`` (see :func:`wrapper_behaviour`).
         note: where it was read and what was measured (docs/RELEASES.md).
     """
 
     reduction: GradReduction
     per_token_reduction: GradReduction
     finalize_divides: bool
-    refused: tuple = ()
     note: str = ""
 
 
 #: Per wrapper: the same in every supported release unless a release key overrides it
 #: (``(wrapper, "0.13")``). Read from the released wheels' ``distributed/`` packages and measured
-#: on CPU with gloo (tests/support/wrapper_probe.py); see docs/RELEASES.md.
+#: on CPU with gloo (tests/support/wrapper_probe.py); see docs/RELEASES.md. The set-ups in which a
+#: wrapper is wrong by itself, whatever the loss, are in :mod:`megatron_agg.wrapper_defects`.
 WRAPPERS = {
     Wrapper.DDP: WrapperBehaviour(
         GradReduction.MEAN, GradReduction.SUM, True,

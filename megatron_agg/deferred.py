@@ -247,12 +247,14 @@ class DeferredLossHook:
         )
 
     @staticmethod
-    def check_wrapper(model: Any, num_microbatches: int = 1) -> None:
+    def check_wrapper(model: Any, num_microbatches: int = 1, config: Any = None) -> None:
         """Raise ``ValueError`` unless the model chunks' data-parallel wrapper applies
         ``finalize_model_grads``' division by ``Σ num_tokens`` (the deferred mode's denominator)
         and has no known defect for this step. Megatron's ``TorchFullyShardedDataParallel`` does
-        not (its ``scale_gradients`` does nothing, in every release). ``model``: the chunks (a
-        config alone says nothing about the wrapper: nothing is checked)."""
+        not (its ``scale_gradients`` does nothing, in every release); the set-ups of
+        :data:`~megatron_agg.wrapper_defects.WRAPPER_DEFECTS` are refused too. ``model``: the
+        chunks (a config alone says nothing about the wrapper: nothing is checked); ``config``:
+        their ``TransformerConfig`` (read from the chunks when omitted)."""
         chunks = model if isinstance(model, (list, tuple)) else [model]
         if not chunks or not all(isinstance(c, torch.nn.Module) for c in chunks):
             return
@@ -267,7 +269,12 @@ class DeferredLossHook:
                 "with no error. Use the prepared LossHook (it returns the exact share for this wrapper) or "
                 "Megatron's DistributedDataParallel / Megatron-FSDP."
             )
-        refuse_wrapper_defects(wrapper, getattr(chunks[0], "ddp_config", None), num_microbatches, True)
+        if config is None:
+            try:
+                config = model_config(chunks[0])
+            except (RuntimeError, ValueError):  # a chunk without a TransformerConfig: nothing more to read
+                return
+        refuse_wrapper_defects(wrapper, chunks, config)
 
     @property
     def installed(self) -> bool:
@@ -288,7 +295,7 @@ class DeferredLossHook:
         if self._megatron_config is not None and self._megatron_config is not config:
             raise ValueError("This DeferredLossHook is installed on another model's config; build one hook per model.")
         self.check_config(config)
-        self.check_wrapper(model_or_config)
+        self.check_wrapper(model_or_config, config=config)
         current = config.finalize_model_grads_func
         owner = getattr(current, "__megatron_agg_hook__", None)
         if owner is not None and owner is not self:
@@ -522,7 +529,7 @@ class DeferredLossHook:
             checks.evaluations = "the config changed after DeferredLossHook.install: " + self._auxiliary_loss_problem(config)
         else:
             try:  # an install from a config alone could not see the wrapper; the step's model can
-                self.check_wrapper(model, num_microbatches)
+                self.check_wrapper(model, num_microbatches, config=config)
             except ValueError as exc:
                 checks.evaluations = str(exc)
         checks.finish(groups, self.config.raise_on_every_rank, device, stage_only=True)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from .averaging import (RELEASES, GradReduction, LossReturn, MegatronAveraging, 
                         wrapper_behaviour)
 from .groups import ParallelGroups, group_size
 from .layout import CP_LAYOUTS
+from .wrapper_defects import WrapperSetup, find_wrapper_defect
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE",
@@ -34,6 +35,7 @@ __all__ = [
     "wrapper_of",
     "step_wrapper",
     "refuse_wrapper_defects",
+    "wrapper_setup",
     "minor_release",
     "detect_release_behaviour",
 ]
@@ -344,7 +346,7 @@ def step_averaging(
                 "DistributedDataParallelConfig(average_in_collective=True) (Megatron asserts the "
                 "same); set average_in_collective=False."
             )
-        refuse_wrapper_defects(wrapper, ddp_configs[0], int(num_microbatches), per_token)
+        refuse_wrapper_defects(wrapper, chunks, config)
     if per_token and loss_return is LossReturn.THREE_TUPLE and getattr(
         config, "finalize_model_grads_func", None
     ) is None:
@@ -371,22 +373,39 @@ def minor_release() -> str:
     return f"{release[0]}.{release[1]}" if len(release) >= 2 else ""
 
 
-def refuse_wrapper_defects(wrapper: Wrapper, ddp_config: Any, num_microbatches: int, per_token: bool) -> None:
-    """Raise ``ValueError`` for a wrapper set-up with a known upstream defect
-    (:attr:`WrapperBehaviour.refused <megatron_agg.averaging.WrapperBehaviour>`), naming the
-    release and the defect."""
-    behaviour = wrapper_behaviour(wrapper, minor_release())
-    strategy = getattr(ddp_config, "data_parallel_sharding_strategy", None)
-    for refused_strategy, what, several in behaviour.refused:
-        if refused_strategy not in (None, strategy) or (several and num_microbatches < 2):
-            continue
-        raise ValueError(
-            f"megatron_agg cannot make this step exact: {wrapper.value} with "
-            f"data_parallel_sharding_strategy={strategy!r} in megatron-core {megatron_core_version()} {what} "
-            "Use another strategy (e.g. 'optim_grads'), one micro-batch per step, or Megatron's "
-            "DistributedDataParallel."
-        )
+def wrapper_setup(chunks: Sequence[Any], config: Any) -> WrapperSetup:
+    """The :class:`~megatron_agg.wrapper_defects.WrapperSetup` of a step: read from the first
+    chunk's ``ddp_config`` and the model's ``TransformerConfig`` (``no_sync_func``,
+    ``calculate_per_token_loss``, ``bf16``/``fp8``)."""
+    ddp_config = _ddp_config(chunks[0]) if chunks else None
+    per_token = bool(getattr(config, "calculate_per_token_loss", False))
+    average = bool(getattr(ddp_config, "average_in_collective", False))
+    fused = bool(getattr(ddp_config, "gradient_reduce_div_fusion", True))
+    fp32_grads = bool(getattr(ddp_config, "grad_reduce_in_fp32", False))
+    low_precision = bool(getattr(config, "bf16", False) or getattr(config, "fp8", None))
+    return WrapperSetup(
+        strategy=getattr(ddp_config, "data_parallel_sharding_strategy", None),
+        no_sync=getattr(config, "no_sync_func", None) is not None,
+        overlap=bool(getattr(ddp_config, "overlap_grad_reduce", False)),
+        summed=per_token,
+        prescaled_unfused=not per_token and not average and (not fused or (low_precision and not fp32_grads)),
+    )
 
+
+def refuse_wrapper_defects(wrapper: Wrapper, chunks: Sequence[Any], config: Any) -> None:
+    """Raise ``ValueError`` for a wrapper set-up with a known upstream defect
+    (:data:`~megatron_agg.wrapper_defects.WRAPPER_DEFECTS`), naming the release, the defect and
+    what to do instead. Reads only this rank's config: no collective."""
+    setup = wrapper_setup(chunks, config)
+    defect = find_wrapper_defect(wrapper, minor_release(), setup)
+    if defect is None:
+        return
+    strategy = f" with data_parallel_sharding_strategy={setup.strategy!r}" if setup.strategy else ""
+    raise ValueError(
+        f"megatron_agg cannot make this step exact: {wrapper.value}{strategy} in megatron-core "
+        f"{megatron_core_version()} {defect.what}. This is an upstream defect (a plain Megatron run is "
+        f"wrong the same way, without an error); no loss scaling can repair it. Instead: {defect.instead}."
+    )
 
 
 def detect_release_behaviour() -> ReleaseBehaviour:

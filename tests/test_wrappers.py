@@ -77,3 +77,122 @@ def test_deferred_mode_refuses_a_wrapper_that_drops_finalizes_division():
         DeferredLossHook.check_wrapper([TFSDP()])
     DeferredLossHook.check_wrapper([DDP()])
     DeferredLossHook.check_wrapper(object())  # a config alone: nothing to check (the step's model is, in finalize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream defects: refused, and refused exactly where the wrapper's code (measured per release by
+# tests/support/wrapper_probe.py) makes a plain Megatron run wrong
+# ---------------------------------------------------------------------------------------------
+import itertools
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from megatron_agg import integration
+from megatron_agg.wrapper_defects import WRAPPER_DEFECTS, WrapperSetup, find_wrapper_defect
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+MATRIX_RELEASES = ("0.13", "0.14", "0.15", "0.16", "0.17", "0.18", "0.19")
+
+
+def _probe():
+    import wrapper_probe
+
+    return wrapper_probe
+
+
+def _mfsdp(strategy, **ddp):
+    chunk = MFSDP()
+    fields = dict(data_parallel_sharding_strategy=strategy, overlap_grad_reduce=False, average_in_collective=False,
+                  gradient_reduce_div_fusion=True, grad_reduce_in_fp32=True)
+    chunk.ddp_config = SimpleNamespace(**{**fields, **ddp})
+    return chunk
+
+
+def _release(monkeypatch, release):
+    monkeypatch.setattr(integration, "megatron_core_version", lambda: release + ".1")
+    monkeypatch.setattr(integration, "minor_release", lambda: release)
+
+
+def test_the_defect_table_matches_the_per_release_prediction_of_every_probed_set_up():
+    """For every release × Megatron-FSDP strategy × path × no_sync × overlap × division fusion:
+    the table refuses exactly the set-ups whose factor (predicted from the wrapper's code and
+    measured by the probe on 0.13-0.19) is neither 1 nor a crash of Megatron's own."""
+    probe = _probe()
+    checked = refused = 0
+    for release, strategy, path, no_sync, overlap, fusion in itertools.product(
+            MATRIX_RELEASES, probe.STRATEGIES, probe.PATHS, (False, True), (False, True), (False, True)):
+        if overlap and not no_sync:
+            continue  # Megatron-LM sets no_sync_func with overlap_grad_reduce
+        for m in (1, 3):
+            factor = probe.expected_factor(release + ".0", f"megatron-fsdp/{strategy}", path, 4, m, no_sync, overlap,
+                                           fusion, 57)
+            if factor == probe.CRASH:
+                continue
+            setup = WrapperSetup(strategy, no_sync, overlap, path.per_token,
+                                 not path.per_token and not path.average_in_collective and not fusion)
+            defect = find_wrapper_defect(Wrapper.MEGATRON_FSDP, release, setup)
+            wrong = math.isnan(factor) or factor != 1.0
+            assert (defect is not None) == wrong, (release, strategy, path, no_sync, overlap, fusion, m, factor, defect)
+            checked += 1
+            refused += wrong
+    assert checked > 500 and refused > 50
+
+
+def test_every_defect_names_a_release_range_and_a_way_out():
+    for defect in WRAPPER_DEFECTS:
+        assert any(defect.covers(r) for r in MATRIX_RELEASES)
+        assert defect.what and defect.instead and defect.strategies
+    assert not WRAPPER_DEFECTS[0].covers("0.13") and WRAPPER_DEFECTS[0].covers("0.17")
+    assert not WRAPPER_DEFECTS[0].covers("0.18") and WRAPPER_DEFECTS[1].covers("0.25")  # open-ended
+
+
+@pytest.mark.parametrize("release, strategy, no_sync, overlap, refused", [
+    ("0.16", "optim", True, True, "adds the reduce-scattered shard"),  # Megatron-LM --overlap-grad-reduce
+    ("0.16", "optim", False, False, None),  # Megatron-LM without it: exact
+    ("0.16", "no_shard", False, False, "never reduces the gradients"),
+    ("0.16", "no_shard", True, True, None),
+    ("0.19", "optim", True, False, "without overlap_grad_reduce: not a scaling"),
+    ("0.19", "optim", True, True, None),
+    ("0.19", "optim_grads", True, False, None),
+])
+def test_a_step_with_a_defective_megatron_fsdp_set_up_is_refused_before_it_runs(
+        monkeypatch, release, strategy, no_sync, overlap, refused):
+    _release(monkeypatch, release)
+    config = SimpleNamespace(calculate_per_token_loss=False, no_sync_func=(lambda: None) if no_sync else None,
+                             bf16=False, fp8=None)
+    chunks = [_mfsdp(strategy, overlap_grad_reduce=overlap)]
+    if refused is None:
+        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+        return
+    with pytest.raises(ValueError, match=f"megatron-fsdp with data_parallel_sharding_strategy='{strategy}' in "
+                                         f"megatron-core {release}.1 .*{refused}.*upstream defect.*Instead: "):
+        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+
+
+def test_bf16_gradients_count_as_an_unfused_division_in_0_15(monkeypatch):
+    _release(monkeypatch, "0.15")
+    chunks = [_mfsdp("optim_grads", grad_reduce_in_fp32=False)]
+    config = SimpleNamespace(calculate_per_token_loss=False, no_sync_func=None, bf16=True, fp8=None)
+    with pytest.raises(ValueError, match="instead of the bucket"):
+        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+    chunks[0].ddp_config.grad_reduce_in_fp32 = True  # fp32 buffer: fused PREMUL_SUM, exact
+    integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+    config.calculate_per_token_loss = True  # no 1/dp at all
+    chunks[0].ddp_config.grad_reduce_in_fp32 = False
+    integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+
+
+def test_the_deferred_mode_refuses_the_same_defects(monkeypatch):
+    from megatron_agg import DeferredLossHook
+
+    _release(monkeypatch, "0.16")
+    chunk = _mfsdp("no_shard")
+    config = SimpleNamespace(calculate_per_token_loss=True, no_sync_func=None, bf16=False, fp8=None)
+    monkeypatch.setattr(integration, "model_config", lambda m: config)
+    import megatron_agg.deferred as deferred
+
+    monkeypatch.setattr(deferred, "model_config", lambda m: config)
+    with pytest.raises(ValueError, match="never reduces the gradients"):
+        DeferredLossHook.check_wrapper([chunk])

@@ -45,9 +45,21 @@ shim's device mode is not active: sequence parallelism and the MoE dispatchers a
 :func:`cpu_moe` (the alltoall dispatcher's host copies of its split sizes, and the uneven list-style
 ``all_gather`` / ``reduce_scatter`` of expert TP, which gloo lacks).
 
-The suite is a list of :class:`Feature` (and :class:`AuxCheck`) values: a later wrapper dimension
-(Megatron DDP / torch FSDP2 / Megatron-FSDP) adds a field to :class:`Feature` and a branch where
-the model is wrapped, nothing else.
+The **wrappers** (:mod:`.wrappers`): ``torch-fsdp2`` (Megatron's ``TorchFullyShardedDataParallel``)
+and ``megatron-fsdp/<strategy>`` for ``no_shard``, ``optim``, ``optim_grads`` and
+``optim_grads_params``, each without and with ``overlap_grad_reduce`` (Megatron-LM's pairing:
+``config.no_sync_func`` set exactly with it; ``+overlap`` in the setting), on DP4 and TP2×DP2 with
+equal micro-batch counts (FSDP's collectives run in every backward). Each rank's gradient is read
+where the wrapper keeps it (:func:`wrapper_shard_error`: FSDP2's local shard, Megatron-FSDP's buffer
+shard, ``main_grad``) and the shards are shown to cover every element as often as the wrapper holds
+it. A configuration with an upstream defect of the installed release
+(:data:`megatron_agg.wrapper_defects.WRAPPER_DEFECTS`, e.g. ``no_shard`` without overlap in
+0.14-0.17) is not compared: the hook must refuse it on every rank, naming the defect (a
+``refused:upstream-defect`` row), and Megatron's own per-token 3-tuple, exact under DDP, must miss
+there (the ``plain-per-token-3-tuple`` control; under FSDP2 it misses by ``T/dp`` in every
+release, which the hook compensates).
+
+The suite is a list of :class:`Feature` (and :class:`AuxCheck`) values.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import math
 import sys
 import time
@@ -387,6 +400,9 @@ def _reader(name: str, min_buckets: int, buckets: List[int]) -> GradErrorFn:
     read = GRAD_READERS[name]
 
     def reader(model: Sequence[torch.nn.Module], ref: Dict[str, torch.Tensor]) -> float:
+        if not all(hasattr(c, "bucket_groups") for c in model):  # FSDP wrappers: no DDP buckets
+            buckets.append(0)
+            return read(model, ref)
         count = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups) for c in model)
         buckets.append(count)
         return math.inf if count < min_buckets else read(model, ref)
@@ -398,10 +414,27 @@ def main_grad_error(model: Sequence[torch.nn.Module], ref: Dict[str, torch.Tenso
     return max(grad_error(model, ref).values())
 
 
+def wrapper_shard_error(model: Sequence[torch.nn.Module], ref: Dict[str, torch.Tensor]) -> float:
+    """Any wrapper's view (:func:`.wrappers.gather_main_grads`): the gradient each rank holds after
+    ``finalize_model_grads`` (DDP's ``main_grad``, FSDP2's local DTensor shard, Megatron-FSDP's
+    shard of its gradient buffer; an untied output layer folded into the word embeddings) against
+    the same elements of the reference, relative to each reference parameter's largest value.
+    ``inf`` unless the ranks' pieces cover every element exactly as often as the wrapper should
+    hold it (:func:`.wrappers.check_coverage`: once where it shards, on every rank where not).
+    Collectives over the data×context-parallel group: every rank calls it."""
+    from .wrappers import check_coverage, gather_main_grads
+
+    shards = gather_main_grads(model)
+    if check_coverage(shards):
+        return math.inf
+    return max((_rel(s.values, s.target(ref), float(ref[s.name].abs().max())) for s in shards.values()), default=0.0)
+
+
 #: How a feature reads the gradients it compares (by name, so that results and a later
 #: wrapper dimension can refer to them).
 GRAD_READERS: Dict[str, GradErrorFn] = {
     "main_grad": main_grad_error,
+    "wrapper-shards": wrapper_shard_error,
     "owned-shard": owned_shard_error,
     "foreign-shard": foreign_shard_error,
     "shard-0-everywhere": shard_0_everywhere_error,
@@ -428,6 +461,7 @@ class FeatureControl:
     breaker: Optional[Callable[[ParallelGroups], Dict[str, Any]]] = None
     norm: Optional[type] = None
     grads: Optional[str] = None
+    plain: Optional[LossReturn] = None  # Megatron's own per-micro-batch loss instead of the hook
 
 
 @dataclass(frozen=True)
@@ -448,7 +482,14 @@ class Feature:
             this says so (expert parallelism), else by the ragged default plans.
         min_buckets: the fewest DDP bucket groups the model must have (the small-bucket feature:
             more than one, else it would not test bucketing).
-        wrapper: how the model is wrapped; only Megatron's ``"ddp"`` so far.
+        wrapper: how the model is wrapped (:data:`.wrappers.WRAPPERS`): ``"ddp"`` builds with
+            :func:`.gpt.build_chunks`/``wrap_ddp(**ddp)``, the FSDP wrappers with
+            :func:`.wrappers.build_chunks_for`/:func:`.wrappers.wrap_model` (``wrap`` its options,
+            Megatron-LM's pairing: ``config.no_sync_func`` set exactly with ``overlap_grad_reduce``).
+            A configuration whose set-up is in :data:`megatron_agg.wrapper_defects.WRAPPER_DEFECTS`
+            for the installed release is not compared: the hook must refuse it on every rank
+            (a ``refused:`` row) and Megatron's plain loss must miss there (a ``plain-...`` control).
+        wrap: :func:`.wrappers.wrap_model` options (``strategy``, ``overlap_grad_reduce``, ...).
     """
 
     name: str
@@ -465,6 +506,23 @@ class Feature:
     equal_microbatches: Callable[[Layout], bool] = lambda layout: False
     min_buckets: int = 1
     wrapper: str = "ddp"
+    wrap: Mapping[str, Any] = field(default_factory=dict)
+
+    def defect(self, variant: Variant) -> Optional[Any]:
+        """The upstream defect (:mod:`megatron_agg.wrapper_defects`) of this feature's wrapper
+        set-up on ``variant`` in the installed release, or ``None``."""
+        if self.wrapper == "ddp":
+            return None
+        from ..averaging import Wrapper
+        from ..integration import minor_release
+        from ..wrapper_defects import WrapperSetup, find_wrapper_defect
+
+        overlap = bool(self.wrap.get("overlap_grad_reduce", False))
+        fused = self.wrap.get("gradient_reduce_div_fusion", None) is not False
+        setup = WrapperSetup(self.wrap.get("strategy"), no_sync=overlap and self.wrapper != "torch-fsdp2",
+                             overlap=overlap, summed=variant.per_token,
+                             prescaled_unfused=not variant.per_token and not variant.average_in_collective and not fused)
+        return find_wrapper_defect(Wrapper(self.wrapper), minor_release(), setup)
 
     def plans(self, layout: Layout) -> Optional[Dict[int, List[List[int]]]]:
         return EQUAL_MICROBATCH_PLANS if self.equal_microbatches(layout) else None
@@ -473,8 +531,9 @@ class Feature:
         return self.sequence_parallel if self.sequence_parallel is not None else layout.tp > 1
 
     def setting(self, layout: Layout) -> str:
-        """What the layout name does not say (sequence parallelism)."""
-        return layout.name(WORLD) + ("+sp" if self.uses_sp(layout) else "")
+        """What the layout name does not say (sequence parallelism, overlapped reduction)."""
+        overlap = self.wrapper != "ddp" and self.wrap.get("overlap_grad_reduce")
+        return layout.name(WORLD) + ("+sp" if self.uses_sp(layout) else "") + ("+overlap" if overlap else "")
 
 
 @dataclass(frozen=True)
@@ -500,6 +559,15 @@ SHARD_COVERAGE = FeatureControl("every-rank-reads-shard-0", Variant(LossReturn.T
                                 TOKEN_MEAN, grads="shard-0-everywhere")
 
 _DENSE_4 = (Layout(), Layout(tp=2))  # dp4-tp1, dp2-tp2
+#: The local totals × dp control with token-mean: under the equal plans every rank has the same
+#: number of sequences, so sequence counts × dp happen to be right; token counts are not.
+LOCAL_X_DP_TOKENS = replace(LOCAL_X_DP, spec=TOKEN_MEAN)
+#: Megatron's own per-token 3-tuple (masked sum + token count), exact under DDP (the matrix's
+#: native-per-token control): under FSDP2 the gradients come out x T/dp_cp (FSDP2 averages, and
+#: scale_gradients never divides by T).
+PLAIN_PER_TOKEN = FeatureControl("plain-per-token-3-tuple", Variant(LossReturn.THREE_TUPLE, per_token=True),
+                                 TOKEN_MEAN, plain=LossReturn.THREE_TUPLE)
+_WRAPPED = dict(grads="wrapper-shards", equal_microbatches=lambda layout: True)  # FSDP: equal micro-batch counts
 _DISTOPT = {"use_distributed_optimizer": True}
 _OVERLAP = {"overlap_grad_reduce": True, "bucket_size": SMALL_BUCKET}
 
@@ -534,6 +602,12 @@ FEATURES: List[Feature] = [
             min_buckets=4),
     Feature("overlap-small-buckets+distopt", "dense", _DENSE_4, ddp={**_OVERLAP, **_DISTOPT}, steps=2,
             grads="owned-shard", controls=(LOCAL_X_DP, FOREIGN_SHARD), min_buckets=4),
+    Feature("torch-fsdp2", "dense", _DENSE_4, wrapper="torch-fsdp2", controls=(LOCAL_X_DP_TOKENS, PLAIN_PER_TOKEN),
+            **_WRAPPED),
+    *(Feature(f"megatron-fsdp/{strategy}", "dense", _DENSE_4, wrapper="megatron-fsdp", specs=(TOKEN_MEAN, GRPO),
+              wrap={"strategy": strategy, "use_distributed_optimizer": True, "overlap_grad_reduce": overlap},
+              controls=(LOCAL_X_DP_TOKENS,), **_WRAPPED)
+      for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params") for overlap in (False, True)),
     Feature("moe-alltoall", "moe", MOE_LAYOUTS, config={"moe_token_dispatcher_type": "alltoall"},
             sequence_parallel=None, controls=_MOE_CONTROLS, equal_microbatches=lambda layout: layout.ep > 1),
     Feature("moe-allgather", "moe", MOE_LAYOUTS, config={"moe_token_dispatcher_type": "allgather"},
@@ -562,7 +636,10 @@ class Suite:
         self.aux_checks = list(aux_checks)
         self.tol = tol
         self.rows: List[Dict[str, Any]] = []
-        self.total = sum(len(f.layouts) * (len(f.variants) * len(f.specs) + len(f.controls)) for f in self.features)
+        self.total = sum(len(f.layouts) * (len(f.variants) * len(f.specs) + len(f.controls)
+                                           + (f.defect(PLAIN_PER_TOKEN.variant) is not None and PLAIN_PER_TOKEN not in f.controls)
+                                           - sum(c.breaker is not None and f.defect(c.variant) is not None for c in f.controls))
+                         for f in self.features)
         self.total += sum(len(a.variants) * (len(a.specs) + 1) for a in self.aux_checks)
         self.harnesses: Dict[str, Harness] = {}
 
@@ -583,9 +660,24 @@ class Suite:
              f"grad_err={res.grad_err:.2e} loss_err={res.loss_err:.1e} report_err={res.report_err:.1e} "
              f"coll={'ok' if res.collectives_ok else 'BAD'} ({res.seconds:.2f}s)")
 
+    def refusal(self, feature: Feature, setting: str, extra: Dict[str, Any], layout: Layout, variant: Variant,
+                spec: LossSpec, run: Callable[[], Result], defect: Any) -> None:
+        """A set-up with an upstream defect: the hook must raise ``ValueError`` naming it, on every
+        rank (each rank's outcome is all-reduced), before the step runs."""
+        t0 = time.perf_counter()
+        try:
+            run()
+            message = ""
+        except ValueError as exc:
+            message = str(exc)
+        named = torch.tensor([1 if ("upstream defect" in message and defect.what in message) else 0])
+        dist.all_reduce(named, op=dist.ReduceOp.MIN)
+        res = Result(layout.name(WORLD), False, "unpacked", variant.name, spec.name, "refused:upstream-defect",
+                     0.0 if int(named) else math.inf, 0.0, 0.0, True, True, time.perf_counter() - t0)
+        res.passed = bool(int(named))
+        self.record(feature.name, setting, {**extra, "refusal": message}, res)
+
     def run_feature(self, feature: Feature) -> None:
-        if feature.wrapper != "ddp":
-            raise NotImplementedError(f"wrapper {feature.wrapper!r}")
         harness = self.harness(feature.model)
         for layout in feature.layouts:
             sp = feature.uses_sp(layout)
@@ -597,23 +689,41 @@ class Suite:
                      "ddp": dict(feature.ddp), "config": dict(config),
                      "microbatch_plan": (plans or data_mod.MICROBATCH_PLANS)[layout.dp(WORLD)],
                      "expert_dp": layout.edp(WORLD) if feature.model == "moe" else None}
+            wrapping = dict(wrapper=feature.wrapper, wrapper_options=dict(feature.wrap)) if feature.wrapper != "ddp" else {}
+            if wrapping:
+                extra.update(wrapper=feature.wrapper, wrap=dict(feature.wrap))
+            controls = list(feature.controls)
+            if feature.defect(PLAIN_PER_TOKEN.variant) is not None and PLAIN_PER_TOKEN not in controls:
+                controls.append(PLAIN_PER_TOKEN)  # exact under DDP: shows that Megatron alone is wrong here
             with model_parallel(layout), microbatch_plans(plans):
                 for variant in feature.variants:
+                    defect = feature.defect(variant)
                     for spec in feature.specs:
                         buckets: List[int] = []
-                        res = harness.run(layout, variant, spec, model_spec=model, config_overrides=config,
-                                          ddp_options=feature.ddp, steps=feature.steps,
-                                          grad_error_fn=_reader(feature.grads, feature.min_buckets, buckets))
+
+                        def run(variant: Variant = variant, spec: LossSpec = spec, buckets: List[int] = buckets) -> Result:
+                            return harness.run(layout, variant, spec, model_spec=model, config_overrides=config,
+                                               ddp_options=feature.ddp, steps=feature.steps,
+                                               grad_error_fn=_reader(feature.grads, feature.min_buckets, buckets),
+                                               **wrapping)
+
+                        if defect is not None:
+                            self.refusal(feature, setting, extra, layout, variant, spec, run, defect)
+                            continue
+                        res = run()
                         self.record(feature.name, setting, {**extra, "bucket_groups": max(buckets)}, res)
-                for c in feature.controls:
+                for c in controls:
                     expect = c.expect_pass(layout)
-                    control = Control(c.name, c.variant, c.spec, lambda dp, cp, expect=expect: expect, breaker=c.breaker)
+                    control = Control(c.name, c.variant, c.spec, lambda dp, cp, expect=expect: expect, breaker=c.breaker,
+                                      plain=c.plain)
                     norm_model = with_norm(harness.model, c.norm) if c.norm else model
                     grads = c.grads or feature.grads
                     buckets = []
+                    if c.breaker is not None and feature.defect(c.variant) is not None:
+                        continue  # the hook refuses this set-up whatever its groups: nothing to break
                     res = harness.run(layout, c.variant, c.spec, control, model_spec=norm_model,
                                       config_overrides=config, ddp_options=feature.ddp, steps=feature.steps,
-                                      grad_error_fn=_reader(grads, feature.min_buckets, buckets))
+                                      grad_error_fn=_reader(grads, feature.min_buckets, buckets), **wrapping)
                     self.record(feature.name, setting, {**extra, "grads": grads, "bucket_groups": max(buckets)}, res)
 
     def run_aux(self, check: AuxCheck) -> None:
@@ -716,6 +826,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     dist.init_process_group("gloo")
+    # Megatron-FSDP warns on every rank, for every model, that it runs on "cpu", not "cuda:<current>".
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.ERROR)
     world = dist.get_world_size()
     if world != WORLD:
         raise SystemExit(f"the features suite runs on {WORLD} ranks, not {world}")

@@ -550,7 +550,8 @@ class Harness:
             packing: str = "unpacked", *, model_spec: Optional[TinyGPT] = None,
             config_overrides: Optional[Mapping[str, Any]] = None,
             ddp_options: Optional[Mapping[str, Any]] = None, steps: int = 1,
-            grad_error_fn: Optional[GradErrorFn] = None) -> Result:
+            grad_error_fn: Optional[GradErrorFn] = None, wrapper: str = "ddp",
+            wrapper_options: Optional[Mapping[str, Any]] = None) -> Result:
         """One configuration. The keyword options (used by :mod:`.features`; the matrix leaves them
         at their defaults) build another Megatron model of the same reference (``model_spec``,
         e.g. another layer spec), add ``TransformerConfig`` overrides,
@@ -558,7 +559,9 @@ class Harness:
         after ``zero_grad_buffer``; every step is compared after its ``finalize_model_grads``, the
         result carries the worst) and another way of reading the gradients to compare
         (``grad_error_fn(model, ref_grads)`` -> this rank's largest relative error; default: every
-        parameter's ``main_grad``, :func:`.gpt.grad_error`)."""
+        parameter's ``main_grad``, :func:`.gpt.grad_error`). ``wrapper`` other than ``"ddp"``
+        (or any ``wrapper_options``) builds and wraps the chunks with :mod:`.wrappers`
+        (``build_chunks_for``/``wrap_model(**wrapper_options)``; ``ddp_options`` unused there)."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -575,9 +578,16 @@ class Harness:
             model_spec = self.cp_model
         overrides = dict(config_overrides or {})
         overrides["calculate_per_token_loss"] = variant.per_token
-        chunks = build_chunks(model_spec, layout, **overrides)
-        load_full_weights(chunks, self.full)
-        model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective, **dict(ddp_options or {}))
+        if wrapper != "ddp" or wrapper_options:
+            from .wrappers import build_chunks_for, full_weights_for, wrap_model
+
+            chunks = build_chunks_for(model_spec, layout, wrapper, **overrides)
+            model = wrap_model(chunks, wrapper, full_weights=full_weights_for(chunks, self.full),
+                               average_in_collective=variant.average_in_collective, **dict(wrapper_options or {}))
+        else:
+            chunks = build_chunks(model_spec, layout, **overrides)
+            load_full_weights(chunks, self.full)
+            model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective, **dict(ddp_options or {}))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         from ..integration import resolve_groups
