@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The version matrix: for every supported megatron-core minor release, a cached virtual
 # environment and one launch of the gradient-equivalence "release" suite (4 CPU ranks; DP, TP,
-# PP, VPP and CP layouts; every loss spec and Megatron path; negative controls).
+# PP, VPP and CP layouts; every loss spec and Megatron path; negative controls), then one of the
+# FSDP wrapper probe (tests/support/wrapper_probe.py --strict).
 #
 #   bash scripts/run_version_matrix.sh                 # all releases
 #   MEGATRON_AGG_VERSIONS="0.13.1 0.19.2" bash scripts/run_version_matrix.sh
@@ -82,7 +83,22 @@ for v in $VERSIONS; do
   line="$(grep -E '^world [0-9]+: ran' "$log" | tail -1 || true)"
   [ -n "$line" ] || line="did not finish (exit $rc); see $log"
   if [ $rc -ne 0 ]; then status=1; grep -E "FAIL|Error" "$log" | head -20 >&2 || true; fi
-  summary+=("megatron-core $v: $line; install ${installed}s, total $(( $(date +%s) - start ))s")
+  # The FSDP wrappers of this release (torch-fsdp2, Megatron-FSDP x strategy x no_sync/overlap, DP4,
+  # 3 micro-batches, the mean and the per-token sum paths): the hook exact or refusing an upstream
+  # defect, Megatron's plain loss as megatron_agg's defect table predicts (--strict: exit 1 otherwise).
+  wlog="$OUT/wrappers-$v.log"
+  set +e
+  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" \
+      tests/support/wrapper_probe.py --strict --wrappers torch-fsdp2,megatron-fsdp --layouts dp4 \
+      --microbatches 3 --paths 2-tuple,3-tuple+per-token --div-fusion on --json "$OUT/wrappers-$v.json" \
+      >"$wlog" 2>&1)
+  wrc=$?
+  set -e
+  wline="$(grep -E '^wrapper probe:' "$wlog" | tail -1 || true)"
+  [ -n "$wline" ] || wline="wrapper probe did not finish (exit $wrc); see $wlog"
+  if [ $wrc -ne 0 ]; then status=1; grep -E "SILENTLY|\(!\)|Error" "$wlog" | head -20 >&2 || true; fi
+  summary+=("megatron-core $v: $line; $wline; install ${installed}s, total $(( $(date +%s) - start ))s")
   echo "versions: ${summary[-1]}"
 done
 echo

@@ -335,7 +335,11 @@ def settings(wrappers: List[str], overlap: str, no_sync: str, div_fusion: str) -
 
 
 def agrees(row: "Row") -> bool:
-    """The row is what ``exp`` predicts: that factor and a pure scaling, or (NaN) not a scaling."""
+    """The row is what ``exp`` predicts: that factor and a pure scaling, or (NaN) not a scaling. A
+    hook row that megatron_agg refused as an upstream defect agrees where the factor is not 1 (the
+    hook cannot repair it) and disagrees where it is (a needless refusal)."""
+    if row.error is not None and "megatron_agg cannot make this step exact" in row.error and row.loss == "hook":
+        return row.expected != 1.0 and row.expected != CRASH
     if row.error is not None or row.expected == CRASH:
         return row.error is not None and row.expected == CRASH
     if math.isnan(row.expected):
@@ -361,6 +365,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "also off, without overlap)")
     parser.add_argument("--json", default=None, help="write the rows here (rank 0)")
     parser.add_argument("--traceback", action="store_true", help="print the traceback of failing configurations")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 if a configuration differs from the prediction, or a hook row is neither exact "
+                             "nor refused (the version matrix runs it so)")
     args = parser.parse_args(argv)
 
     from megatron_agg.integration import megatron_core_version
@@ -418,13 +425,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           f"{row.residual:>8.1e} {row.rank_factor_min:>9.4f}..{row.rank_factor_max:<9.4f} "
                                           f"{'ok' if row.coverage_ok else 'BAD':<3} {row.seconds:>5.2f}{mark}{flag}",
                                           flush=True)
+    unexpected = [r for r in rows if not agrees(r)]
     if rank == 0:
-        unexpected = [r for r in rows if not agrees(r)]
         print(f"{len(rows)} configurations in {time.perf_counter() - t0:.1f}s; {len(unexpected)} differ from "
               f"the prediction (marked (!) or ERROR)", flush=True)
+    # The safety property, apart from the prediction: the hook is exact (factor 1, no residual) or
+    # refuses the step as an upstream defect; Megatron's own crashes are Megatron's.
+    silent = [r for r in rows if r.loss == "hook" and r.error is None
+              and not (abs(r.factor - 1.0) <= 1e-4 and r.residual <= 1e-5 and r.coverage_ok)]
+    if rank == 0:
+        for r in silent:
+            print(f"SILENTLY WRONG: {r.layout} {r.wrapper} overlap={r.overlap} no_sync={r.no_sync} {r.path} "
+                  f"M={r.microbatches}: factor {r.factor:.5f}, residual {r.residual:.1e}", flush=True)
+        print(f"wrapper probe: {len(rows)} configurations, {len(unexpected)} differ from the prediction, "
+              f"{len(silent)} hook runs neither exact nor refused", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return 1 if args.strict and (unexpected or silent) else 0
 
 
 if __name__ == "__main__":
