@@ -11,8 +11,10 @@ Checked: positive sizes and steps, finite learning rate / clipping / tolerance, 
 (as :class:`~megatron_agg.LossTerm` would check them later), the layout against the number of ranks
 and against what compare relies on (its ragged batch is split for 1, 2 or 4 data-parallel ranks,
 the test model's heads and layers split evenly, Megatron's interleaved schedule needs micro-batch
-counts that are multiples of ``pp``), a CUDA device for ``--device cuda``, a writable ``--out``
-folder, and a free rendezvous port.
+counts that are multiples of ``pp``), the Megatron set-up (``--fsdp-strategy`` only with
+``--wrapper megatron-fsdp``; no pipeline parallelism with the FSDP wrappers; ``--sequence-parallel``
+only with ``--tp`` 2 or more; no ``--distributed-optimizer`` with torch-fsdp2), a CUDA device for
+``--device cuda``, a writable ``--out`` folder, and a free rendezvous port.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.tol) and args.tol > 0):
         raise CompareUsageError("--tol must be a positive finite number (the largest relative gradient difference "
                                 f"allowed), got {args.tol}; pass e.g. --tol 1e-4")
-    if not math.isfinite(args.lr):
+    if args.lr is not None and not math.isfinite(args.lr):
         raise CompareUsageError(f"--lr must be a finite number, got {args.lr}; pass e.g. --lr 1.0")
     if not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
         raise CompareUsageError("--clip-grad must be a positive finite number (Megatron does not clip at 0 or "
@@ -94,6 +96,33 @@ def check_loss_options(args: argparse.Namespace) -> None:
         raise CompareUsageError("--loss-scale-factor must be a positive finite number (the constant C of "
                                 f"{wanted}), got {factor}; pass e.g. --loss-scale-factor 16, or leave it out "
                                 "for the padded sequence length")
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    """The Megatron set-up: wrapper, Megatron-FSDP strategy, sequence parallelism, distributed optimizer.
+
+    As Megatron-LM refuses them: pipeline parallelism with torch-fsdp2 (and Megatron-FSDP, which
+    this harness runs without PP), MCore's distributed optimizer with torch-fsdp2, sequence
+    parallelism without tensor parallelism.
+    """
+    wrapper = getattr(args, "wrapper", "ddp")
+    strategy = getattr(args, "fsdp_strategy", None)
+    if strategy is not None and wrapper != "megatron-fsdp":
+        raise CompareUsageError(f"--fsdp-strategy is Megatron-FSDP's sharding strategy, got --fsdp-strategy {strategy} "
+                                f"with --wrapper {wrapper}; add --wrapper megatron-fsdp or drop --fsdp-strategy")
+    if wrapper in ("torch-fsdp2", "megatron-fsdp") and (args.pp > 1 or args.vpp is not None):
+        got = f"--pp {args.pp}" + (f" --vpp {args.vpp}" if args.vpp is not None else "")
+        why = ("Megatron-LM asserts it" if wrapper == "torch-fsdp2"
+               else "compare runs Megatron-FSDP without pipeline stages")
+        raise CompareUsageError(f"--wrapper {wrapper} takes no pipeline parallelism ({why}), got {got}; pass --pp 1 "
+                                "(and no --vpp) or use --wrapper ddp")
+    if getattr(args, "sequence_parallel", False) and args.tp < 2:
+        raise CompareUsageError(f"--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                                f"--tp 2 or more, got --tp {args.tp}; pass e.g. --tp 2 or drop --sequence-parallel")
+    if getattr(args, "distributed_optimizer", False) and wrapper == "torch-fsdp2":
+        raise CompareUsageError("--wrapper torch-fsdp2 does not take Megatron's distributed optimizer (Megatron-LM "
+                                "asserts it; FSDP2 shards the optimizer state itself), got --distributed-optimizer; "
+                                "drop --distributed-optimizer or use --wrapper ddp or megatron-fsdp")
 
 
 def _ranks(source: str, world: int) -> str:
@@ -190,6 +219,7 @@ def check_arguments(args: argparse.Namespace, world: int, local_ranks: int, sour
     """
     check_numbers(args)
     check_loss_options(args)
+    check_setup(args)
     check_layout(args, world, source)
     check_device(args, local_ranks)
     if output:

@@ -48,6 +48,74 @@ def test_compare_fails_on_a_wrong_scaling(tmp_path):
     assert "DISAGREE" in proc.stdout
 
 
+# --- Megatron's wrappers and features: the hooked Megatron path still matches the FSDP2 path ----------
+
+def agrees(tmp_path, *extra):
+    """Run compare with ``extra`` (2 steps, no plot); assert AGREE and return compare.json."""
+    proc = compare(tmp_path, "--no-plot", *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "AGREE: megatron+hook vs fsdp+hook" in proc.stdout
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["agree"] and len(report["steps"]) == 2
+    assert report["max_rel_grad_diff"]["megatron+hook"] <= report["tolerance"]
+    # the plain path runs under the same set-up and is still off
+    assert report["max_rel_grad_diff"]["megatron-plain"] > 1e-2
+    return report
+
+
+def test_compare_agrees_under_torch_fsdp2(tmp_path):
+    report = agrees(tmp_path, "--wrapper", "torch-fsdp2")  # tp2 × FSDP2 over dp2
+    assert report["megatron_setup"] == {"wrapper": "torch-fsdp2", "fsdp_strategy": None, "sequence_parallel": False,
+                                        "distributed_optimizer": False}
+    SUMMARY.append(f"compare --wrapper torch-fsdp2: megatron+hook vs fsdp+hook "
+                   f"{report['max_rel_grad_diff']['megatron+hook']:.1e}")
+
+
+def test_compare_agrees_under_megatron_fsdp(tmp_path):
+    report = agrees(tmp_path, "--wrapper", "megatron-fsdp", "--tp", "1")  # dp4, default strategy optim_grads
+    assert report["megatron_setup"] == {"wrapper": "megatron-fsdp", "fsdp_strategy": "optim_grads",
+                                        "sequence_parallel": False, "distributed_optimizer": True}
+    assert report["args"]["lr"] == 0.01  # the distributed optimizer steps with Adam
+    SUMMARY.append(f"compare --wrapper megatron-fsdp: megatron+hook vs fsdp+hook "
+                   f"{report['max_rel_grad_diff']['megatron+hook']:.1e}")
+
+
+def test_compare_agrees_with_sequence_parallel_and_the_distributed_optimizer(tmp_path):
+    report = agrees(tmp_path, "--tp", "2", "--sequence-parallel", "--distributed-optimizer")
+    assert report["megatron_setup"] == {"wrapper": "ddp", "fsdp_strategy": None, "sequence_parallel": True,
+                                        "distributed_optimizer": True}
+    SUMMARY.append(f"compare --sequence-parallel --distributed-optimizer: megatron+hook vs fsdp+hook "
+                   f"{report['max_rel_grad_diff']['megatron+hook']:.1e}")
+
+
+def test_compare_fails_on_a_wrong_scaling_under_torch_fsdp2(tmp_path):
+    proc = compare(tmp_path, "--nproc", "2", "--tp", "1", "--wrapper", "torch-fsdp2",
+                   "--inject-bug", "local-denominator", "--no-plot")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DISAGREE" in proc.stdout
+    assert json.loads((tmp_path / "compare.json").read_text())["max_rel_grad_diff"]["megatron+hook"] > 1e-2
+
+
+def test_a_refusal_by_the_hook_is_one_line_and_exit_2(capsys, monkeypatch):
+    from megatron_agg.averaging import LossReturn
+    from megatron_agg.compare import _refused_by_megatron_agg
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    try:
+        LossReturn.parse("bogus")  # a ValueError raised by megatron_agg itself
+    except ValueError as exc:
+        with pytest.raises(SystemExit) as exit_info:
+            _refused_by_megatron_agg(exc)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-agg compare: error: LossHook refused this set-up: Unknown loss_return 'bogus'")
+    assert err.count("\n") == 1
+    try:
+        int("x")  # not megatron_agg's: left to the caller (it re-raises)
+    except ValueError as exc:
+        assert _refused_by_megatron_agg(exc) is None
+
+
 # --- a bad command line: one line and exit 2, before any worker starts ---------------------------------
 
 ERROR = "megatron-agg compare: error: "
@@ -91,6 +159,16 @@ def refused(tmp_path, *extra, env=None):
     (["--loss-agg-mode", "seq-mean-token-sum-norm", "--loss-scale-factor", "0"],
      "--loss-scale-factor must be a positive finite number"),
     (["--seed", str(2 ** 64)], "--seed must keep seed·1000 + step within torch's seed range"),
+    (["--tp", "1", "--pp", "2", "--wrapper", "torch-fsdp2"],
+     "--wrapper torch-fsdp2 takes no pipeline parallelism (Megatron-LM asserts it), got --pp 2"),
+    (["--tp", "1", "--pp", "2", "--wrapper", "megatron-fsdp"], "--wrapper megatron-fsdp takes no pipeline parallelism"),
+    (["--fsdp-strategy", "optim"], "--fsdp-strategy is Megatron-FSDP's sharding strategy, got --fsdp-strategy optim "
+                                   "with --wrapper ddp; add --wrapper megatron-fsdp or drop --fsdp-strategy"),
+    (["--wrapper", "torch-fsdp2", "--fsdp-strategy", "no_shard"], "with --wrapper torch-fsdp2"),
+    (["--tp", "1", "--sequence-parallel"], "--sequence-parallel splits the sequence over the tensor-parallel ranks "
+                                           "and needs --tp 2 or more, got --tp 1"),
+    (["--wrapper", "torch-fsdp2", "--distributed-optimizer"],
+     "--wrapper torch-fsdp2 does not take Megatron's distributed optimizer"),
 ])
 def test_compare_refuses_a_bad_command_line_up_front(tmp_path, args, message):
     assert message in refused(tmp_path, *args)

@@ -13,6 +13,10 @@ set, ``add_bias_linear=False``) every layer's MLP is Megatron's local-spec MoE i
 router ``logits = h·Wᵣᵀ``, the top-k logits of each token, a softmax over those k, and the sum over
 the k chosen experts of ``prob · (gelu(h·W₁ᵀ)·W₂ᵀ)``; attention has no linear biases. No auxiliary
 loss and no token dropping (that is what the MoE tests configure).
+
+Weights that include an ``output_layer.weight`` give the model an untied output layer (the
+logits multiply by it instead of the word embeddings), as Megatron builds it with
+``share_embeddings_and_output_weights=False`` (e.g. for its torch-FSDP2 wrapper).
 """
 
 from __future__ import annotations
@@ -154,6 +158,12 @@ def moe_mlp(h: torch.Tensor, w: Dict[str, torch.Tensor], prefix: str, num_expert
     return out.view(shape)
 
 
+def _output_weight(w: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output layer's weight: an untied ``output_layer.weight`` if given, else the word embeddings."""
+    out = w.get("output_layer.weight")
+    return out if out is not None else w["embedding.word_embeddings.weight"]
+
+
 def per_token_loss(
     w: Dict[str, torch.Tensor], spec, tokens: torch.Tensor, position_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -180,7 +190,7 @@ def per_token_loss(
         h = F.gelu(h @ w[p + "mlp.linear_fc1.weight"].T + w[p + "mlp.linear_fc1.bias"])
         x = x + h @ w[p + "mlp.linear_fc2.weight"].T + w[p + "mlp.linear_fc2.bias"]
     x = _layer_norm(x, w, "decoder.final_layernorm")
-    logits = x @ w["embedding.word_embeddings.weight"].T
+    logits = x @ _output_weight(w).T
     return F.cross_entropy(logits.reshape(b * s, -1).float(), labels.reshape(-1), reduction="none").view(b, s)
 
 
@@ -202,7 +212,7 @@ def _moe_per_token_loss(w: Dict[str, torch.Tensor], spec, x: torch.Tensor, label
         h = _layer_norm(x, w, p + "pre_mlp_layernorm")
         x = x + moe_mlp(h, w, p + "mlp.", spec.num_moe_experts, spec.moe_router_topk)
     x = _layer_norm(x, w, "decoder.final_layernorm")
-    logits = x @ w["embedding.word_embeddings.weight"].T
+    logits = x @ _output_weight(w).T
     return F.cross_entropy(logits.reshape(b * s, -1).float(), labels.reshape(-1), reduction="none").view(b, s)
 
 
