@@ -19,7 +19,8 @@ from collections import defaultdict
 
 import pytest
 
-from megatron_agg.testing.features import AUX_CHECKS, FEATURES, WORLD
+from megatron_agg.testing.features import AUX_CHECKS, FEATURES, REFUSED, WORLD
+from megatron_agg.testing.matrix import runs_in
 
 from conftest import SUMMARY, torchrun
 
@@ -58,11 +59,11 @@ def test_every_feature_layout_path_and_spec_ran():
     rows = _rows()
     seen = defaultdict(set)
     for r in rows:  # an exact run, or (an upstream defect of a wrapper set-up) the hook's refusal
-        if not r["control"] or r["control"] == "refused:upstream-defect":
+        if not r["control"] or r["control"] == REFUSED:
             seen[(r["feature"], r["setting"])].add((r["variant"], r["spec"]))
     for feature in FEATURES:
         for layout in feature.layouts:
-            want = {(v.name, s.name) for v in feature.variants for s in feature.specs}
+            want = {(v.name, s.name) for v in feature.variants for s in feature.specs if runs_in(v, s)}
             assert seen[(feature.name, feature.setting(layout))] == want, (feature.name, layout)
         # every control on every layout, each behaving as expected (a miss where it must miss)
         for control in feature.controls:
@@ -133,20 +134,25 @@ def test_every_wrapper_is_exact_or_refused_with_megatron_itself_wrong():
     assert {f.wrapper for f in wrapped} == {"torch-fsdp2", "megatron-fsdp"}
     assert {f.wrap.get("strategy") for f in wrapped if f.wrapper == "megatron-fsdp"} == {
         "no_shard", "optim", "optim_grads", "optim_grads_params"}
+    assert any(f.wrapper == "megatron-fsdp" and len(f.layouts) > 1 for f in wrapped)  # also under TP
     exact_strategies = set()
     for feature in wrapped:
         settings = {feature.setting(layout) for layout in feature.layouts}  # "+overlap" tells the two apart
         mine = [r for r in rows if r["feature"] == feature.name and r["setting"] in settings]
         assert mine and all(r["wrapper"] == feature.wrapper and r["grads"] == "wrapper-shards" for r in mine)
         for variant in feature.variants:
-            runs = [r for r in mine if r["variant"] == variant.name and r["control"] in (None, "refused:upstream-defect")]
-            assert len(runs) == len(feature.layouts) * len(feature.specs)
-            if feature.defect(variant) is None:
+            runs = [r for r in mine if r["variant"] == variant.name and r["control"] in (None, REFUSED)]
+            assert len(runs) == len(feature.layouts) * sum(runs_in(variant, s) for s in feature.specs)
+            reason = feature.refusal(variant)
+            if reason is None:
                 assert all(r["control"] is None and r["grad_err"] <= 1e-5 for r in runs), runs
                 exact_strategies.add(feature.wrap.get("strategy"))
             else:
-                assert all(r["control"] == "refused:upstream-defect" and r["passed"] and "upstream defect" in r["refusal"]
-                           for r in runs), runs
+                assert all(r["control"] == REFUSED and r["passed"] and reason in r["refusal"] for r in runs), runs
+                if feature.defect(variant) is not None:
+                    assert all("upstream defect" in r["refusal"] for r in runs), runs
+        if feature.wrapper == "torch-fsdp2":  # the deferred mode cannot be exact there: refused
+            assert any(r["control"] == REFUSED and r["variant"].startswith("deferred-") for r in mine)
         if feature.defect(PLAIN_PER_TOKEN.variant) is not None or PLAIN_PER_TOKEN in feature.controls:
             plain = [r for r in mine if r["control"] == PLAIN_PER_TOKEN.name]
             assert len(plain) == len(feature.layouts) and all(r["grad_err"] > 1e-3 for r in plain), plain

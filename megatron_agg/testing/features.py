@@ -47,15 +47,15 @@ shim's device mode is not active: sequence parallelism and the MoE dispatchers a
 
 The **wrappers** (:mod:`.wrappers`): ``torch-fsdp2`` (Megatron's ``TorchFullyShardedDataParallel``)
 and ``megatron-fsdp/<strategy>`` for ``no_shard``, ``optim``, ``optim_grads`` and
-``optim_grads_params``, each without and with ``overlap_grad_reduce`` (Megatron-LM's pairing:
-``config.no_sync_func`` set exactly with it; ``+overlap`` in the setting), on DP4 and TP2×DP2 with
-equal micro-batch counts (FSDP's collectives run in every backward). Each rank's gradient is read
+``optim_grads_params``, without and with ``overlap_grad_reduce`` (Megatron-LM's pairing:
+``config.no_sync_func`` set exactly with it; ``+overlap`` in the setting; ``_MFSDP_SETTINGS``), on
+DP4 and TP2×DP2, with equal micro-batch counts (FSDP's collectives run in every backward). Each rank's gradient is read
 where the wrapper keeps it (:func:`wrapper_shard_error`: FSDP2's local shard, Megatron-FSDP's buffer
 shard, ``main_grad``) and the shards are shown to cover every element as often as the wrapper holds
 it. A configuration with an upstream defect of the installed release
 (:data:`megatron_agg.wrapper_defects.WRAPPER_DEFECTS`, e.g. ``no_shard`` without overlap in
 0.14-0.17) is not compared: the hook must refuse it on every rank, naming the defect (a
-``refused:upstream-defect`` row), and Megatron's own per-token 3-tuple, exact under DDP, must miss
+``refused:cannot-be-exact`` row; so is the deferred mode under FSDP2), and Megatron's own per-token 3-tuple, exact under DDP, must miss
 there (the ``plain-per-token-3-tuple`` control; under FSDP2 it misses by ``T/dp`` in every
 release, which the hook compensates).
 
@@ -96,6 +96,7 @@ from .matrix import (
     Result,
     Variant,
     _local_times_dp,
+    runs_in,
 )
 from .parallel import Layout, model_parallel
 
@@ -104,6 +105,7 @@ __all__ = [
     "FeatureControl",
     "AuxCheck",
     "FEATURES",
+    "REFUSED",
     "AUX_CHECKS",
     "GRAD_READERS",
     "SequenceParallelLayerNorm",
@@ -524,6 +526,17 @@ class Feature:
                              prescaled_unfused=not variant.per_token and not variant.average_in_collective and not fused)
         return find_wrapper_defect(Wrapper(self.wrapper), minor_release(), setup)
 
+    def refusal(self, variant: Variant) -> Optional[str]:
+        """What the hook's refusal of ``variant`` under this feature's wrapper must say (``None``:
+        the hook must be exact): an upstream defect (:meth:`defect`), or the deferred mode under
+        ``TorchFullyShardedDataParallel``, whose finalize never divides by the deferred denominator."""
+        defect = self.defect(variant)
+        if defect is not None:
+            return defect.what
+        if variant.deferred and self.wrapper == "torch-fsdp2":
+            return "whose scale_gradients does nothing"
+        return None
+
     def plans(self, layout: Layout) -> Optional[Dict[int, List[List[int]]]]:
         return EQUAL_MICROBATCH_PLANS if self.equal_microbatches(layout) else None
 
@@ -568,6 +581,22 @@ LOCAL_X_DP_TOKENS = replace(LOCAL_X_DP, spec=TOKEN_MEAN)
 PLAIN_PER_TOKEN = FeatureControl("plain-per-token-3-tuple", Variant(LossReturn.THREE_TUPLE, per_token=True),
                                  TOKEN_MEAN, plain=LossReturn.THREE_TUPLE)
 _WRAPPED = dict(grads="wrapper-shards", equal_microbatches=lambda layout: True)  # FSDP: equal micro-batch counts
+#: The wrappers' paths: the features' three and the deferred mode (refused under FSDP2).
+_WRAPPER_PATHS = PATHS + (Variant(LossReturn.THREE_TUPLE, per_token=True, deferred=True),)
+#: Megatron-FSDP scales like DDP (the 3-tuple without per-token loss reduces as the 2-tuple does):
+#: the mean path, the sum path and the deferred mode.
+_MFSDP_PATHS = (PATHS[0], PATHS[2], _WRAPPER_PATHS[-1])
+#: (strategy, overlap_grad_reduce, layouts): every strategy in Megatron-LM's two settings (the
+#: gradient-sharding ones force overlap internally; the setting then only decides no_sync_func),
+#: on DP4, and the default strategy also under TP2xDP2 (Megatron-FSDP builds a model in ~2 s).
+_MFSDP_SETTINGS = (
+    ("no_shard", False, (Layout(),)), ("no_shard", True, (Layout(),)),
+    ("optim", False, (Layout(),)), ("optim", True, (Layout(),)),
+    ("optim_grads", False, _DENSE_4), ("optim_grads", True, _DENSE_4),
+    ("optim_grads_params", False, (Layout(),)),
+)
+#: The ``control`` of a row whose set-up the hook refused, as it must.
+REFUSED = "refused:cannot-be-exact"
 _DISTOPT = {"use_distributed_optimizer": True}
 _OVERLAP = {"overlap_grad_reduce": True, "bucket_size": SMALL_BUCKET}
 
@@ -603,11 +632,12 @@ FEATURES: List[Feature] = [
     Feature("overlap-small-buckets+distopt", "dense", _DENSE_4, ddp={**_OVERLAP, **_DISTOPT}, steps=2,
             grads="owned-shard", controls=(LOCAL_X_DP, FOREIGN_SHARD), min_buckets=4),
     Feature("torch-fsdp2", "dense", _DENSE_4, wrapper="torch-fsdp2", controls=(LOCAL_X_DP_TOKENS, PLAIN_PER_TOKEN),
-            **_WRAPPED),
-    *(Feature(f"megatron-fsdp/{strategy}", "dense", _DENSE_4, wrapper="megatron-fsdp", specs=(TOKEN_MEAN, GRPO),
+            variants=_WRAPPER_PATHS, **_WRAPPED),
+    *(Feature(f"megatron-fsdp/{strategy}", "dense", layouts, wrapper="megatron-fsdp", specs=(TOKEN_MEAN, GRPO),
+              variants=_MFSDP_PATHS,
               wrap={"strategy": strategy, "use_distributed_optimizer": True, "overlap_grad_reduce": overlap},
               controls=(LOCAL_X_DP_TOKENS,), **_WRAPPED)
-      for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params") for overlap in (False, True)),
+      for strategy, overlap, layouts in _MFSDP_SETTINGS),
     Feature("moe-alltoall", "moe", MOE_LAYOUTS, config={"moe_token_dispatcher_type": "alltoall"},
             sequence_parallel=None, controls=_MOE_CONTROLS, equal_microbatches=lambda layout: layout.ep > 1),
     Feature("moe-allgather", "moe", MOE_LAYOUTS, config={"moe_token_dispatcher_type": "allgather"},
@@ -636,7 +666,7 @@ class Suite:
         self.aux_checks = list(aux_checks)
         self.tol = tol
         self.rows: List[Dict[str, Any]] = []
-        self.total = sum(len(f.layouts) * (len(f.variants) * len(f.specs) + len(f.controls)
+        self.total = sum(len(f.layouts) * (sum(runs_in(v, s) for v in f.variants for s in f.specs) + len(f.controls)
                                            + (f.defect(PLAIN_PER_TOKEN.variant) is not None and PLAIN_PER_TOKEN not in f.controls)
                                            - sum(c.breaker is not None and f.defect(c.variant) is not None for c in f.controls))
                          for f in self.features)
@@ -661,20 +691,23 @@ class Suite:
              f"coll={'ok' if res.collectives_ok else 'BAD'} ({res.seconds:.2f}s)")
 
     def refusal(self, feature: Feature, setting: str, extra: Dict[str, Any], layout: Layout, variant: Variant,
-                spec: LossSpec, run: Callable[[], Result], defect: Any) -> None:
-        """A set-up with an upstream defect: the hook must raise ``ValueError`` naming it, on every
-        rank (each rank's outcome is all-reduced), before the step runs."""
+                spec: LossSpec, run: Callable[[], Result], reason: str) -> None:
+        """A set-up the hook cannot make exact (:meth:`Feature.refusal`): it must raise
+        ``ValueError`` saying ``reason``, on every rank (each rank's outcome is all-reduced),
+        before the step runs."""
         t0 = time.perf_counter()
         try:
             run()
             message = ""
         except ValueError as exc:
             message = str(exc)
-        named = torch.tensor([1 if ("upstream defect" in message and defect.what in message) else 0])
+        named = torch.tensor([1 if reason in message else 0])
         dist.all_reduce(named, op=dist.ReduceOp.MIN)
-        res = Result(layout.name(WORLD), False, "unpacked", variant.name, spec.name, "refused:upstream-defect",
+        res = Result(layout.name(WORLD), False, "unpacked", variant.name, spec.name, REFUSED,
                      0.0 if int(named) else math.inf, 0.0, 0.0, True, True, time.perf_counter() - t0)
         res.passed = bool(int(named))
+        if not res.passed:
+            print(f"[rank {dist.get_rank()}] expected a refusal saying {reason!r}, got: {message or 'no error'}", flush=True)
         self.record(feature.name, setting, {**extra, "refusal": message}, res)
 
     def run_feature(self, feature: Feature) -> None:
@@ -697,8 +730,10 @@ class Suite:
                 controls.append(PLAIN_PER_TOKEN)  # exact under DDP: shows that Megatron alone is wrong here
             with model_parallel(layout), microbatch_plans(plans):
                 for variant in feature.variants:
-                    defect = feature.defect(variant)
+                    reason = feature.refusal(variant)
                     for spec in feature.specs:
+                        if not runs_in(variant, spec):  # the deferred mode carries one denominator
+                            continue
                         buckets: List[int] = []
 
                         def run(variant: Variant = variant, spec: LossSpec = spec, buckets: List[int] = buckets) -> Result:
@@ -707,8 +742,8 @@ class Suite:
                                                grad_error_fn=_reader(feature.grads, feature.min_buckets, buckets),
                                                **wrapping)
 
-                        if defect is not None:
-                            self.refusal(feature, setting, extra, layout, variant, spec, run, defect)
+                        if reason is not None:
+                            self.refusal(feature, setting, extra, layout, variant, spec, run, reason)
                             continue
                         res = run()
                         self.record(feature.name, setting, {**extra, "bucket_groups": max(buckets)}, res)
