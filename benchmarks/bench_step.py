@@ -189,6 +189,7 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
+    dist.barrier()  # every rank done before the teardown (as the suites do): rank 0 once aborted in it
     dist.destroy_process_group()
     return 0
 

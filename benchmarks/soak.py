@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
+    dist.barrier()  # every rank done before the teardown
     dist.destroy_process_group()
     return 0
 
