@@ -236,7 +236,7 @@ def _batch(packed: bool) -> tuple:
     return torch.rand(3, 8, generator=g), mask, None
 
 
-MODES = [("token-mean", False), ("seq-mean-token-sum", False), ("seq-mean-token-mean", False),
+MODES = [("token-mean", False), ("token-sum", False), ("seq-mean-token-sum", False), ("seq-mean-token-mean", False),
          ("seq-mean-token-mean", True), ("seq-mean-token-sum-norm", False)]
 
 
@@ -262,8 +262,10 @@ def test_patched_loss_equals_megatron_agg(release, packed, mode, exclude, megatr
     assert torch.equal(loss, ours[0]) and torch.equal(num_tokens, ours[1])
     assert torch.equal(report["lm loss"], ours[2]["loss"])
     if packed:
-        if mode != "token-mean":
+        if mode.startswith("seq-mean"):
             assert int(num_tokens) == (2 if exclude else 3)  # sequences, not rows
+        elif mode == "token-sum":
+            assert int(num_tokens) == 1  # the step's one divisor, on its first micro-batch
         docs = list(itertools.pairwise(cu))
         outputs, masks = [output[:, a:b] for a, b in docs], [mask[:, a:b] for a, b in docs]
     else:

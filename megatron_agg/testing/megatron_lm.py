@@ -94,7 +94,7 @@ UPSTREAM_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 TOLERANCE = 1e-5
 #: A negative control must miss by at least this much.
 CONTROL_MARGIN = 1e-3
-MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 # ---------------------------------------------------------------------------------------------
