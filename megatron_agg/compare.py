@@ -188,28 +188,6 @@ def setup_name(args: argparse.Namespace) -> str:
     return "".join(f" +{p}" for p in parts)
 
 
-def shard_error(shards: Dict[str, Any], ref: Dict[str, torch.Tensor]) -> float:
-    """The largest relative difference of this rank's gradient shards from the reference.
-
-    ``shards`` are :class:`~megatron_agg.testing.wrappers.GradShard` values (the elements of each
-    TP-local parameter this rank holds); each is compared with the same elements of the full
-    reference gradient ``ref``, relative to the largest value of the reference's TP-local
-    parameter: ``max|g − g_ref| / max|g_ref|`` (for a whole ``main_grad``, exactly what
-    :func:`megatron_agg.testing.gpt.grad_error` computes).
-    """
-    import dataclasses
-
-    worst = 0.0
-    for shard in shards.values():
-        whole = dataclasses.replace(shard, index=torch.arange(shard.numel)).target(ref)
-        scale = float(whole.abs().max()) if whole.numel() else 0.0
-        if shard.values.numel() == 0:
-            continue
-        diff = float((shard.values.float() - shard.target(ref).float()).abs().max())
-        worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
-
-
 def _sequence_parallel_spec(spec: Any, layout: Any) -> Any:
     """``spec`` built with :mod:`megatron_agg.testing.features`' sequence-parallel LayerNorm.
 
@@ -304,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     from .testing.matrix import LocalTimesDpGroups, groups_like, plain_masked_mean
     from .testing.parallel import Layout, model_parallel
     from .testing.reference_gpt import TorchGPT, init_full_weights
-    from .testing.wrappers import build_chunks_for, check_coverage, gather_main_grads, wrap_model
+    from .testing.wrappers import build_chunks_for, check_coverage, gather_main_grads, shard_error, wrap_model
     from .averaging import LossReturn
 
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")

@@ -378,17 +378,15 @@ def wrapper_setup(chunks: Sequence[Any], config: Any) -> WrapperSetup:
     chunk's ``ddp_config`` and the model's ``TransformerConfig`` (``no_sync_func``,
     ``calculate_per_token_loss``, ``bf16``/``fp8``)."""
     ddp_config = _ddp_config(chunks[0]) if chunks else None
-    per_token = bool(getattr(config, "calculate_per_token_loss", False))
-    average = bool(getattr(ddp_config, "average_in_collective", False))
-    fused = bool(getattr(ddp_config, "gradient_reduce_div_fusion", True))
-    fp32_grads = bool(getattr(ddp_config, "grad_reduce_in_fp32", False))
     low_precision = bool(getattr(config, "bf16", False) or getattr(config, "fp8", None))
-    return WrapperSetup(
-        strategy=getattr(ddp_config, "data_parallel_sharding_strategy", None),
+    return WrapperSetup.of(
+        getattr(ddp_config, "data_parallel_sharding_strategy", None),
         no_sync=getattr(config, "no_sync_func", None) is not None,
         overlap=bool(getattr(ddp_config, "overlap_grad_reduce", False)),
-        summed=per_token,
-        prescaled_unfused=not per_token and not average and (not fused or (low_precision and not fp32_grads)),
+        per_token=bool(getattr(config, "calculate_per_token_loss", False)),
+        average_in_collective=bool(getattr(ddp_config, "average_in_collective", False)),
+        div_fusion=bool(getattr(ddp_config, "gradient_reduce_div_fusion", True)),
+        low_precision_grads=low_precision and not getattr(ddp_config, "grad_reduce_in_fp32", False),
     )
 
 

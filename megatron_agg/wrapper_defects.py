@@ -53,6 +53,15 @@ class WrapperSetup:
     summed: bool = False
     prescaled_unfused: bool = False
 
+    @classmethod
+    def of(cls, strategy: Optional[str], *, no_sync: bool, overlap: bool, per_token: bool,
+           average_in_collective: bool, div_fusion: bool, low_precision_grads: bool) -> "WrapperSetup":
+        """From the config fields: the wrapper pre-scales by ``1/dp`` itself on the mean paths
+        (neither per-token loss nor ``average_in_collective``) and fuses that factor into the
+        reduction only with ``gradient_reduce_div_fusion`` and fp32 gradients."""
+        prescaled = not per_token and not average_in_collective
+        return cls(strategy, no_sync, overlap, per_token, prescaled and (not div_fusion or low_precision_grads))
+
 
 @dataclass(frozen=True)
 class WrapperDefect:
@@ -95,6 +104,14 @@ _MFSDP = Wrapper.MEGATRON_FSDP
 _NO_OVERLAP = ("set overlap_grad_reduce=True together with config.no_sync_func = model.no_sync (Megatron-LM: "
                "--overlap-grad-reduce), or use the 'optim_grads' strategy")
 
+#: 0.13 and 0.16 (0.14-0.15 all-reduce instead; 0.17 replaces the shard).
+_ADDS_TO_LOCAL_SUM = (
+    "adds the reduce-scattered shard to the rank's own unreduced gradient ('local_grad += reduced_grad' in "
+    "_bucket_group_gradient_reduce: the 'optim' buffer is not sharded, its shard still holds the local sum) and, "
+    "without overlap_grad_reduce, reduces again in finish_grad_sync: the gradients come out x2, x(1+1/dp) or not "
+    "a scaling at all"
+)
+
 #: Every known defect (the rows of docs/RELEASES.md's wrapper table that say "refused").
 WRAPPER_DEFECTS: Tuple[WrapperDefect, ...] = (
     WrapperDefect(
@@ -121,20 +138,12 @@ WRAPPER_DEFECTS: Tuple[WrapperDefect, ...] = (
         instead=_NO_OVERLAP.replace("'optim_grads' strategy", "'optim_grads' strategy, or megatron-core 0.16+"),
     ),
     WrapperDefect(
-        _MFSDP, "0.13", "0.13", ("optim",), no_sync=True,
-        what="adds the reduce-scattered shard to the rank's own unreduced gradient ('local_grad += "
-             "reduced_grad': the 'optim' buffer is not sharded, its shard still holds the local sum) and, "
-             "without overlap_grad_reduce, reduces again in finish_grad_sync: the gradients come out x2, "
-             "x(1+1/dp) or not a scaling at all",
+        _MFSDP, "0.13", "0.13", ("optim",), no_sync=True, what=_ADDS_TO_LOCAL_SUM,
         instead="use the 'optim_grads' strategy, or megatron-core 0.17+ with overlap_grad_reduce",
     ),
     WrapperDefect(
         _MFSDP, "0.16", "0.16", ("optim",), no_sync=True,
-        what="adds the reduce-scattered shard to the rank's own unreduced gradient ('local_grad += "
-             "reduced_grad' in _bucket_group_gradient_reduce: the 'optim' buffer is not sharded, its shard "
-             "still holds the local sum) and, without overlap_grad_reduce, reduces again in "
-             "finish_grad_sync: the gradients come out x2, x(1+1/dp) or not a scaling at all (Megatron-LM "
-             "with --overlap-grad-reduce)",
+        what=_ADDS_TO_LOCAL_SUM + " (Megatron-LM with --overlap-grad-reduce)",
         instead="leave overlap_grad_reduce off and config.no_sync_func unset (Megatron-LM without "
                 "--overlap-grad-reduce), or use the 'optim_grads' strategy, or megatron-core 0.17+",
     ),

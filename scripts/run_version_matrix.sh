@@ -65,6 +65,12 @@ elif [ $# -gt 0 ]; then
   exit 2
 fi
 
+launch() {  # venv log torchrun-args... : 4 CPU ranks from the checkout, output to log
+  local venv="$1" log="$2"; shift 2
+  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" "$@" >"$log" 2>&1)
+}
+
 status=0
 summary=()
 for v in $VERSIONS; do
@@ -74,11 +80,8 @@ for v in $VERSIONS; do
   log="$OUT/release-$v.log"
   echo "versions: megatron-core $v: running the release suite (log: $log)"
   set +e
-  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
-      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" \
-      -m megatron_agg.testing.matrix --suite release \
-      --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec" --out "$OUT/release-$v.json" \
-      >"$log" 2>&1)
+  launch "$venv" "$log" -m megatron_agg.testing.matrix --suite release \
+      --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec" --out "$OUT/release-$v.json"
   rc=$?
   set -e
   line="$(grep -E '^world [0-9]+: ran' "$log" | tail -1 || true)"
@@ -89,11 +92,8 @@ for v in $VERSIONS; do
   # defect, Megatron's plain loss as megatron_agg's defect table predicts (--strict: exit 1 otherwise).
   wlog="$OUT/wrappers-$v.log"
   set +e
-  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
-      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" \
-      tests/support/wrapper_probe.py --strict --wrappers torch-fsdp2,megatron-fsdp --layouts dp4 \
-      --microbatches 3 --paths 2-tuple,3-tuple+per-token --div-fusion on --json "$OUT/wrappers-$v.json" \
-      >"$wlog" 2>&1)
+  launch "$venv" "$wlog" tests/support/wrapper_probe.py --strict --wrappers torch-fsdp2,megatron-fsdp \
+      --layouts dp4 --microbatches 3 --paths 2-tuple,3-tuple+per-token --div-fusion on --json "$OUT/wrappers-$v.json"
   wrc=$?
   set -e
   wline="$(grep -E '^wrapper probe:' "$wlog" | tail -1 || true)"

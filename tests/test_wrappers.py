@@ -130,8 +130,9 @@ def test_the_defect_table_matches_the_per_release_prediction_of_every_probed_set
                                            fusion, 57)
             if factor == probe.CRASH:
                 continue
-            setup = WrapperSetup(strategy, no_sync, overlap, path.per_token,
-                                 not path.per_token and not path.average_in_collective and not fusion)
+            setup = WrapperSetup.of(strategy, no_sync=no_sync, overlap=overlap, per_token=path.per_token,
+                                    average_in_collective=path.average_in_collective, div_fusion=fusion,
+                                    low_precision_grads=False)
             defect = find_wrapper_defect(Wrapper.MEGATRON_FSDP, release, setup)
             wrong = math.isnan(factor) or factor != 1.0
             assert (defect is not None) == wrong, (release, strategy, path, no_sync, overlap, fusion, m, factor, defect)

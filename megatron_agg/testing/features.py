@@ -420,16 +420,14 @@ def wrapper_shard_error(model: Sequence[torch.nn.Module], ref: Dict[str, torch.T
     """Any wrapper's view (:func:`.wrappers.gather_main_grads`): the gradient each rank holds after
     ``finalize_model_grads`` (DDP's ``main_grad``, FSDP2's local DTensor shard, Megatron-FSDP's
     shard of its gradient buffer; an untied output layer folded into the word embeddings) against
-    the same elements of the reference, relative to each reference parameter's largest value.
+    the same elements of the reference, relative to the largest value of each TP-local reference parameter.
     ``inf`` unless the ranks' pieces cover every element exactly as often as the wrapper should
     hold it (:func:`.wrappers.check_coverage`: once where it shards, on every rank where not).
     Collectives over the data×context-parallel group: every rank calls it."""
-    from .wrappers import check_coverage, gather_main_grads
+    from .wrappers import check_coverage, gather_main_grads, shard_error
 
     shards = gather_main_grads(model)
-    if check_coverage(shards):
-        return math.inf
-    return max((_rel(s.values, s.target(ref), float(ref[s.name].abs().max())) for s in shards.values()), default=0.0)
+    return math.inf if check_coverage(shards) else shard_error(shards, ref)
 
 
 #: How a feature reads the gradients it compares (by name, so that results and a later
@@ -520,10 +518,11 @@ class Feature:
         from ..wrapper_defects import WrapperSetup, find_wrapper_defect
 
         overlap = bool(self.wrap.get("overlap_grad_reduce", False))
-        fused = self.wrap.get("gradient_reduce_div_fusion", None) is not False
-        setup = WrapperSetup(self.wrap.get("strategy"), no_sync=overlap and self.wrapper != "torch-fsdp2",
-                             overlap=overlap, summed=variant.per_token,
-                             prescaled_unfused=not variant.per_token and not variant.average_in_collective and not fused)
+        setup = WrapperSetup.of(self.wrap.get("strategy"), no_sync=overlap and self.wrapper != "torch-fsdp2",
+                                overlap=overlap, per_token=variant.per_token,
+                                average_in_collective=variant.average_in_collective,
+                                div_fusion=self.wrap.get("gradient_reduce_div_fusion", None) is not False,
+                                low_precision_grads=False)  # wrap_model: fp32 gradients
         return find_wrapper_defect(Wrapper(self.wrapper), minor_release(), setup)
 
     def refusal(self, variant: Variant) -> Optional[str]:

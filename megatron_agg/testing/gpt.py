@@ -110,8 +110,10 @@ def _layer_spec(spec: TinyGPT):
     return get_gpt_layer_local_spec()
 
 
-def build_chunks(spec: TinyGPT, layout: Layout, **config_overrides: Any) -> List[torch.nn.Module]:
+def build_chunks(spec: TinyGPT, layout: Layout, *, tie_embeddings: bool = True,
+                 **config_overrides: Any) -> List[torch.nn.Module]:
     """The model chunks of this rank (``vpp`` of them with virtual pipelining, else one).
+    ``tie_embeddings=False``: an output layer of its own (``share_embeddings_and_output_weights``).
 
     Model parallel state must be initialized for ``layout``. Weights are Megatron's own random
     init; call :func:`load_full_weights` to make them equal to a reference.
@@ -131,7 +133,7 @@ def build_chunks(spec: TinyGPT, layout: Layout, **config_overrides: Any) -> List
                 max_sequence_length=spec.max_sequence_length,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                share_embeddings_and_output_weights=True,
+                share_embeddings_and_output_weights=tie_embeddings,
                 position_embedding_type="learned_absolute",
                 vp_stage=vp,
             )

@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .gpt import TinyGPT, _layer_spec, _unwrap, full_name, load_full_weights, wrap_ddp
+from .gpt import TinyGPT, _unwrap, build_chunks, full_name, load_full_weights, wrap_ddp
 from .parallel import Layout
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "GradShard",
     "gather_main_grads",
     "check_coverage",
+    "shard_error",
     "FactorFit",
     "fit_factor",
 ]
@@ -109,32 +110,12 @@ def build_chunks_for(spec: TinyGPT, layout: Layout, wrapper: str, **config_overr
     computes what the tied model computes) and fold its gradient back with
     :func:`gather_main_grads` (``fold_output_layer=True``).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
     _check_wrapper(wrapper)
     if "transformer_impl" in _config_fields(TransformerConfig):
         config_overrides.setdefault("transformer_impl", "local")
-    config = spec.transformer_config(layout, **config_overrides)
-    tie = wrapper != "torch-fsdp2"
-    chunks = []
-    for vp_stage in range(layout.vpp or 1):
-        vp = vp_stage if layout.vpp else None
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=_layer_spec(spec),
-                vocab_size=spec.vocab_size,
-                max_sequence_length=spec.max_sequence_length,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                share_embeddings_and_output_weights=tie,
-                position_embedding_type="learned_absolute",
-                vp_stage=vp,
-            )
-        )
-    return chunks
+    return build_chunks(spec, layout, tie_embeddings=wrapper != "torch-fsdp2", **config_overrides)
 
 
 def full_weights_for(chunks: Sequence[torch.nn.Module], full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -589,6 +570,25 @@ def gather_main_grads(model: Sequence[torch.nn.Module], fold_output_layer: bool 
     if fold_output_layer:
         _fold_output_layer(shards)
     return shards
+
+
+def shard_error(shards: Dict[str, GradShard], ref: Dict[str, torch.Tensor]) -> float:
+    """The largest relative difference of this rank's gradient shards from the reference.
+
+    Each :class:`GradShard` (the elements of a TP-local parameter this rank holds) is compared
+    with the same elements of the full reference gradient ``ref``, relative to the largest value
+    of the reference's TP-local parameter: ``max|g − g_ref| / max|g_ref|`` (for a whole
+    ``main_grad``, exactly what :func:`megatron_agg.testing.gpt.grad_error` computes).
+    """
+    worst = 0.0
+    for shard in shards.values():
+        whole = dataclasses.replace(shard, index=torch.arange(shard.numel)).target(ref)
+        scale = float(whole.abs().max()) if whole.numel() else 0.0
+        if shard.values.numel() == 0:
+            continue
+        diff = float((shard.values.float() - shard.target(ref).float()).abs().max())
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
 
 
 def check_coverage(shards: Dict[str, GradShard], group: Any = None) -> Dict[str, str]:

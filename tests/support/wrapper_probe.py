@@ -40,7 +40,7 @@ from megatron_agg.averaging import LossReturn
 from megatron_agg.testing import data as data_mod
 from megatron_agg.testing.cpu import cpu_shim
 from megatron_agg.testing.gpt import TinyGPT, reference_grads
-from megatron_agg.testing.matrix import TOKEN_MEAN, Variant, plain_masked_mean, schedule_group_kwargs
+from megatron_agg.testing.matrix import TOKEN_MEAN, VARIANTS, Variant, plain_masked_mean, schedule_group_kwargs
 from megatron_agg.testing.parallel import Layout, model_parallel
 from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
 from megatron_agg.testing.wrappers import (
@@ -60,14 +60,7 @@ PLANS: Dict[Tuple[int, int], List[List[int]]] = {
     (2, 1): [[11], [13]],
     (2, 3): [[4, 1, 6], [3, 5, 5]],
 }
-PATHS: List[Variant] = [
-    Variant(LossReturn.TWO_TUPLE),
-    Variant(LossReturn.TWO_TUPLE, average_in_collective=True),
-    Variant(LossReturn.TWO_TUPLE, per_token=True),
-    Variant(LossReturn.THREE_TUPLE),
-    Variant(LossReturn.THREE_TUPLE, average_in_collective=True),
-    Variant(LossReturn.THREE_TUPLE, per_token=True),
-]
+PATHS: List[Variant] = [v for v in VARIANTS if not v.deferred]  # the matrix's six Megatron paths
 LAYOUTS = {"dp4": Layout(), "tp2dp2": Layout(tp=2)}
 _MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
 
