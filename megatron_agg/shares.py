@@ -60,7 +60,7 @@ from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
 from .totals import GROUP_SCOPES, StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
-from .validation import as_bool, as_int, check_group_ids, check_loss_masks, mask_value_problems
+from .validation import as_bool, as_int, check_group_ids, check_loss_masks, check_same_shapes, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
@@ -151,14 +151,8 @@ class StepShares:
             named[name] = check_loss_masks(value, m, missing_hint=_MISSING_MASKS, label=label)
         mask_names = [DEFAULT_MASK_NAME] if DEFAULT_MASK_NAME in named else []
         mask_names += [n for n in named if n != DEFAULT_MASK_NAME]
+        check_same_shapes(named, mask_names)
         masks = named[mask_names[0]]
-        for name in mask_names[1:]:
-            for j, (a, b) in enumerate(zip(masks, named[name])):
-                if a.shape != b.shape:
-                    raise ValueError(
-                        f"loss_masks[{name!r}][{j}] has shape {tuple(b.shape)} but loss_masks[{mask_names[0]!r}][{j}] "
-                        f"has {tuple(a.shape)}: the masks of a micro-batch must describe the same sequences."
-                    )
         grouped = group_ids is not None or num_groups is not None or group_scope is not None
         if grouped:
             if num_groups is None or group_scope not in GROUP_SCOPES:

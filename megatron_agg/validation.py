@@ -25,6 +25,7 @@ __all__ = [
     "as_int",
     "check_loss_masks",
     "check_named_masks",
+    "check_same_shapes",
     "check_packed_seqs",
     "check_group_ids",
     "mask_value_problems",
@@ -105,15 +106,7 @@ def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequen
             )
         out = {n: check_loss_masks(loss_masks[n], num_microbatches, missing_hint=missing_hint,
                                    label=f"loss_masks[{n!r}]") for n in names}
-        first = out[names[0]]
-        for n in names[1:]:
-            for j, (a, b) in enumerate(zip(first, out[n])):
-                if a.shape != b.shape:
-                    raise ValueError(
-                        f"loss_masks[{n!r}][{j}] has shape {tuple(b.shape)} but loss_masks[{names[0]!r}][{j}] "
-                        f"has {tuple(a.shape)}: the masks of a micro-batch select tokens of the same sequences "
-                        "and must have the same shape."
-                    )
+        check_same_shapes(out, names)
         return out
     if names != [DEFAULT_MASK_NAME]:
         if loss_masks is None:
@@ -123,6 +116,20 @@ def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequen
             "with one list per name (a plain list is the 'default' mask only)."
         )
     return {DEFAULT_MASK_NAME: check_loss_masks(loss_masks, num_microbatches, missing_hint=missing_hint)}
+
+
+def check_same_shapes(named: Mapping[str, Sequence[torch.Tensor]], names: Sequence[str]) -> None:
+    """``ValueError`` unless micro-batch ``j`` of every mask in ``names`` has the shape of the first's:
+    the masks of a micro-batch select tokens of the same sequences."""
+    first = named[names[0]]
+    for n in names[1:]:
+        for j, (a, b) in enumerate(zip(first, named[n])):
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"loss_masks[{n!r}][{j}] has shape {tuple(b.shape)} but loss_masks[{names[0]!r}][{j}] "
+                    f"has {tuple(a.shape)}: the masks of a micro-batch select tokens of the same sequences "
+                    "and must have the same shape."
+                )
 
 
 def check_group_ids(group_ids: Any, masks: Sequence[torch.Tensor], packed: Optional[Sequence[Any]],
