@@ -8,9 +8,10 @@ from setuptools import find_packages, setup
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "megatron_agg" / "__init__.py").read_text()).group(1)
 
-# The supported megatron-core releases; megatron_agg.integration.SUPPORTED_MEGATRON_CORE says the
-# same at run time (tests/test_packaging.py keeps the two in agreement).
-MEGATRON_CORE = "megatron-core>=0.13.0,<0.20.0"
+# The megatron-core requirement; megatron_agg.integration.SUPPORTED_MEGATRON_CORE says the same
+# (tests/test_packaging.py keeps the two in agreement). No ceiling: at run time a release is
+# accepted by its probed loss arithmetic (integration.check_megatron_version), not by its number.
+MEGATRON_CORE = "megatron-core>=0.13.0"
 
 setup(
     name="megatron-agg",
@@ -20,12 +21,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # patches/ (the Megatron-LM and verl patches with their pinned upstream copies) ships inside
-    # the package as megatron_agg/_patches, where `megatron-agg patch` finds it after a
-    # (non-editable) install; tests/test_packaging.py builds a wheel and checks.
+    # The library only: megatron_agg (with the `megatron-agg` CLI and compare's CPU kit,
+    # megatron_agg/compare/); the test harness lives in tests/. patches/ (the Megatron-LM and verl
+    # patches) ships inside the package as megatron_agg/_patches, where `megatron-agg patch` finds
+    # it after a (non-editable) install; of the pinned upstream copies (patches/upstream/, for the
+    # tests) only their sha256 manifests ship, by which `patch` recognises a release.
+    # tests/test_packaging.py builds a wheel and checks.
     packages=find_packages(include=["megatron_agg", "megatron_agg.*"]) + ["megatron_agg._patches"],
     package_dir={"megatron_agg._patches": "patches"},
-    package_data={"megatron_agg._patches": ["**/*"]},
+    package_data={"megatron_agg._patches": ["README.md", "megatron-lm/**/*", "verl/**/*",
+                                            "upstream/SHA256SUMS", "upstream/PATCHED.SHA256SUMS"]},
     exclude_package_data={"megatron_agg._patches": ["**/__pycache__/*", "**/*.pyc"]},
     install_requires=[
         "torch>=2.4",

@@ -3,8 +3,8 @@
 This is the one place in megatron_agg that records Megatron's averaging rules. Everything here
 is plain arithmetic on sizes and 0-dim tensors (no ``torch.distributed``, no Megatron import).
 
-The rules below hold for every supported release, 0.13 through 0.19 (read from the released
-wheels; :data:`RELEASES` lists what does differ between them). Read first from megatron-core
+The rules below hold for every supported release, 0.13 through 0.20 (Megatron-LM ``main``; read
+from the released wheels and the source; :data:`RELEASES` lists what does differ between them). Read first from megatron-core
 0.16.1 (``pipeline_parallel/schedules.py::forward_step_calc_loss``,
 ``distributed/distributed_data_parallel.py::DistributedDataParallel.__init__``,
 ``distributed/param_and_grad_buffer.py::_ParamAndGradBucketGroup.start_grad_sync``,
@@ -57,6 +57,7 @@ __all__ = [
     "wrapper_behaviour",
     "MegatronAveraging",
     "loss_multiplier",
+    "schedule_factor",
     "report_count",
 ]
 
@@ -96,6 +97,7 @@ RELEASES = {
     "0.17": ReleaseBehaviour("0.17", True, False, "pg_collection", True),
     "0.18": ReleaseBehaviour("0.18", True, True, "pg_collection", True),
     "0.19": ReleaseBehaviour("0.19", True, True, "pg_collection", True, gtp_remat=True),
+    "0.20": ReleaseBehaviour("0.20", True, True, "pg_collection", True, gtp_remat=True),  # Megatron-LM main
 }
 
 
@@ -201,6 +203,18 @@ class MegatronAveraging:
     def __post_init__(self) -> None:
         assert self.num_microbatches >= 1 and self.cp_size >= 1 and self.dp_cp_size >= 1
         assert self.dp_cp_size % self.cp_size == 0, (self.dp_cp_size, self.cp_size)
+
+
+def schedule_factor(loss_return: LossReturn, calculate_per_token_loss: bool, cp_size: int,
+                    num_microbatches: int, num_tokens: int) -> float:
+    """The schedule column of the module table: what ``forward_step_calc_loss`` multiplies a
+    returned loss by (``× cp / M``; ``÷ clamp(nt, 1) / M``; ``1``). The version policy
+    (:func:`megatron_agg.integration.check_megatron_version`) holds the installed schedule to it."""
+    if loss_return is LossReturn.TWO_TUPLE:
+        return cp_size / num_microbatches
+    if calculate_per_token_loss:
+        return 1.0
+    return 1.0 / (max(num_tokens, 1) * num_microbatches)
 
 
 def loss_multiplier(

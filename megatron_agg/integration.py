@@ -1,6 +1,10 @@
 """Megatron-Core glue: the only module that imports Megatron (lazily) or reads its objects.
 
-- :func:`check_megatron_version` — the supported releases, with a clear error outside them.
+- :func:`check_megatron_version` — the version policy: a megatron-core is accepted when the
+  arithmetic of its loss path, probed from the installed code, is a row of the release table
+  (:data:`megatron_agg.averaging.RELEASES`); a newer release than the newest tested one is
+  accepted with a one-time warning naming the row it matched; anything else is refused with
+  what differs.
 - :func:`resolve_groups` — the process groups of a step: from the caller's ``pg_collection``
   (a ``megatron.core.process_groups_config.ProcessGroupCollection``) where one is given,
   else from ``megatron.core.parallel_state``.
@@ -10,13 +14,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import warnings
 from typing import Any, List, Optional, Sequence
 
 import torch
 
 from .averaging import (RELEASES, GradReduction, LossReturn, MegatronAveraging, ReleaseBehaviour, Wrapper,
-                        wrapper_behaviour)
+                        schedule_factor, wrapper_behaviour)
 from .groups import ParallelGroups, group_size
 from .layout import CP_LAYOUTS
 from .wrapper_defects import WrapperSetup, find_wrapper_defect
@@ -26,6 +33,8 @@ __all__ = [
     "MegatronSymbolError",
     "megatron_core_version",
     "check_megatron_version",
+    "TESTED_MEGATRON_CORE",
+    "probe_schedule",
     "ParallelGroups",
     "resolve_groups",
     "step_averaging",
@@ -40,10 +49,13 @@ __all__ = [
     "detect_release_behaviour",
 ]
 
-#: The megatron-core releases this version of megatron_agg is tested against (setup.py agrees).
-SUPPORTED_MEGATRON_CORE = (">=0.13.0", "<0.20.0")
+#: The megatron-core requirement (setup.py declares the same). There is no ceiling: a release is
+#: accepted by what its code does (:func:`check_megatron_version`), not by its number.
+SUPPORTED_MEGATRON_CORE = (">=0.13.0",)
 _SUPPORTED_MIN = (0, 13)
-_SUPPORTED_MAX_EXCLUSIVE = (0, 20)
+#: The minor releases the version matrix runs (scripts/run_version_matrix.sh); 0.20 is
+#: Megatron-LM ``main``. Each has a row in :data:`megatron_agg.averaging.RELEASES`.
+TESTED_MEGATRON_CORE = tuple(sorted(RELEASES, key=lambda r: tuple(int(p) for p in r.split("."))))
 
 
 class MegatronSymbolError(ImportError):
@@ -57,7 +69,7 @@ def _import(module: str, name: Optional[str] = None) -> Any:
         raise MegatronSymbolError(
             f"megatron_agg needs {module!r} from megatron-core "
             f"{' '.join(SUPPORTED_MEGATRON_CORE)} and could not import it ({exc}). "
-            "Install a supported release: pip install 'megatron-core>=0.13,<0.20'."
+            "Install a supported release: pip install 'megatron-core>=0.13'."
         ) from exc
     if name is None:
         return mod
@@ -90,17 +102,143 @@ def _release(version: str) -> tuple:
 
 
 def check_megatron_version(version: Optional[str] = None) -> str:
-    """Raise ``RuntimeError`` naming the supported range if ``version`` is outside it."""
+    """Apply the version policy to the installed megatron-core (``version``: its version string,
+    read from the installed package when left out); returns the version.
+
+    1. Older than 0.13: ``RuntimeError`` (the process-group APIs megatron_agg reads are missing).
+    2. The loss path is probed from the installed code (:func:`detect_release_behaviour`: where
+       the schedule takes its groups, whether it clamps ``num_tokens``, ...; and
+       :func:`probe_schedule`: Megatron's own ``forward_step_calc_loss`` run on every loss path
+       with a stand-in config, factor by factor against the schedule column of
+       :mod:`megatron_agg.averaging`).
+    3. A tested minor release (:data:`TESTED_MEGATRON_CORE`) must match its own row; a newer one
+       must match some row and is accepted with a one-time warning naming that row; a probe that
+       matches no row, or a schedule that scales a loss path differently, is a ``RuntimeError``
+       that says what differs. Nothing is guessed from a version number alone.
+
+    The probe runs once per process and issues no collective.
+    """
     version = version or megatron_core_version()
     if version == "unknown":
         return version
     release = _release(version)
-    if not (_SUPPORTED_MIN <= release < _SUPPORTED_MAX_EXCLUSIVE):
+    if release < _SUPPORTED_MIN:
         raise RuntimeError(
             f"megatron_agg supports megatron-core {' '.join(SUPPORTED_MEGATRON_CORE)}, but "
             f"{version} is installed; install a supported release or upgrade megatron_agg."
         )
+    _check_release_behaviour(f"{release[0]}.{release[1]}", version)
     return version
+
+
+@functools.lru_cache(maxsize=None)
+def _check_release_behaviour(minor: str, version: str) -> ReleaseBehaviour:
+    try:
+        detected = detect_release_behaviour()
+        schedule_differs = probe_schedule()
+    except MegatronSymbolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not recognised
+        raise RuntimeError(
+            f"megatron_agg could not probe the loss arithmetic of megatron-core {version} "
+            f"({type(exc).__name__}: {exc}); it refuses a release whose arithmetic it cannot read. "
+            f"Tested releases: {', '.join(TESTED_MEGATRON_CORE)}."
+        ) from exc
+    if schedule_differs is None and minor not in RELEASES:
+        raise RuntimeError(
+            f"megatron-core {version} is not a tested release and its schedule cannot be probed on its "
+            "own (no forward_step_calc_loss(..., cp_group_size, is_last_stage)); megatron_agg refuses it "
+            f"rather than guess. Tested releases: {', '.join(TESTED_MEGATRON_CORE)}."
+        )
+    if schedule_differs:
+        raise RuntimeError(
+            f"megatron-core {version} scales the losses differently from every release megatron_agg "
+            f"knows ({'; '.join(schedule_differs)}), so its rescaling would not be exact; use a tested "
+            f"release ({', '.join(TESTED_MEGATRON_CORE)}) or a megatron_agg that knows this one."
+        )
+    facts = dataclasses.replace(detected, release="")
+    matches = [r for r, row in RELEASES.items() if dataclasses.replace(row, release="") == facts]
+    own = RELEASES.get(minor)
+    if own is not None:
+        if minor not in matches:
+            raise RuntimeError(
+                f"megatron-core {version} does not behave as megatron_agg's table says its release "
+                f"{minor} does: {_differences(own, detected)}. Is it a modified build? Use an unmodified "
+                "release, or a megatron_agg that knows this one."
+            )
+        return detected
+    if not matches or _release(minor) < _release(TESTED_MEGATRON_CORE[-1]):
+        closest = min(RELEASES.values(), key=lambda row: len(_differences(row, detected).split("; ")))
+        raise RuntimeError(
+            f"megatron-core {version} is not a tested release and its probed loss arithmetic matches "
+            f"no known one (closest: {closest.release}, which differs in: {_differences(closest, detected)}); "
+            f"megatron_agg refuses it rather than guess. Tested releases: {', '.join(TESTED_MEGATRON_CORE)}."
+        )
+    warnings.warn(
+        f"megatron-core {version} is newer than the newest release megatron_agg was tested with "
+        f"({TESTED_MEGATRON_CORE[-1]}); accepted because its probed loss arithmetic (the schedule's "
+        f"factors on every loss path, {_facts(detected)}) is that of release(s) {', '.join(matches)}.",
+        stacklevel=3,
+    )
+    return detected
+
+
+def _facts(behaviour: ReleaseBehaviour) -> str:
+    return ", ".join(f"{f.name}={getattr(behaviour, f.name)!r}" for f in dataclasses.fields(behaviour)
+                     if f.name != "release")
+
+
+def _differences(row: ReleaseBehaviour, detected: ReleaseBehaviour) -> str:
+    return "; ".join(f"{f.name} is {getattr(detected, f.name)!r}, not {getattr(row, f.name)!r}"
+                     for f in dataclasses.fields(row) if f.name != "release"
+                     and getattr(row, f.name) != getattr(detected, f.name)) or "nothing"
+
+
+def probe_schedule() -> Optional[List[str]]:
+    """Run the installed ``schedules.forward_step_calc_loss`` on every loss path and compare the
+    factor it applies to a loss with :func:`megatron_agg.averaging.schedule_factor`; returns what
+    differs (empty: the schedule column of the table holds; ``None``: this release's schedule cannot
+    be run on its own, see below).
+
+    The stand-in is the last pipeline stage of a step with ``cp = 2`` and ``M = 3`` micro-batches,
+    a loss of 1 and ``num_tokens`` 5 and 0 (the clamp), with a config that has no MoE, MTP or
+    timers; the probe also checks that ``num_tokens`` comes back as the ``loss_func`` returned it.
+    Releases whose schedule has no ``forward_step_calc_loss`` taking ``cp_group_size`` and
+    ``is_last_stage`` (0.13–0.14, which read them from ``parallel_state``) are read from their
+    source by :func:`detect_release_behaviour` only. No collective, no process group.
+    """
+    import inspect
+    import types
+
+    schedules = _import("megatron.core.pipeline_parallel.schedules")
+    calc_loss = getattr(schedules, "forward_step_calc_loss", None)
+    if calc_loss is None or not {"cp_group_size", "is_last_stage"} <= set(inspect.signature(calc_loss).parameters):
+        return None
+    cp, microbatches = 2, 3
+    differs = []
+    for loss_return in LossReturn:
+        for per_token in (False, True):
+            for nt in (5, 0):
+                if loss_return is LossReturn.TWO_TUPLE and nt == 0:
+                    continue
+                config = types.SimpleNamespace(calculate_per_token_loss=per_token, timers=None,
+                                               grad_scale_func=None)
+                num_tokens = torch.tensor(nt, dtype=torch.int)
+
+                def loss_func(output, nt=num_tokens, loss_return=loss_return):
+                    loss = torch.ones((), dtype=torch.float32)
+                    return (loss, nt, {}) if loss_return is LossReturn.THREE_TUPLE else (loss, {})
+
+                out, returned = calc_loss(types.SimpleNamespace(), torch.zeros(()), loss_func, config, None,
+                                          False, microbatches, [], cp_group_size=cp, is_last_stage=True)
+                path = f"{loss_return.value}{' with calculate_per_token_loss' if per_token else ''}, num_tokens={nt}"
+                expected = schedule_factor(loss_return, per_token, cp, microbatches, nt)
+                if abs(float(out) - expected) > 1e-6 * abs(expected):
+                    differs.append(f"{path}: the loss is multiplied by {float(out):.6g}, not {expected:.6g}")
+                expected_nt = nt if loss_return is LossReturn.THREE_TUPLE else 0
+                if int(returned) != expected_nt:
+                    differs.append(f"{path}: num_tokens comes back as {int(returned)}, not {expected_nt}")
+    return differs
 
 
 def resolve_groups(pg_collection: Any = None, grad_finalize_pgs: Any = None,
@@ -188,19 +326,30 @@ def checked_cp_layout(cp_layout: Optional[str], groups: Optional[ParallelGroups]
     return cp_layout
 
 
+#: Megatron's switches for context parallelism with a group size per sample: ``--hybrid-context-
+#: parallel`` (megatron-core 0.16–0.20, Megatron-LM main), renamed ``dynamic_context_parallel`` on
+#: Megatron-LM's development branch, where ``sequence_packing_scheduler`` also moves samples between
+#: the DP×CP ranks and picks ``num_microbatches`` per step.
+DYNAMIC_CP_SWITCHES = ("hybrid_context_parallel", "dynamic_context_parallel", "sequence_packing_scheduler")
+
+
 def refuse_unsupported_layouts(config: Any, entry: str) -> None:
     """Raise ``ValueError`` for Megatron set-ups whose token layout megatron_agg cannot make exact.
 
-    Hybrid context parallelism (``hybrid_context_parallel=True``, Megatron-LM
-    ``--hybrid-context-parallel``) assigns the sub-samples of a packed batch over the DP×CP ranks
-    with a context-parallel group size chosen per sample, so neither the pure data-parallel totals
-    nor the fixed ``2·cp`` chunk layout describe where a sequence's tokens are."""
-    if getattr(config, "hybrid_context_parallel", False) is True:
+    Dynamic (hybrid) context parallelism (any of :data:`DYNAMIC_CP_SWITCHES` set on the config)
+    assigns the sub-samples of a packed batch over the DP×CP ranks with a context-parallel group
+    size chosen per sample (``hybrid_cp_schedule.py``: its own schedule, data iterator and
+    ``num_microbatches`` per rank), so neither the pure data-parallel totals nor the fixed ``2·cp``
+    chunk layout describe where a sequence's tokens are. Reads the config only: no collective."""
+    switched = [f"{name}={getattr(config, name)!r}" for name in DYNAMIC_CP_SWITCHES
+                if getattr(config, name, None) not in (None, False, "", "none", "None")]
+    if switched:
         raise ValueError(
-            f"{entry} does not support hybrid context parallelism (hybrid_context_parallel=True): "
-            "each sample gets its own context-parallel group size there, so the step's totals and "
-            "the per-sequence token layout megatron_agg relies on do not hold and the loss would not "
-            "be exact. Use fixed context parallelism (context_parallel_size) with megatron_agg."
+            f"{entry} does not support dynamic (hybrid) context parallelism ({', '.join(switched)}): "
+            "each sample gets its own context-parallel group size and the samples move between the "
+            "data×context-parallel ranks, so the step's totals and the per-sequence token layout "
+            "megatron_agg relies on do not hold and the loss would not be exact. Use fixed context "
+            "parallelism (context_parallel_size) with megatron_agg."
         )
 
 

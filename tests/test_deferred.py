@@ -146,10 +146,13 @@ def test_deferred_checks_run_before_megatron_reduces_the_gradients(megatron_cpu,
     assert config.finalize_model_grads_func([]) == "finalized"
 
 
-def test_hybrid_context_parallelism_is_refused_before_the_first_loss(megatron_cpu):
+@pytest.mark.parametrize("switch,value", [("hybrid_context_parallel", True), ("dynamic_context_parallel", True),
+                                          ("sequence_packing_scheduler", "default_hybrid_cp")])
+def test_dynamic_context_parallelism_is_refused_before_the_first_loss(megatron_cpu, switch, value):
+    """Under every name Megatron gives it (0.16-0.20 and Megatron-LM's development branch)."""
     config = _Config()
-    config.hybrid_context_parallel = True
-    with pytest.raises(ValueError, match="does not support hybrid context parallelism"):
+    setattr(config, switch, value)
+    with pytest.raises(ValueError, match=rf"does not support dynamic \(hybrid\) context parallelism \({switch}="):
         DeferredLossHook("token-mean").install(config)
 
 
@@ -184,9 +187,9 @@ def _moe_step(mode: str, deferred: bool, aux_coeff: float, full=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_agg import LossHook
-    from megatron_agg.testing import data as data_mod
-    from megatron_agg.testing.gpt import TinyGPT, build_chunks, full_state_dict, load_full_weights, wrap_ddp
-    from megatron_agg.testing.parallel import Layout
+    from megatron_agg.compare import data as data_mod
+    from megatron_agg.compare.gpt import TinyGPT, build_chunks, full_state_dict, load_full_weights, wrap_ddp
+    from megatron_agg.compare.parallel import Layout
 
     spec = TinyGPT(num_layers=2, layer_spec=lambda: get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False))
     chunks = build_chunks(spec, Layout(), calculate_per_token_loss=True, num_moe_experts=4, moe_router_topk=2,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from megatron_agg import LossHook, LossTerm, reference_loss
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
-from megatron_agg.testing.parallel import Layout
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
-from megatron_agg.testing.sync_guard import HostSyncError, count_collectives, forbid_host_sync
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
+from megatron_agg.compare.parallel import Layout
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
+from harness.sync_guard import HostSyncError, count_collectives, forbid_host_sync
 
 SPEC = TinyGPT(num_layers=2)
 
@@ -258,7 +258,7 @@ def test_loss_func_masks_that_disagree_with_loss_masks_are_reported_after_the_st
 def test_hybrid_context_parallelism_is_refused_before_the_step(setup):
     setup.model[0].config.hybrid_context_parallel = True
     try:
-        with pytest.raises(ValueError, match="does not support hybrid context parallelism"):
+        with pytest.raises(ValueError, match=r"does not support dynamic \(hybrid\) context parallelism"):
             setup.step(LossHook("token-mean"))
     finally:
         setup.model[0].config.hybrid_context_parallel = False

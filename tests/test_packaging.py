@@ -19,8 +19,8 @@ def test_installed_release_is_supported():
     assert check_megatron_version() == megatron_core_version()
 
 
-@pytest.mark.parametrize("version", ["0.12.1", "0.20.0", "1.0.0", "0.9.0"])
-def test_unsupported_releases_are_refused_with_the_range(version):
+@pytest.mark.parametrize("version", ["0.12.1", "0.9.0"])
+def test_releases_below_the_floor_are_refused_with_the_range(version):
     with pytest.raises(RuntimeError, match=re.escape(" ".join(SUPPORTED_MEGATRON_CORE))):
         check_megatron_version(version)
 
@@ -29,9 +29,17 @@ def test_public_api():
     assert set(megatron_agg.__all__) >= {"LossHook", "LossTerm", "AggMode", "LossReturn", "reference_loss"}
 
 
-def test_installed_package_ships_the_patches(tmp_path):
-    """A (non-editable) install of the wheel carries patches/ as megatron_agg/_patches, where
-    `megatron-agg patch` finds every release's patch and pinned copy, and applies them."""
+#: Test harness code: must never be in the wheel (it lives in tests/harness/).
+HARNESS = re.compile(r"(^|/)(testing|harness|tests)/|(^|/)(matrix|features|megatron_lm|sync_guard)\.py$")
+#: What of patches/upstream/ ships: the manifests, not the pinned copies.
+MANIFESTS = {"megatron_agg/_patches/upstream/SHA256SUMS", "megatron_agg/_patches/upstream/PATCHED.SHA256SUMS"}
+
+
+def test_installed_package_ships_the_library_only(tmp_path):
+    """The wheel holds the library (with the CLI and compare's CPU kit) and the patches, no test
+    harness and no pinned upstream copy; a (non-editable) install carries patches/ as
+    megatron_agg/_patches, where `megatron-agg patch` finds every release's patch and recognises
+    a pinned checkout by the shipped manifests, and applies and reverts the patch."""
     import importlib.util
     import shutil
     import subprocess
@@ -53,9 +61,18 @@ def test_installed_package_ships_the_patches(tmp_path):
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "dist").glob("megatron_agg-*.whl"))
     shipped = set(zipfile.ZipFile(wheel).namelist())
+    harness = sorted(n for n in shipped if HARNESS.search(n))
+    assert not harness, f"test harness code in the wheel: {harness}"
+    upstream = sorted(n for n in shipped if n.startswith("megatron_agg/_patches/upstream/") and n not in MANIFESTS)
+    assert not upstream, f"pinned upstream copies in the wheel: {upstream}"
+    assert MANIFESTS <= shipped, sorted(MANIFESTS - shipped)
     in_repo = {"megatron_agg/_patches/" + p.relative_to(repo / "patches").as_posix()
-               for p in (repo / "patches").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+               for p in (repo / "patches").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+               and "upstream" not in p.relative_to(repo / "patches").parts}
     assert in_repo <= shipped, sorted(in_repo - shipped)
+    package = {"megatron_agg/" + p.relative_to(repo / "megatron_agg").as_posix()
+               for p in (repo / "megatron_agg").rglob("*.py") if "__pycache__" not in p.parts}
+    assert package <= shipped, sorted(package - shipped)  # compare's CPU kit included
 
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
@@ -70,15 +87,45 @@ def test_installed_package_ships_the_patches(tmp_path):
     finally:
         del sys.modules[spec.name]
     assert patching.patches_root() == site / "megatron_agg" / "_patches"
+    assert not (site / "megatron_agg" / "_patches" / "upstream" / "releases").exists()
     for target in patching.TARGETS.values():
         for release in target.releases:
-            assert patching.pinned_folder(target, release).is_dir(), (target.name, release)
+            assert patching.pinned_digests(target, release) is not None, (target.name, release)
+            assert patching.pinned_digests(target, release, patched=True) is not None, (target.name, release)
     mlm = patching.TARGETS["megatron-lm"]
     for release in mlm.releases:
         assert patching.patch_path(mlm, release).is_file(), release
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    shutil.copy(patching.pinned_folder(mlm, "core_v0.18.2") / "pretrain_gpt.py", checkout / "pretrain_gpt.py")
+    pinned = repo / "patches" / "upstream" / mlm.pinned["core_v0.18.2"] / "pretrain_gpt.py"  # the repo's copy
+    shutil.copy(pinned, checkout / "pretrain_gpt.py")
     result = patching.run_patch("megatron-lm", checkout)
     assert (result.action, result.release) == ("applied", "core_v0.18.2")
     assert result.patch == site / "megatron_agg" / "_patches" / "megatron-lm" / "core_v0.18.2" / "pretrain_gpt.patch"
+    assert "with its patch" in patching.detect_release(mlm, checkout).how  # recognised patched, by hash
+    result = patching.run_patch("megatron-lm", checkout, revert=True)
+    assert (result.action, result.release) == ("reverted", "core_v0.18.2")
+    assert (checkout / "pretrain_gpt.py").read_bytes() == pinned.read_bytes()
+
+
+def test_console_script_starts_without_the_compare_kit():
+    """`megatron-agg --help` and `megatron-agg patch --help` load neither the test harness nor
+    compare's CPU kit (the tiny GPT, the CPU shim, Megatron)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from megatron_agg.cli import main\n"
+            "for argv in (['--help'], ['patch', '--help'], ['compare', '--help']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('megatron', 'harness')))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stdout.strip().splitlines()[-1].split()
+    assert "megatron_agg.cli" in loaded and "megatron_agg.compare" in loaded
+    heavy = [m for m in loaded if m.startswith(("harness", "megatron.", "megatron_agg.testing"))
+             or m.startswith("megatron_agg.compare.") and m != "megatron_agg.compare.checks"]
+    assert not heavy, heavy

@@ -1,9 +1,15 @@
 """The release table and the group resolution: probed behaviour equals the documented one."""
 
+import re
+
 import pytest
 
 from megatron_agg.averaging import RELEASES
 from megatron_agg.integration import (
+    TESTED_MEGATRON_CORE,
+    _check_release_behaviour,
+    check_megatron_version,
+    probe_schedule,
     detect_release_behaviour,
     known_release_behaviour,
     megatron_core_version,
@@ -19,7 +25,71 @@ def test_installed_release_behaves_as_the_table_says():
 
 
 def test_table_covers_every_supported_minor_release():
-    assert sorted(RELEASES) == [f"0.{m}" for m in range(13, 20)]
+    assert sorted(RELEASES) == [f"0.{m}" for m in range(13, 21)]
+    assert TESTED_MEGATRON_CORE == tuple(f"0.{m}" for m in range(13, 21))
+
+
+@pytest.fixture
+def fresh_policy():
+    """The version policy's once-per-process probe, forgotten before and after the test."""
+    _check_release_behaviour.cache_clear()
+    yield
+    _check_release_behaviour.cache_clear()
+
+
+def test_the_installed_schedule_scales_as_the_table_says():
+    differs = probe_schedule()
+    assert differs in ([], None)  # None: 0.13/0.14, whose schedule reads parallel_state (source probe only)
+
+
+def test_a_newer_release_with_known_arithmetic_is_accepted_with_a_warning(fresh_policy):
+    installed = known_release_behaviour()
+    with pytest.warns(UserWarning, match=r"megatron-core 0\.99\.0 is newer .* accepted .* that of release\(s\) .*"
+                      + re.escape(installed.release)):
+        assert check_megatron_version("0.99.0") == "0.99.0"
+
+
+def test_a_tested_release_that_behaves_otherwise_is_refused(fresh_policy):
+    other = "0.13.1" if known_release_behaviour().release != "0.13" else "0.19.2"
+    with pytest.raises(RuntimeError, match=r"does not behave as megatron_agg's table says its release"):
+        check_megatron_version(other)
+
+
+def _changed_rule(original):
+    """A stand-in for a future schedule: the 3-tuple path without per-token loss also multiplies
+    by cp (an open upstream proposal all-reduces num_tokens over CP and corrects by × cp)."""
+
+    def forward_step_calc_loss(model, output_tensor, loss_func, config, vp_stage, collect_non_loss_data,
+                               num_microbatches, forward_data_store, cp_group_size=None, is_last_stage=None):
+        lengths = []
+
+        def recorded(output):
+            outputs = loss_func(output)
+            lengths.append(len(outputs))
+            return outputs
+
+        out, num_tokens = original(model, output_tensor, recorded, config, vp_stage, collect_non_loss_data,
+                                   num_microbatches, forward_data_store, cp_group_size, is_last_stage)
+        if lengths == [3] and not config.calculate_per_token_loss:
+            out = out * cp_group_size
+        return out, num_tokens
+
+    return forward_step_calc_loss
+
+
+def test_an_unrecognised_schedule_arithmetic_is_refused_with_what_differs(fresh_policy, monkeypatch):
+    from megatron.core.pipeline_parallel import schedules
+
+    if probe_schedule() is None:
+        pytest.skip("this release's schedule is read from its source only")
+    monkeypatch.setattr(schedules, "forward_step_calc_loss", _changed_rule(schedules.forward_step_calc_loss))
+    assert probe_schedule()  # the probe sees it
+    with pytest.raises(RuntimeError, match=r"scales the losses differently .*3-tuple, num_tokens=5: the loss is "
+                                           r"multiplied by 0\.133333, not 0\.0666667"):
+        check_megatron_version("0.99.0")
+    _check_release_behaviour.cache_clear()
+    with pytest.raises(RuntimeError, match="scales the losses differently"):
+        check_megatron_version()  # the installed release number does not save it either
 
 
 def test_groups_come_from_the_callers_collection(megatron_cpu):
