@@ -11,7 +11,7 @@ denominators and turns its result into what Megatron's ``loss_func`` must return
 
     shares = StepShares(loss_masks, model=model, num_microbatches=M)     # one all-reduce (async)
     losses = forward_backward_func(..., forward_step_func=forward_step, ...)
-    shares.finish()                                                      # the step's checks
+    shares.finish()         # the step's checks (already run inside Megatron's finalize_model_grads)
 
     # in the loss function of micro-batch j (any number of calls, any modes):
     S_j = shares.share(loss_mat, loss_mask, "seq-mean-token-mean") + ...
@@ -38,8 +38,12 @@ small all-reduce of its own first, once); every CP rank does its own identical o
 counted once per CP rank.
 :meth:`finish` runs the end-of-step check of :mod:`megatron_agg.checks` (NaN/Inf at valid tokens
 and at masked positions, mask values, the masks' counts, agreement on the modes used), summed over
-every rank of the step so that a failure raises on all of them. Host syncs: none per
-micro-batch; one in :meth:`finish`. Call :meth:`finish` on every rank, also off the last stage.
+every rank of the step so that a failure raises on all of them. It runs by itself inside
+Megatron's ``config.finalize_model_grads_func`` of the step (wrapped once per ``StepShares``, on
+every rank that builds one), before the gradients are reduced and the optimizer can use them;
+an explicit :meth:`finish` afterwards does nothing, and is the check of steps that never reach
+finalize (forward-only). Host syncs: none per micro-batch; one in :meth:`finish`. Build a
+``StepShares`` on every rank of the step, also off the last stage.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from .config import AggConfig
 from .engine import AgreementTracker, raise_if_disagree, set_up_fingerprints
 from .agreement import agreement_block
 from .groups import ParallelGroups
-from .integration import check_megatron_version, resolve_groups
+from .integration import check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
@@ -173,6 +177,9 @@ class StepShares:
         if loss_return is None and self.scaling.calculate_per_token_loss:  # the default follows the config
             self.scaling = MegatronScaling.for_step(model, LossReturn.THREE_TUPLE, m, self.groups)
         self.averaging = self.scaling.averaging
+        self._finished = False
+        self._finalize: Any = None  # (config, wrapper, original) while the wrapper is installed
+        self._install_finalize(model)
         self.num_microbatches = m
         self.is_last_stage = self.groups.is_last_pipeline_stage
         self.collectives = 0
@@ -399,11 +406,48 @@ class StepShares:
         return (loss, self._num_tokens_list[index], *extra)
 
     # -- after the step ----------------------------------------------------------------------
+    def _install_finalize(self, model: Any) -> None:
+        """Run :meth:`finish` inside Megatron's ``config.finalize_model_grads_func`` of this step
+        (once, then the original is put back), before Megatron reduces the gradients, so that the
+        step's checks never depend on the caller calling :meth:`finish` (which puts the original
+        back too). A wrapper left by an earlier ``StepShares`` whose step never reached finalize
+        (forward-only, or raised) is dropped. Without a ``finalize_model_grads_func`` (then nothing
+        reduces the gradients either), :meth:`finish` is the check."""
+        try:
+            config = model_config(model)
+        except (ValueError, RuntimeError, AttributeError, TypeError):
+            return  # not Megatron chunks: finish() is the check
+        current = getattr(config, "finalize_model_grads_func", None)
+        while getattr(current, "__megatron_agg_shares__", None) is not None:  # a stale one-shot wrapper
+            current = current.__wrapped__
+        if current is None:
+            return
+        original = current
+
+        def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
+            self.finish()  # puts the original back; raises on every rank before the gradients are reduced
+            return original(*args, **kwargs)
+
+        finalize_model_grads_with_checks.__megatron_agg_shares__ = self  # type: ignore[attr-defined]
+        finalize_model_grads_with_checks.__wrapped__ = original  # type: ignore[attr-defined]
+        config.finalize_model_grads_func = finalize_model_grads_with_checks
+        self._finalize = (config, finalize_model_grads_with_checks, original)
+
     def finish(self) -> None:
         """Check the step (one host sync, on every rank of the step): every micro-batch returned
         once, the masks given to :meth:`share` had the valid-token counts of ``loss_masks``, mask
         values are 0/1, every share is finite (and every ``loss_mat`` at masked positions), and the
-        ranks used the same modes. Raises ``ValueError`` / ``NonFiniteLossError`` on every rank."""
+        ranks used the same modes. Raises ``ValueError`` / ``NonFiniteLossError`` on every rank.
+
+        Runs by itself inside Megatron's ``finalize_model_grads_func`` (see
+        :meth:`_install_finalize`); calling it again afterwards does nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._finalize is not None:  # checked here: finalize need not check again
+            config, wrapper, original = self._finalize
+            if config.finalize_model_grads_func is wrapper:
+                config.finalize_model_grads_func = original
         if self.is_last_stage:
             if self._next != self.num_microbatches:
                 self.checks.evaluations = (

@@ -158,3 +158,28 @@ def test_finish_detects_masks_that_are_not_the_counted_ones(megatron_cpu):
         over.megatron_return(over.share(loss, mask, "token-mean"))
     with pytest.raises(ValueError, match="called 4 times"):
         over.megatron_return(torch.zeros(()))
+
+
+def test_the_checks_run_inside_finalize_without_finish(megatron_cpu):
+    """Without finish(): Megatron's finalize_model_grads_func runs the step's checks first and
+    raises before the gradients are reduced (the wrapper is one-shot; finish() afterwards is a
+    no-op); a wrapper whose step never reached finalize is dropped by the next StepShares."""
+    chunks = model()
+    config = chunks[0].config
+    reduced = []
+    config.finalize_model_grads_func = lambda *a, **k: reduced.append(a)
+    original = config.finalize_model_grads_func
+    StepShares(MASKS, model=chunks)  # a step that never reached finalize (e.g. forward-only)
+    shares = StepShares(MASKS, model=chunks)
+    assert config.finalize_model_grads_func.__wrapped__ is original
+    for loss, mask in zip(losses(), MASKS):
+        shares.megatron_return(shares.share(loss, torch.ones_like(mask), "token-mean"))
+    with pytest.raises(ValueError, match=r"differs from loss_masks\[0\]"):
+        config.finalize_model_grads_func(chunks)
+    assert reduced == [] and config.finalize_model_grads_func is original
+    shares.finish()  # already checked: nothing more
+    good = StepShares(MASKS, model=chunks)
+    for loss, mask in zip(losses(), MASKS):
+        good.megatron_return(good.share(loss, mask, "token-mean"))
+    config.finalize_model_grads_func(chunks)
+    assert len(reduced) == 1 and config.finalize_model_grads_func is original

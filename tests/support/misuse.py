@@ -149,6 +149,15 @@ def shares_nan_on_rank_1(rank: int) -> None:
     shares.finish()
 
 
+def shares_mismatch_without_finish(rank: int) -> None:
+    """The loss function reduces with masks other than loss_masks and nobody calls finish(): the
+    check runs inside Megatron's finalize_model_grads, before the gradients are reduced."""
+    model, mbs = _model(False), _mbs()
+    shares = StepShares([mb.full_loss_mask for mb in mbs], model=model)
+    _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+        shares.share(out, torch.ones_like(mb.loss_mask), "seq-mean-token-mean"), {})))
+
+
 # -- DeferredLossHook -----------------------------------------------------------------------------
 def deferred_mode(rank: int) -> None:
     model, mbs = _model(True), _mbs()
@@ -198,6 +207,7 @@ SCENARIOS = {
     "shares: modes used": (lambda r: shares_setup(r, "3-tuple", "token-mean"), ValueError,
                            "disagree on: terms and their modes"),
     "shares: NaN on rank 1 only": (shares_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
+    "shares: masks differ, finish() never called": (shares_mismatch_without_finish, ValueError, "differ"),
     "shares: num_groups": (shares_num_groups, ValueError, "disagree on: prompt groups (num_groups, group_scope)"),
     "deferred: mode": (deferred_mode, ValueError, "disagree on: terms and their modes"),
     "deferred: NaN on rank 1 only": (deferred_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
