@@ -212,9 +212,12 @@ class StepChecks:
         if totals["mismatch"]:
             bad = [(j, int(v)) for j, v in zip(mismatch_labels, mismatch) if v]
             if bad:
-                j, v = bad[0]
+                j, v = bad[0]  # j: the micro-batch, or (mask name, micro-batch) with several masks
+                name, j = j if isinstance(j, tuple) else (None, j)
+                which = f"{names.masks}[{j}]" if name is None else f"{names.masks}[{name!r}][{j}] (mask {name!r})"
+                given = "mask" if name is None else f"mask {name!r}"
                 raise ValueError(
-                    f"Micro-batch {j}: the mask given to {names.loss_call} differs from {names.masks}[{j}] "
+                    f"Micro-batch {j}: the {given} given to {names.loss_call} differs from {which} "
                     f"in {v} token(s) (micro-batches with differences: {[b for b, _ in bad]}). The "
                     f"gradients of this step used {names.masks}; {names.mismatch_fix}."
                 )

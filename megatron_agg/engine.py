@@ -467,6 +467,11 @@ class PreparedStep:
                 raise ValueError(
                     f"{self.names.loss_call} needs a tensor mask; micro-batch {index} got {type(mask).__name__}."
                 )
+            if mask.device != self._device:
+                raise ValueError(
+                    f"Micro-batch {index}: the mask given to {self.names.loss_call} is on device {mask.device}, "
+                    f"but {self.names.masks} are on {self._device}; pass both on the device of the model's output."
+                )
             if mask.shape != plan.local_shape:
                 label = self.names.masks if len(mask_names) == 1 else f"{self.names.masks}[{name!r}]"
                 cp_note = (
@@ -504,6 +509,12 @@ class PreparedStep:
         total = None
         shares: Dict[str, torch.Tensor] = {}
         for name, value in losses.items():
+            if isinstance(value, torch.Tensor) and value.device != self._device:
+                raise ValueError(
+                    f"Micro-batch {index}: the per-token loss of {name!r} is on device {value.device}, but "
+                    f"{self.names.masks} are on {self._device}; pass {self.names.masks} on the device of the "
+                    f"model's output (e.g. [m.to({str(value.device)!r}) for m in masks])."
+                )
             if not isinstance(value, torch.Tensor) or value.shape != mask_shape:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 what = ("value", "metric") if name in self.metrics else ("loss", "term")
@@ -554,21 +565,23 @@ class PreparedStep:
         given = self._given
         if not self.config.check_masks or any(g is None for g in given) or not given:
             return
+        named = len(self.layout.masks) > 1  # label the micro-batches with the mask's name
         with torch.no_grad():
             for k in self.layout.masks:
                 masks = [g[k] for g in given]
+                labels = [(k, j) if named else j for j in range(len(masks))]
                 if self._batched and len({g.shape[-1] for g in masks}) == 1:
                     whole = torch.cat(masks) if len(masks) > 1 else masks[0]
                     per_row = (agg.valid_tokens(whole) != self._valid_all[k][0]).sum(dim=-1)
                     counts = torch.zeros(len(masks), dtype=per_row.dtype, device=per_row.device)
                     counts = counts.index_add_(0, self._row_to_mb, per_row)
-                    self.checks.mismatch.append((list(range(len(masks))), counts))  # one vector, labelled
+                    self.checks.mismatch.append((labels, counts))  # one vector, labelled
                     continue
                 for j, (g, plan) in enumerate(zip(masks, self.plans)):
                     tokens = agg.valid_tokens(g)
                     if plan.member is not None:
                         tokens = tokens & plan.member
-                    self.checks.mismatch.append((j, (tokens != plan.valid[k]).sum()))
+                    self.checks.mismatch.append((labels[j], (tokens != plan.valid[k]).sum()))
 
     def finish(self, evaluated_all: bool = True) -> None:
         """After the step: every micro-batch's loss evaluated once (``evaluated_all=False`` for

@@ -52,6 +52,7 @@ whose sums over micro-batches and data×context-parallel ranks give ``L`` exactl
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -77,6 +78,22 @@ _MISSING_MASKS = (
     "this rank's loss masks, one per micro-batch, so that megatron_agg can count the "
     "step's totals before the first loss."
 )
+
+
+def _refuse_factory(func: Any) -> None:
+    """``ValueError`` for what cannot be a ``forward_backward_func``: not callable, Megatron's
+    ``get_forward_backward_func`` itself, or any callable that takes no arguments (a factory)."""
+    if not callable(func):
+        raise ValueError(f"hook.wrap needs Megatron's forward_backward function, got {type(func).__name__}.")
+    try:
+        takes_nothing = not inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing to refuse on
+        takes_nothing = False
+    if takes_nothing or getattr(func, "__name__", "") == "get_forward_backward_func":
+        raise ValueError(
+            f"hook.wrap got {getattr(func, '__qualname__', func)!r}, which takes no arguments: a factory, not "
+            "the forward_backward function. Call it first: hook.wrap(get_forward_backward_func())."
+        )
 
 
 class LossHook:
@@ -187,6 +204,7 @@ class LossHook:
 
         The original function is ``result.__wrapped__``.
         """
+        _refuse_factory(forward_backward_func)
         owner = getattr(forward_backward_func, "__megatron_agg_hook__", None)
         if owner is self:
             return forward_backward_func

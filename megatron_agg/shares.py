@@ -338,6 +338,11 @@ class StepShares:
             )
         if loss_mask.dim() != 2:
             raise ValueError(f"{call}() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
+        if loss_mat.device != loss_mask.device or loss_mask.device != self._device:
+            raise ValueError(
+                f"{call}() got loss_mat on {loss_mat.device} and loss_mask on {loss_mask.device}, but "
+                f"StepShares' loss_masks are on {self._device}; put all three on the device of the model's output."
+            )
         if mask_name not in self.mask_names:
             raise ValueError(
                 f"{call}(mask_name={mask_name!r}): the step's loss_masks are {list(self.mask_names)}; name one of "

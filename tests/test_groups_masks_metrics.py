@@ -188,7 +188,8 @@ def test_group_ids_out_of_range_raise_at_the_end_of_the_step(setup):
 
 def test_the_loss_functions_masks_are_checked_per_name(setup):
     hook = LossHook(terms=TERMS, metrics=METRICS, **GROUPS)
-    with pytest.raises(ValueError, match=r"Micro-batch 0: the mask given to .* differs"):
+    with pytest.raises(ValueError, match=r"Micro-batch 0: the mask 'correct' given to .* differs from "
+                                         r"loss_masks\['correct'\]\[0\] \(mask 'correct'\)"):
         step(setup, hook, loss_func_mask=lambda mb: {"default": mb.masks["default"],
                                                      "correct": torch.ones_like(mb.masks["correct"])})
 

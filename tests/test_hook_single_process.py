@@ -262,3 +262,17 @@ def test_hybrid_context_parallelism_is_refused_before_the_step(setup):
             setup.step(LossHook("token-mean"))
     finally:
         setup.model[0].config.hybrid_context_parallel = False
+
+
+def test_wrapping_the_factory_and_masks_on_another_device_are_value_errors(setup):
+    """Raw errors once: hook.wrap(get_forward_backward_func) without () (a TypeError later), masks on
+    another device than the output (a device error inside the share)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for factory in (get_forward_backward_func, lambda: setup.fb):
+        with pytest.raises(ValueError, match=r"takes no arguments.*hook.wrap\(get_forward_backward_func\(\)\)"):
+            LossHook("token-mean").wrap(factory)
+    with pytest.raises(ValueError, match="mask given to hook.loss_func.*is on device cpu, but loss_masks are on meta"):
+        setup.step(LossHook("token-mean"), loss_masks=[mb.full_loss_mask.to("meta") for mb in setup.mbs])
+    with pytest.raises(ValueError, match=r"per-token loss of 'loss' is on device meta, but loss_masks are on cpu.*\.to\('meta'\)"):
+        setup.step(LossHook("token-mean"), fn=lambda out: out.to("meta"))
