@@ -23,11 +23,11 @@ import time
 import torch.distributed as dist
 
 from megatron_agg import LossHook
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, load_full_weights, wrap_ddp
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, load_full_weights, wrap_ddp
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights
 
 
 def current_rss_kib() -> int:

@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg import LossHook, LossTerm, reference_loss
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
 
 CLIP = 0.2
 

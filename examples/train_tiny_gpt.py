@@ -7,12 +7,12 @@ Every step feeds a fresh ragged global batch (masked prompts, responses of varyi
 masked sequences, uneven micro-batches and data-parallel ranks) through Megatron's pipeline
 schedule with the hook, clips the gradient norm and takes an SGD step with Megatron's optimizer.
 Beside it, every rank keeps the same model in plain PyTorch on one process
-(:mod:`megatron_agg.testing.reference_gpt`) and applies the same update from the loss computed by
+(:mod:`megatron_agg.compare.reference_gpt`) and applies the same update from the loss computed by
 its definition on the whole global batch. Per step it prints the hooked global loss, the
 reference loss, both gradient norms, and the largest relative difference between Megatron's
 gradients and the reference's. It exits non-zero if that difference exceeds ``--tol``.
 
-On CPU (the default) it runs with gloo under :func:`megatron_agg.testing.cpu.cpu_shim`; with
+On CPU (the default) it runs with gloo under :func:`megatron_agg.compare.cpu.cpu_shim`; with
 ``--device cuda`` it runs with NCCL.
 """
 
@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg import AggMode, LossHook, LossTerm, reference_loss
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
 
 
 def te_layer_spec():

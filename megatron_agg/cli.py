@@ -8,7 +8,7 @@
 machine unless it already runs under it (``RANK`` set), so the same command works from a shell
 and inside a multi-node launch. Before it starts any worker it checks the command line, the
 ``--out`` folder, the device and the rendezvous port (``MASTER_PORT`` if set, else a free one) and
-answers a bad one with one line and exit status 2 (:mod:`megatron_agg.compare_checks`); a worker
+answers a bad one with one line and exit status 2 (:mod:`megatron_agg.compare.checks`); a worker
 that fails anyway is reported in one line, with the workers' whole stderr in
 ``<out>/compare-workers.log``.
 
@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .compare_checks import PROG
+from .compare.checks import PROG
 
 __all__ = ["main"]
 
@@ -134,7 +134,7 @@ def _launch(argv: List[str], args: argparse.Namespace) -> int:
     A bad command line gives one line and exit status 2 before any worker starts; a failed worker
     gives one line with its last error (the workers' whole stderr goes to ``<out>/compare-workers.log``).
     """
-    from .compare_checks import USAGE_ERROR, CompareUsageError, check_before_launch, error_line
+    from .compare.checks import USAGE_ERROR, CompareUsageError, check_before_launch, error_line
 
     try:
         port = check_before_launch(args, os.environ)

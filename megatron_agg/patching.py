@@ -8,7 +8,10 @@ The patches ship with the package (``patches/<target>/<release>/<file>.patch``; 
 
 1. ``--release R``, when given;
 2. the touched files are byte-identical (sha256) to the pinned, unmodified upstream copies of a
-   release (``patches/upstream/``): that release;
+   release, or to those copies with the release's patch applied: that release. The copies stay in
+   the repository (``patches/upstream/``, for the tests); what ships is their sha256 manifest
+   (``upstream/SHA256SUMS``) and that of the patched copies (``upstream/PATCHED.SHA256SUMS``),
+   both written by ``scripts/update_upstream_sums.sh``;
 3. the version the checkout declares — Megatron-LM: ``megatron/core/package_info.py`` (``0.16.x``
    → the ``core_v0.16.1`` patch, ``0.20`` and later → ``main``), else the installed megatron-core
    (a folder with only ``pretrain_gpt.py`` and friends next to the megatron-core wheel); verl:
@@ -41,7 +44,9 @@ __all__ = [
     "Target",
     "detect_release",
     "patch_path",
+    "patched_digests_of_copies",
     "patches_root",
+    "pinned_digests",
     "pinned_folder",
     "release_for_version",
     "run_patch",
@@ -178,8 +183,44 @@ def patch_path(target: Target, release: str) -> Path:
 
 
 def pinned_folder(target: Target, release: str) -> Path:
-    """The folder of ``release``'s pinned, unmodified upstream files (files at their upstream paths)."""
+    """The folder of ``release``'s pinned, unmodified upstream files (files at their upstream paths).
+
+    Only in a source checkout: an installed megatron_agg ships their digests, not the copies
+    (:func:`pinned_digests`)."""
     return patches_root() / "upstream" / target.pinned[release]
+
+
+#: The manifests under ``upstream/``: sha256 of every pinned copy, and of each release's touched
+#: files with its patch applied (``sha256sum`` lines: ``<digest>  ./<folder>/<file>``).
+MANIFEST = "SHA256SUMS"
+PATCHED_MANIFEST = "PATCHED.SHA256SUMS"
+
+
+def _read_manifest(name: str) -> dict[str, str]:
+    """``<folder>/<file>`` → sha256, from ``upstream/<name>``."""
+    path = patches_root() / "upstream" / name
+    if not path.is_file():
+        raise PatchError(f"the release manifest {path} is missing: reinstall megatron_agg.")
+    digests = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, name_ = line.split(maxsplit=1)
+            digests[name_[2:] if name_.startswith("./") else name_] = digest
+    return digests
+
+
+def _digests_in(manifest: Mapping[str, str], target: Target, release: str) -> dict[str, str] | None:
+    names = {f: f"{target.pinned[release]}/{f}" for f in target.files}
+    if not all(n in manifest for n in names.values()):
+        return None
+    return {f: manifest[n] for f, n in names.items()}
+
+
+def pinned_digests(target: Target, release: str, patched: bool = False) -> dict[str, str] | None:
+    """sha256 of each file ``target``'s patch touches, in ``release``'s pinned, unmodified copy (with
+    ``patched``: with the release's patch applied), from the shipped manifests; ``None``: not listed
+    (with ``patched``: the patch does not apply to the pinned copy)."""
+    return _digests_in(_read_manifest(PATCHED_MANIFEST if patched else MANIFEST), target, release)
 
 
 # -- which release -----------------------------------------------------------------------------------
@@ -249,25 +290,21 @@ def _installed(distribution: str, why: str) -> tuple[str | None, str]:
         return None, f"{why}, and {distribution} is not installed"
 
 
-def _patched_digests(target: Target, release: str) -> dict[str, str] | None:
+def patched_digests_of_copies(target: Target, release: str) -> dict[str, str] | None:
     """sha256 of each file of ``release``'s pinned copy with its patch applied (``None``: it does
-    not apply there). Computed in a temporary folder; cached per process."""
-    key = (target.name, release)
-    if key not in _PATCHED_DIGESTS:
-        digests = None
-        pinned, patch = pinned_folder(target, release), patch_path(target, release)
-        if patch.is_file() and all((pinned / f).is_file() for f in target.files):
-            with tempfile.TemporaryDirectory(prefix="megatron_agg_patch_") as tmp:
-                for f in target.files:
-                    (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(pinned / f, Path(tmp) / f)
-                if _applies(patch, Path(tmp), check=False)[0]:
-                    digests = {f: _sha256(Path(tmp) / f) for f in target.files}
-        _PATCHED_DIGESTS[key] = digests
-    return _PATCHED_DIGESTS[key]
-
-
-_PATCHED_DIGESTS: dict[tuple[str, str], dict[str, str] | None] = {}
+    not apply there), computed from the copies in a temporary folder: what
+    ``scripts/update_upstream_sums.sh`` writes to ``upstream/PATCHED.SHA256SUMS`` (source checkout
+    only; :func:`detect_release` reads the manifest)."""
+    pinned, patch = pinned_folder(target, release), patch_path(target, release)
+    if not (patch.is_file() and all((pinned / f).is_file() for f in target.files)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="megatron_agg_patch_") as tmp:
+        for f in target.files:
+            (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pinned / f, Path(tmp) / f)
+        if _applies(patch, Path(tmp), check=False)[0]:
+            return {f: _sha256(Path(tmp) / f) for f in target.files}
+    return None
 
 
 def detect_release(target: Target, root: Path) -> Detection:
@@ -280,12 +317,12 @@ def detect_release(target: Target, root: Path) -> Detection:
     verb = "is" if len(target.files) == 1 else "are"
     if all((root / f).is_file() for f in target.files):
         digests = {f: _sha256(root / f) for f in target.files}
+        pinned, patched = _read_manifest(MANIFEST), _read_manifest(PATCHED_MANIFEST)
         for release in target.releases:
-            pinned = pinned_folder(target, release)
-            if all((pinned / f).is_file() and _sha256(pinned / f) == digests[f] for f in target.files):
+            if _digests_in(pinned, target, release) == digests:
                 return Detection(release, f"{what} {verb} byte-identical to the pinned {release} copy")
         for release in target.releases:
-            if _patched_digests(target, release) == digests:
+            if _digests_in(patched, target, release) == digests:
                 return Detection(release, f"{what} {verb} byte-identical to the pinned {release} copy with its patch")
     version, source = _declared_version(target, root)
     if version is None:
@@ -388,8 +425,12 @@ def run_patch(target: str, path: os.PathLike, release: str | None = None, revert
     others = [r for r in spec.releases if r != detection.release]
     doing = "revert" if revert else "apply"
     error = (backward_error if revert else forward_error) or f"git apply{' -R' if revert else ''} failed"
+    # What the checkout holds comes first: the files match no release's pinned copy (patched or not),
+    # so the release came from a version declaration (possibly the installed megatron-core's) or --release.
+    what = "is not byte-identical" if len(spec.files) == 1 else "are not byte-identical"
     raise PatchError(
-        f"{root} is {target} {detection.release} ({detection.how}), but the {detection.release} patch "
+        f"{', '.join(spec.files)} in {root} {what} to any release's pinned copy, patched or not (local "
+        f"edits?); taken as {target} {detection.release} ({detection.how}), but the {detection.release} patch "
         f"({patch}) does not {doing} cleanly: {error}. Also tried the other "
         f"releases' patches ({', '.join(others)}): {_hint(applies, reverts, revert)} "
         f"Otherwise {', '.join(spec.files)} {_is_not_unmodified(len(spec.files))} of a supported release: "

@@ -13,6 +13,7 @@ OUT="$ROOT/results/benchmarks"
 mkdir -p "$OUT"
 cd "$ROOT"
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+export PYTHONPATH="$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # bench_step counts collectives with the test harness (tests/harness)
 run() { "$PY" -m torch.distributed.run --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29577}" "$@" \
           2> >(grep -v "^W[0-9]* \|^\*\*\*\|OMP_NUM_THREADS" >&2); }
 echo "== machine: $(getconf _NPROCESSORS_ONLN) cores, $(uname -m), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$PY" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null)"

@@ -9,7 +9,7 @@
 #   bash scripts/run_megatron_lm_e2e.sh                      # everything (a few minutes)
 #   bash scripts/run_megatron_lm_e2e.sh --configs cp2-dp2-interdoc --modes seq-mean-token-mean
 #
-# Arguments go to `python -m megatron_agg.testing.megatron_lm` (see its --help). The venv is the
+# Arguments go to `python -m harness.megatron_lm` (see its --help). The venv is the
 # version matrix's megatron-core 0.19.2 one (scripts/run_version_matrix.sh's make_venv: created
 # on first use, then reused; megatron_agg installed editable from this checkout). Writes
 # $MEGATRON_AGG_OUT (default results/megatron_lm_e2e): e2e.log, summary.json, captures/.
@@ -37,9 +37,10 @@ port="${MASTER_PORT:-$("$venv/bin/python" -c 'import socket; s = socket.socket()
 log="$OUT/e2e.log"
 echo "megatron-lm e2e: megatron-core $VERSION ($venv, ready in ${installed}s); 4 ranks; log $log"
 set +e
-(cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+(cd "$ROOT" && PYTHONPATH="$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 \
+      "$venv/bin/python" -m torch.distributed.run \
     --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "$port" \
-    -m megatron_agg.testing.megatron_lm --out "$OUT" "$@" >"$log" 2>&1)
+    -m harness.megatron_lm --out "$OUT" "$@" >"$log" 2>&1)
 rc=$?
 set -e
 if ! grep -E '^megatron-lm e2e' "$log"; then

@@ -67,7 +67,8 @@ fi
 
 launch() {  # venv log torchrun-args... : 4 CPU ranks from the checkout, output to log
   local venv="$1" log="$2"; shift 2
-  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+  (cd "$ROOT" && PYTHONPATH="$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 \
+      "$venv/bin/python" -m torch.distributed.run \
       --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" "$@" >"$log" 2>&1)
 }
 
@@ -80,7 +81,7 @@ for v in $VERSIONS; do
   log="$OUT/release-$v.log"
   echo "versions: megatron-core $v: running the release suite (log: $log)"
   set +e
-  launch "$venv" "$log" -m megatron_agg.testing.matrix --suite release \
+  launch "$venv" "$log" -m harness.matrix --suite release \
       --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec" --out "$OUT/release-$v.json"
   rc=$?
   set -e

@@ -26,8 +26,10 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, args: List[str], timeout: float = 1800, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run ``python -m torch.distributed.run --nproc-per-node nproc <args>`` on loopback."""
-    full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    """Run ``python -m torch.distributed.run --nproc-per-node nproc <args>`` on loopback, with
+    ``tests/`` (the test harness, ``harness``) and the repository on ``PYTHONPATH``."""
+    path = [str(REPO / "tests"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
@@ -53,8 +55,8 @@ def one_rank_world():
 @pytest.fixture
 def megatron_cpu(one_rank_world):
     """Megatron on the CPU with model parallel state TP = PP = 1 for the test's duration."""
-    from megatron_agg.testing.cpu import cpu_shim
-    from megatron_agg.testing.parallel import Layout, model_parallel
+    from megatron_agg.compare.cpu import cpu_shim
+    from megatron_agg.compare.parallel import Layout, model_parallel
 
     with cpu_shim(), model_parallel(Layout()):
         yield

@@ -222,7 +222,7 @@ def test_compare_refuses_a_bad_master_port(tmp_path, value, message):
 
 
 def test_without_master_port_compare_picks_a_free_one():
-    from megatron_agg.compare_checks import master_port
+    from megatron_agg.compare.checks import master_port
 
     port = master_port({})
     with socket.socket() as s:

@@ -3,7 +3,7 @@ parallelism, the distributed optimizer, overlapped gradient reduction with small
 with expert parallelism (both token dispatchers, expert TP), and leaves Megatron's MoE auxiliary
 loss exactly as Megatron's plain loss leaves it.
 
-One launch of :mod:`megatron_agg.testing.features` runs every configuration. A configuration passes
+One launch of :mod:`harness.features` runs every configuration. A configuration passes
 when every rank's gradients after ``finalize_model_grads`` (only the owned shards under the
 distributed optimizer, whose shards must cover every parameter element exactly once; after each of
 two steps with overlapped reduction) equal the single-process reference to 1e-5 relative, the hook's
@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import pytest
 
-from megatron_agg.testing.features import AUX_CHECKS, FEATURES, REFUSED, WORLD
-from megatron_agg.testing.matrix import runs_in
+from harness.features import AUX_CHECKS, FEATURES, REFUSED, WORLD
+from harness.matrix import runs_in
 
 from conftest import SUMMARY, torchrun
 
@@ -35,7 +35,7 @@ def _rows():
 
 def test_features_suite(tmp_path):
     out = tmp_path / "features.json"
-    proc = torchrun(WORLD, ["-m", "megatron_agg.testing.features", "--out", str(out)])
+    proc = torchrun(WORLD, ["-m", "harness.features", "--out", str(out)])
     tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
     assert out.exists(), f"the features suite did not finish (exit {proc.returncode}):\n{tail}"
     report = json.loads(out.read_text())
@@ -127,7 +127,7 @@ def test_every_wrapper_is_exact_or_refused_with_megatron_itself_wrong():
     pairing with no_sync_func): exact where the release's wrapper is consistent; where it has an
     upstream defect (megatron_agg.wrapper_defects) the hook refused on every rank, naming it, and
     Megatron's own per-token loss, exact under DDP, misses there."""
-    from megatron_agg.testing.features import PLAIN_PER_TOKEN
+    from harness.features import PLAIN_PER_TOKEN
 
     rows = _rows()
     wrapped = [f for f in FEATURES if f.wrapper != "ddp"]

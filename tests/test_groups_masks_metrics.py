@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from megatron_agg import AggConfig, LossHook, LossTerm, reference_loss
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.gpt import grad_error, reference_grads
-from megatron_agg.testing.reference_gpt import per_token_loss
-from megatron_agg.testing.sync_guard import forbid_host_sync
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.gpt import grad_error, reference_grads
+from megatron_agg.compare.reference_gpt import per_token_loss
+from harness.sync_guard import forbid_host_sync
 
 from test_hook_single_process import SPEC, Setup
 

@@ -1,6 +1,6 @@
 """The gradient-equivalence matrix under torchrun (gloo, CPU): the proof of the core claims.
 
-Each world size of each suite runs :mod:`megatron_agg.testing.matrix` in one launch: ``core``
+Each world size of each suite runs :mod:`harness.matrix` in one launch: ``core``
 (DP × TP × PP × VPP) and ``cp`` (context parallelism × DP × TP, with one PP layout, each
 unpacked and with packed sequences, the packed rows cut over CP per document and, where cp > 1, as
 a whole (``cp_layout="per-row"``, Megatron-LM's inter-document masking; world sizes 2 and 4), with
@@ -12,7 +12,7 @@ hook issued exactly one collective (none where it computes no loss or has one DP
 Negative controls in the same launches must fail the comparison. The specs of issue 13
 (``token-sum``, ``prompt-mean`` with global and per-rank group ids, a term over a mask of its own,
 exact metrics) run with every Megatron path on every core layout and with three paths in the cp
-suite (:data:`megatron_agg.testing.matrix.EXTENDED_IN`); their controls (groups counted per rank,
+suite (:data:`harness.matrix.EXTENDED_IN`); their controls (groups counted per rank,
 a term's denominator counted from the default mask, metrics as a mean of local means) fail.
 """
 
@@ -25,7 +25,7 @@ from collections import defaultdict
 import pytest
 
 from megatron_agg import AggMode
-from megatron_agg.testing.matrix import (CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, packings_of,
+from harness.matrix import (CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, packings_of,
                                         runs_in_suite)
 
 from conftest import REPO, SUMMARY, torchrun
@@ -50,7 +50,7 @@ def _factors(layout: str) -> dict:
 def test_matrix(suite, world, tmp_path):
     out = tmp_path / f"matrix-{suite}-{world}.json"
     packings = PACKINGS[(suite, world)]
-    proc = torchrun(world, ["-m", "megatron_agg.testing.matrix", "--suite", suite, "--out", str(out),
+    proc = torchrun(world, ["-m", "harness.matrix", "--suite", suite, "--out", str(out),
                             "--packing", PACKING_ARG[packings], *(CP_SPEC if suite == "cp" else [])])
     tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
     assert out.exists(), f"the matrix did not finish (exit {proc.returncode}):\n{tail}"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_agg.layout import cp_local_positions, thd_cp_local_positions
-from megatron_agg.testing import megatron_lm as mlm
+from harness import megatron_lm as mlm
 
 from conftest import REPO, SUMMARY
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from megatron_agg import cli
-from megatron_agg.patching import TARGETS, PatchError, patch_path, patches_root, pinned_folder, run_patch
+from megatron_agg.patching import (TARGETS, PatchError, patch_path, patched_digests_of_copies, patches_root,
+                                   pinned_digests, pinned_folder, run_patch)
 
 from conftest import REPO
 
@@ -88,6 +89,21 @@ def test_patches_are_found():
         assert patch_path(MLM, release).is_file()
 
 
+@pytest.mark.parametrize("target,release", [(t, r) for t in TARGETS.values() for r in t.releases],
+                         ids=lambda v: getattr(v, "name", v))
+def test_shipped_manifests_match_the_pinned_copies(target, release):
+    """The wheel ships the pinned copies' digests, not the copies: `patch` recognises a release
+    (unmodified, or already patched) by upstream/SHA256SUMS and upstream/PATCHED.SHA256SUMS, which
+    must say what the copies and the patches in the repository give (scripts/update_upstream_sums.sh)."""
+    import hashlib
+
+    folder = pinned_folder(target, release)
+    assert pinned_digests(target, release) == {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
+                                               for f in target.files}
+    assert pinned_digests(target, release, patched=True) == patched_digests_of_copies(target, release), \
+        "upstream/PATCHED.SHA256SUMS is stale: run scripts/update_upstream_sums.sh"
+
+
 @pytest.mark.parametrize("release", MLM.releases)
 def test_megatron_lm_release_detected_by_its_files(release, tmp_path):
     """A folder with the release's pretrain_gpt.py only (next to the megatron-core wheel):
@@ -152,6 +168,17 @@ def test_a_modified_file_no_patch_fits_is_a_clear_error(tmp_path, capsys):
     for expected in ("core_r0.19.0", "package_info.py says 0.19.1", "does not apply cleanly",
                      "Also tried the other releases' patches", "main", "none fits either", "check out"):
         assert expected in lines[0], expected
+
+
+def test_an_edited_checkout_without_package_info_names_its_files_first(tmp_path, capsys):
+    """The release then comes from the installed megatron-core: the error line says first what the
+    checkout holds (files that match no pinned copy), then where the release was read."""
+    root = checkout(MLM, "core_r0.19.0", tmp_path / "mlm",
+                    edit=lambda t: t.replace("batch = get_batch_on_this_cp_rank(", "batch = my_own_cp_split(", 1))
+    code, out, err = _run_cli(["--target", "megatron-lm", "--path", str(root)], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    found = err.index(f"pretrain_gpt.py in {root} is not byte-identical to any release's pinned copy")
+    assert found < err.index("the installed megatron-core") < err.index("does not apply cleanly")
 
 
 def test_unknown_release_and_not_a_checkout(tmp_path, capsys):

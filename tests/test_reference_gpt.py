@@ -2,10 +2,10 @@
 
 import torch
 
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, full_name, load_full_weights, reference_grads
-from megatron_agg.testing.parallel import Layout
-from megatron_agg.testing.reference_gpt import init_full_weights, param_names, per_token_loss
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, full_name, load_full_weights, reference_grads
+from megatron_agg.compare.parallel import Layout
+from megatron_agg.compare.reference_gpt import init_full_weights, param_names, per_token_loss
 
 
 def test_reference_matches_megatron_gpt_model(megatron_cpu):
@@ -32,7 +32,7 @@ def test_reference_matches_megatron_gpt_model(megatron_cpu):
 def test_moe_reference_matches_megatron_moe_model(megatron_cpu):
     """The MoE reference (router top-k + softmax over the k, SequentialMLP experts, no biases)
     equals Megatron's own single-rank local-spec MoE GPTModel, per token and in the gradients."""
-    from megatron_agg.testing.gpt import TinyMoEGPT
+    from megatron_agg.compare.gpt import TinyMoEGPT
 
     spec = TinyMoEGPT()
     for dispatcher in ("alltoall", "allgather"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from megatron_agg import AggMode, LossTerm, StepShares, reference_loss
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, wrap_ddp
-from megatron_agg.testing.parallel import Layout
-from megatron_agg.testing.sync_guard import HostSyncError, count_collectives, forbid_host_sync
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, wrap_ddp
+from megatron_agg.compare.parallel import Layout
+from harness.sync_guard import HostSyncError, count_collectives, forbid_host_sync
 
 MASKS = [
     torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.bool),

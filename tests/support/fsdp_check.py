@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 
 from megatron_agg import AggMode, LossTerm, reference_loss
 from megatron_agg.fsdp import FSDPLossHook
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.gpt import TinyGPT, reference_grads
-from megatron_agg.testing.reference_gpt import TorchGPT, init_full_weights, per_token_loss
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.gpt import TinyGPT, reference_grads
+from megatron_agg.compare.reference_gpt import TorchGPT, init_full_weights, per_token_loss
 
 SPEC = TinyGPT(num_layers=2)
 TOL = 1e-5

@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg.averaging import LossReturn
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, reference_grads
-from megatron_agg.testing.matrix import plain_masked_mean, schedule_group_kwargs
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
-from megatron_agg.testing.wrappers import build_chunks_for, fit_factor, gather_main_grads, wrap_model
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, reference_grads
+from harness.matrix import schedule_group_kwargs
+from megatron_agg.compare.controls import plain_masked_mean
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.compare.wrappers import build_chunks_for, fit_factor, gather_main_grads, wrap_model
 
 SPEC = TinyGPT(num_layers=2)
 PLAN = [[2, 4], [3, 3], [1, 5], [4, 2]]  # rows per micro-batch of each DP rank (24 in all)

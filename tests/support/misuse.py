@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg import DeferredLossHook, LossHook, LossTerm, NonFiniteLossError, StepShares
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, build_chunks, load_full_weights, wrap_ddp
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, load_full_weights, wrap_ddp
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights
 
 BASE = dict(mode="seq-mean-token-mean", exclude=False, weight=1.0, loss_return="3-tuple", per_token=False)
 SPEC = TinyGPT(num_layers=1)

@@ -46,9 +46,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg.layout import cp_local_positions, to_cp_local
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import (
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import (
     TinyGPT,
     build_chunks,
     grad_error,
@@ -56,8 +56,8 @@ from megatron_agg.testing.gpt import (
     reference_grads,
     wrap_ddp,
 )
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
 
 SPEC = TinyGPT(num_layers=4)
 TOL = 1e-5

@@ -17,8 +17,8 @@ DP). ``exp`` is the factor predicted from the wrapper's code (see ``expected_fac
     torchrun --nproc-per-node 4 tests/support/wrapper_probe.py [--wrappers ...] [--json out.json]
 
 ``--overlap`` adds ``overlap_grad_reduce=True`` runs (DDP, Megatron-FSDP), where Megatron-LM also
-sets ``config.no_sync_func`` (see :func:`megatron_agg.testing.wrappers.wrap_model`);
-``--no-sync always`` sets it everywhere (what ``megatron_agg.testing.gpt.wrap_ddp`` does).
+sets ``config.no_sync_func`` (see :func:`megatron_agg.compare.wrappers.wrap_model`);
+``--no-sync always`` sets it everywhere (what ``megatron_agg.compare.gpt.wrap_ddp`` does).
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import torch.distributed as dist
 
 from megatron_agg import LossHook
 from megatron_agg.averaging import LossReturn
-from megatron_agg.testing import data as data_mod
-from megatron_agg.testing.cpu import cpu_shim
-from megatron_agg.testing.gpt import TinyGPT, reference_grads
-from megatron_agg.testing.matrix import TOKEN_MEAN, VARIANTS, Variant, plain_masked_mean, schedule_group_kwargs
-from megatron_agg.testing.parallel import Layout, model_parallel
-from megatron_agg.testing.reference_gpt import init_full_weights, per_token_loss
-from megatron_agg.testing.wrappers import (
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, reference_grads
+from harness.matrix import TOKEN_MEAN, VARIANTS, Variant, schedule_group_kwargs
+from megatron_agg.compare.controls import plain_masked_mean
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.compare.wrappers import (
     STRATEGIES,
     build_chunks_for,
     check_coverage,
@@ -301,7 +302,7 @@ def uses_no_sync(wrapper: str, overlap: bool, mode: str) -> bool:
 def settings(wrappers: List[str], overlap: str, no_sync: str, div_fusion: str) -> List[Tuple[str, bool, str, bool]]:
     """(wrapper, overlap_grad_reduce, no_sync mode, gradient_reduce_div_fusion) to run.
 
-    ``always`` (no_sync everywhere, as :func:`megatron_agg.testing.gpt.wrap_ddp` sets it) only where
+    ``always`` (no_sync everywhere, as :func:`megatron_agg.compare.gpt.wrap_ddp` sets it) only where
     it changes anything when several modes are asked for: Megatron-FSDP ``no_shard``/``optim``
     without overlap (DDP's no_sync only matters with overlap, FSDP2 ignores it, the grads-sharding
     strategies reduce on every backward). ``gradient_reduce_div_fusion=False`` only for

@@ -5,7 +5,7 @@
   tensor, ``nonzero``, boolean-mask indexing, copies to the host, ...), even on the CPU where
   they are free, so that the CPU suite catches what would stall a GPU run.
 - :func:`count_collectives` counts ``torch.distributed`` collectives issued from frames of a
-  given package (by default ``megatron_agg`` outside ``megatron_agg.testing``).
+  given package (by default ``megatron_agg`` outside ``megatron_agg.compare``, the CPU kit).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ _COLLECTIVES = (
 class CollectiveCounter:
     """Counts collectives whose caller stack has a frame of ``package`` (not of ``exclude``)."""
 
-    def __init__(self, package: str = "megatron_agg", exclude: str = "megatron_agg.testing") -> None:
+    def __init__(self, package: str = "megatron_agg", exclude: str = "megatron_agg.compare") -> None:
         self.package = package
         self.exclude = exclude
         self.calls: List[str] = []
@@ -139,7 +139,7 @@ class CollectiveCounter:
 
 @contextlib.contextmanager
 def count_collectives(
-    package: str = "megatron_agg", exclude: str = "megatron_agg.testing"
+    package: str = "megatron_agg", exclude: str = "megatron_agg.compare"
 ) -> Iterator[CollectiveCounter]:
     """Count the collectives ``package`` issues inside the block."""
     from torch.distributed import distributed_c10d as c10d

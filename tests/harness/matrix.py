@@ -2,7 +2,7 @@
 
 Run under ``torchrun`` (gloo, CPU)::
 
-    torchrun --nproc-per-node 4 -m megatron_agg.testing.matrix --suite core --out results.json
+    torchrun --nproc-per-node 4 -m harness.matrix --suite core --out results.json
 
 Each *configuration* is one optimizer step of a small ``GPTModel`` on a ragged global batch
 (:mod:`.data`) under a layout (TP/PP/VPP/CP, DP from the world size), a Megatron path (loss
@@ -27,23 +27,23 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..averaging import LossReturn
-from ..groups import ParallelGroups
-from ..scaling import MegatronScaling
-from ..definition import reference_loss
-from ..modes import AggMode
-from ..terms import DEFAULT_MASK_NAME, LossTerm
-from . import data as data_mod
-from .cpu import cpu_shim
-from .gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
-from .parallel import Layout, model_parallel
-from .reference_gpt import init_full_weights, per_token_loss
+from megatron_agg.averaging import LossReturn
+from megatron_agg.groups import ParallelGroups
+from megatron_agg.scaling import MegatronScaling
+from megatron_agg.definition import reference_loss
+from megatron_agg.modes import AggMode
+from megatron_agg.terms import DEFAULT_MASK_NAME, LossTerm
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.controls import LocalTimesDpGroups, groups_like, plain_masked_mean
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, build_chunks, grad_error, load_full_weights, reference_grads, wrap_ddp
+from megatron_agg.compare.parallel import Layout, model_parallel
+from megatron_agg.compare.reference_gpt import init_full_weights, per_token_loss
 from .sync_guard import count_collectives, forbid_host_sync
 
 __all__ = ["LossSpec", "Variant", "Layout", "SUITES", "LOSS_SPECS", "EXTENDED_SPECS", "VARIANTS", "CONTROLS",
@@ -315,9 +315,11 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
     "release": {
         4: [Layout(tp=2), Layout(pp=2, vpp=2), Layout(cp=2, tp=2), Layout(tp=2, pp=2)],
     },
+    # The fast tier's one launch (tests/test_smoke.py): TP, interleaved PP and CP (with packing)
+    # beside DP on 4 ranks; needs --layer-spec for CP.
     "smoke": {
         2: [Layout(tp=2)],
-        4: [Layout(tp=2), Layout(pp=2, vpp=2)],
+        4: [Layout(tp=2), Layout(pp=2, vpp=2), Layout(cp=2)],
     },
 }
 #: Which suites also run every layout with packed sequences, and which add the CP controls.
@@ -327,54 +329,18 @@ PACKED_SUITES = {"cp"}
 #: ``--dataloader-inter-document-masking``, ``cp_layout="per-row"``; run where cp > 1 only, as it
 #: equals "packed" without CP).
 PACKINGS = ("unpacked", "packed", "packed-per-row")
-CP_CONTROL_SUITES = {"cp", "release"}
+CP_CONTROL_SUITES = {"cp", "release", "smoke"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Controls: loss functions that do *not* use the hook's exact scaling
 # ---------------------------------------------------------------------------------------------
-def plain_masked_mean(loss_return: LossReturn, token_sum: bool = False):
-    """Megatron's classic per-micro-batch loss: the local masked mean (or sum + count); with
-    ``token_sum`` the local masked sum as the loss (verl's ``token-sum`` returned to Megatron as is)."""
-
-    def make(mask: torch.Tensor):
-        def loss_func(output: torch.Tensor):
-            valid = mask != 0
-            total = torch.where(valid, output, torch.zeros_like(output)).sum()
-            count = valid.sum(dtype=torch.int)
-            if token_sum:
-                return total, {"loss": total.detach().clone()}
-            if loss_return is LossReturn.TWO_TUPLE:
-                mean = total / torch.clamp(count, min=1)
-                return mean, {"loss": mean.detach().clone()}  # the schedule rescales `mean` in place
-            return total, count, {"loss": torch.stack([total.detach(), count.float()])}
-
-        return loss_func
-
-    return make
-
-
-class LocalTimesDpGroups(ParallelGroups):
-    """A broken set of groups, injected as a user would pass groups: the step's totals are this
-    rank's local totals × dp instead of their all-reduced sum (verl's old shortcut)."""
-
-    def sum_over_dp(self, tensor: torch.Tensor, async_op: bool = True) -> None:
-        tensor.mul_(self.dp_size)
-        return None
-
-
 class CpFactorLeftIn(MegatronScaling):
     """A broken scaling, injected through ``LossHook(scaling=...)``: Megatron's × cp of the 2-tuple
     path is left uncancelled."""
 
     def multipliers(self, num_tokens: torch.Tensor, total_tokens: torch.Tensor) -> torch.Tensor:
         return super().multipliers(num_tokens, total_tokens) * self.averaging.cp_size
-
-
-def groups_like(groups: ParallelGroups, cls: type = ParallelGroups, **changes: Any) -> ParallelGroups:
-    values = {f.name: getattr(groups, f.name) for f in dataclass_fields(groups)}
-    values.update(changes)
-    return cls(**values)
 
 
 def _local_times_dp(groups: ParallelGroups) -> Dict[str, Any]:
@@ -565,8 +531,8 @@ class Harness:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..deferred import DeferredLossHook
-        from ..hook import LossHook
+        from megatron_agg.deferred import DeferredLossHook
+        from megatron_agg.hook import LossHook
 
         t0 = time.perf_counter()
         packed = packing != "unpacked"
@@ -579,7 +545,7 @@ class Harness:
         overrides = dict(config_overrides or {})
         overrides["calculate_per_token_loss"] = variant.per_token
         if wrapper != "ddp" or wrapper_options:
-            from .wrappers import build_chunks_for, full_weights_for, wrap_model
+            from megatron_agg.compare.wrappers import build_chunks_for, full_weights_for, wrap_model
 
             chunks = build_chunks_for(model_spec, layout, wrapper, **overrides)
             model = wrap_model(chunks, wrapper, full_weights=full_weights_for(chunks, self.full),
@@ -590,7 +556,7 @@ class Harness:
             model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective, **dict(ddp_options or {}))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        from ..integration import resolve_groups
+        from megatron_agg.integration import resolve_groups
 
         broken = control.breaker(resolve_groups()) if control and control.breaker else {}
         local_masks = bool(broken.pop("local_masks", False))

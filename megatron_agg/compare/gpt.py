@@ -80,7 +80,7 @@ class TinyMoEGPT(TinyGPT):
 
     No auxiliary loss, no z-loss and no capacity factor by default (no token dropping), so the
     model is a deterministic function of its weights that
-    :func:`~megatron_agg.testing.reference_gpt.per_token_loss` reproduces.
+    :func:`~megatron_agg.compare.reference_gpt.per_token_loss` reproduces.
     """
 
     num_layers: int = 2

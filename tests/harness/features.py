@@ -2,7 +2,7 @@
 
 Run under ``torchrun`` (gloo, CPU), every configuration in one launch::
 
-    torchrun --nproc-per-node 4 -m megatron_agg.testing.features --out results.json
+    torchrun --nproc-per-node 4 -m harness.features --out results.json
 
 Each configuration is one step (forward, backward and ``finalize_model_grads``, before the
 optimizer; two steps where Megatron behaves differently from the second step on) of a small ``GPTModel`` on the ragged global batch of :mod:`.data`, run by
@@ -78,11 +78,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..averaging import LossReturn
-from ..groups import ParallelGroups
-from . import data as data_mod
-from .cpu import cpu_shim
-from .gpt import TinyGPT, TinyMoEGPT, _shard, _unwrap, full_name, grad_error
+from megatron_agg.averaging import LossReturn
+from megatron_agg.groups import ParallelGroups
+from megatron_agg.compare import data as data_mod
+from megatron_agg.compare.cpu import cpu_shim
+from megatron_agg.compare.gpt import TinyGPT, TinyMoEGPT, _shard, _unwrap, full_name, grad_error
 from .matrix import (
     CONTROL_MARGIN,
     LOSS_SPECS,
@@ -98,7 +98,9 @@ from .matrix import (
     _local_times_dp,
     runs_in,
 )
-from .parallel import Layout, model_parallel
+from megatron_agg.compare.controls import microbatch_plans
+from megatron_agg.compare.layers import SequenceParallelLayerNorm, cpu_backward, with_norm
+from megatron_agg.compare.parallel import Layout, model_parallel
 
 __all__ = [
     "Feature",
@@ -108,9 +110,7 @@ __all__ = [
     "REFUSED",
     "AUX_CHECKS",
     "GRAD_READERS",
-    "SequenceParallelLayerNorm",
     "UnmarkedLayerNorm",
-    "sequence_parallel_layer_spec",
     "owned_shard_error",
     "main",
 ]
@@ -133,83 +133,10 @@ SMALL_BUCKET = 1000
 # ---------------------------------------------------------------------------------------------
 # Sequence parallelism: a LayerNorm that marks its weights (Megatron's local spec has none)
 # ---------------------------------------------------------------------------------------------
-class SequenceParallelLayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` built as Megatron builds its norms, marking its weight and bias
-    ``sequence_parallel`` when the config says so, as Apex's ``FusedLayerNorm`` and TE's norms do.
-
-    Under sequence parallelism each TP rank normalizes its slice of the sequence, so its weight
-    gradients are partial sums over its tokens; ``finalize_model_grads``
-    (``_allreduce_non_tensor_model_parallel_grads``) sums the marked ones over TP. Megatron's
-    local-spec norm (``WrappedTorchNorm``) refuses ``sequence_parallel`` instead.
-    """
-
-    #: Whether to mark the weights (the control :class:`UnmarkedLayerNorm` does not).
-    mark = True
-
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                 zero_centered_gamma: bool = False, normalization: str = "LayerNorm") -> None:
-        assert normalization == "LayerNorm" and not zero_centered_gamma
-        super().__init__(hidden_size, eps=eps)
-        for param in (self.weight, self.bias):
-            setattr(param, "sequence_parallel", bool(config.sequence_parallel) and self.mark)
-
-
 class UnmarkedLayerNorm(SequenceParallelLayerNorm):
     """The control: the same norm without the mark, so its TP-partial gradients stay partial."""
 
     mark = False
-
-
-def sequence_parallel_layer_spec(num_layers: int, num_experts: Optional[int] = None,
-                                 norm: type = SequenceParallelLayerNorm):
-    """Megatron's local GPT spec (dense or MoE) with ``norm`` for every LayerNorm, the final one
-    included, as a ``TransformerBlock`` spec of ``num_layers`` layers (PP = 1)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
-
-    if num_experts:
-        layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
-    else:
-        layer = get_gpt_layer_local_spec()
-    layer.submodules.input_layernorm = norm
-    layer.submodules.pre_mlp_layernorm = norm
-    return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm))
-
-
-def with_norm(model: TinyGPT, norm: type) -> TinyGPT:
-    """``model`` built with the sequence-parallel capable spec (same weights, same reference)."""
-    experts = getattr(model, "num_moe_experts", None)
-    return replace(model, layer_spec=functools.partial(sequence_parallel_layer_spec, model.num_layers, experts, norm))
-
-
-@contextlib.contextmanager
-def cpu_backward() -> Any:
-    """Let Megatron allocate on "the current CUDA device" inside the backward pass, on the CPU.
-
-    :func:`.cpu.cpu_shim` rewrites CUDA device arguments with a ``TorchFunctionMode``; the mode is
-    not active while it handles a call, and Megatron's schedule calls ``torch.autograd.backward``
-    through it, so the whole backward pass runs without it. Sequence parallelism's and the MoE
-    dispatchers' backward functions allocate with ``device=torch.cuda.current_device()``
-    (``LinearWithGradAccumulationAndAsyncCommunication``, ``_reduce_scatter_along_first_dim``...):
-    during the backward pass that device is the CPU.
-    """
-    original = torch.autograd.backward
-
-    def backward(*args: Any, **kwargs: Any) -> Any:
-        current = torch.cuda.current_device
-        torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torch.cuda.current_device = current  # type: ignore[assignment]
-
-    torch.autograd.backward = backward  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.autograd.backward = original  # type: ignore[assignment]
 
 
 @contextlib.contextmanager
@@ -300,21 +227,6 @@ EQUAL_MICROBATCH_PLANS: Dict[int, List[List[int]]] = {
     4: [[2, 4], [2, 4], [2, 4], [2, 4]],
 }
 assert all(data_mod.all_rows(p) == data_mod.NUM_SEQUENCES for p in EQUAL_MICROBATCH_PLANS.values())
-
-
-@contextlib.contextmanager
-def microbatch_plans(plans: Optional[Dict[int, List[List[int]]]]) -> Any:
-    """Split the global batch by ``plans`` (:func:`.data.split_for_rank` reads
-    ``data.MICROBATCH_PLANS``) while active; ``None``: the default ragged plans."""
-    if plans is None:
-        yield
-        return
-    original = data_mod.MICROBATCH_PLANS
-    data_mod.MICROBATCH_PLANS = {**original, **plans}
-    try:
-        yield
-    finally:
-        data_mod.MICROBATCH_PLANS = original
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +336,7 @@ def wrapper_shard_error(model: Sequence[torch.nn.Module], ref: Dict[str, torch.T
     ``inf`` unless the ranks' pieces cover every element exactly as often as the wrapper should
     hold it (:func:`.wrappers.check_coverage`: once where it shards, on every rank where not).
     Collectives over the data×context-parallel group: every rank calls it."""
-    from .wrappers import check_coverage, gather_main_grads, shard_error
+    from megatron_agg.compare.wrappers import check_coverage, gather_main_grads, shard_error
 
     shards = gather_main_grads(model)
     return math.inf if check_coverage(shards) else shard_error(shards, ref)
@@ -513,9 +425,9 @@ class Feature:
         set-up on ``variant`` in the installed release, or ``None``."""
         if self.wrapper == "ddp":
             return None
-        from ..averaging import Wrapper
-        from ..integration import minor_release
-        from ..wrapper_defects import WrapperSetup, find_wrapper_defect
+        from megatron_agg.averaging import Wrapper
+        from megatron_agg.integration import minor_release
+        from megatron_agg.wrapper_defects import WrapperSetup, find_wrapper_defect
 
         overlap = bool(self.wrap.get("overlap_grad_reduce", False))
         setup = WrapperSetup.of(self.wrap.get("strategy"), no_sync=overlap and self.wrapper != "torch-fsdp2",

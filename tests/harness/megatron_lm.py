@@ -2,7 +2,7 @@
 
 Run under ``torchrun`` (4 ranks)::
 
-    torchrun --nproc-per-node 4 -m megatron_agg.testing.megatron_lm --out results/megatron_lm_e2e
+    torchrun --nproc-per-node 4 -m harness.megatron_lm --out results/megatron_lm_e2e
 
 Each rank copies Megatron-LM's three top-level files of the 0.19 line (``pretrain_gpt.py``,
 ``gpt_builders.py``, ``model_provider.py``) into a temporary directory, applies megatron_agg's
@@ -15,13 +15,13 @@ launch (importing Megatron costs several seconds per process).
 
 Nothing of Megatron-LM is edited. What the launcher installs from outside, and why:
 
-- :func:`megatron_agg.testing.cpu.cpu_shim` (CUDA device arguments, streams, RNG tracker -> CPU);
+- :func:`megatron_agg.compare.cpu.cpu_shim` (CUDA device arguments, streams, RNG tracker -> CPU);
 - ``megatron.training.training.initialize_megatron`` gets ``allow_no_cuda=True`` (it asserts CUDA);
 - ``megatron.core.utils.tex.thd_get_partitioned_indices`` (Transformer Engine, absent): the
   per-document context-parallel split of packed rows, written out literally from TE's documented
   layout (every document cut into ``2·cp`` chunks, rank ``r`` holding chunks ``r`` and
   ``2·cp−1−r``), sharing no code with megatron_agg's layout functions;
-- ``--spec megatron_agg.testing.megatron_lm cpu_layer_spec`` (Megatron-LM's own flag) for the
+- ``--spec harness.megatron_lm cpu_layer_spec`` (Megatron-LM's own flag) for the
   context-parallel runs: the local layer spec with :class:`CpuCoreAttention`, causal attention
   within each document that gathers keys/values over the CP group (the local spec's
   ``DotProductAttention`` refuses CP and packed sequences; TE's is CUDA-only);
@@ -43,7 +43,7 @@ Nothing of Megatron-LM is edited. What the launcher installs from outside, and w
 After all runs, rank 0 assembles the full gradients over the TP/PP shards and compares them with
 those of one process that holds the whole global batch (every rank's captured micro-batches) and
 computes the loss by its definition (:func:`megatron_agg.definition.reference_loss`) with the
-plain-PyTorch reference GPT (:mod:`megatron_agg.testing.reference_gpt`; packed documents are
+plain-PyTorch reference GPT (:mod:`megatron_agg.compare.reference_gpt`; packed documents are
 evaluated one by one, which is what attention restricted to each document computes). Negative
 control: Megatron's own averaging (no ``--loss-agg-mode``, no ``--calculate-per-token-loss``: the
 mean of per-micro-batch token means) against the ``token-mean`` definition must miss.
@@ -245,7 +245,7 @@ def megatron_argv(run: Run, world_size: int, seed: int = 1234) -> List[str]:
         "--rerun-mode", "disabled",
     ]
     if c.cp > 1:
-        argv += ["--spec", __name__ if __name__ != "__main__" else "megatron_agg.testing.megatron_lm",
+        argv += ["--spec", __name__ if __name__ != "__main__" else "harness.megatron_lm",
                  "cpu_layer_spec"]
     if c.data == "sft":
         # --mock-data forces a 1,1,1 split, and an SFTDataset with no samples (validation under
@@ -472,7 +472,7 @@ class Capture:
         self.batches.append(keep)
 
     def record_params(self, model: Sequence[torch.nn.Module]) -> None:
-        from .gpt import full_name
+        from megatron_agg.compare.gpt import full_name
 
         self.finalize_calls += 1
         coords = self.coords()
@@ -510,7 +510,7 @@ def cpu_environment() -> Iterator[None]:
     from megatron.training import training
     from megatron.training.datasets import sft_dataset
 
-    from .cpu import cpu_shim
+    from megatron_agg.compare.cpu import cpu_shim
 
     patches: List[Tuple[Any, str, Any]] = []
 
@@ -710,7 +710,7 @@ def _documents(mb: Dict[str, Any]) -> List[Tuple[int, int, int]]:
 def reference_per_token(weights: Dict[str, torch.Tensor], spec: _Spec, mb: Dict[str, Any]):
     """Per-token losses and masks of every sequence of one micro-batch, one ``[1, len]`` row per
     sequence (packed documents one by one: attention never crosses a document boundary)."""
-    from .reference_gpt import per_token_loss
+    from megatron_agg.compare.reference_gpt import per_token_loss
 
     losses, masks = [], []
     for row, a, b in _documents(mb):
@@ -724,7 +724,7 @@ def reference_per_token(weights: Dict[str, torch.Tensor], spec: _Spec, mb: Dict[
 
 def definition_loss(mode: str, batches: Sequence[Dict[str, Any]], spec: _Spec):
     """``w -> L``: the loss of ``mode`` over the whole global batch, by its definition."""
-    from ..definition import reference_loss
+    from megatron_agg.definition import reference_loss
 
     def loss_fn(w):
         losses, masks = [], []
@@ -740,7 +740,7 @@ def definition_loss(mode: str, batches: Sequence[Dict[str, Any]], spec: _Spec):
 def mean_of_means_loss(batches: Sequence[Dict[str, Any]], spec: _Spec):
     """``w -> L`` of Megatron's own averaging without ``calculate_per_token_loss`` (no CP): the
     mean over DP ranks and micro-batches of each micro-batch's token mean."""
-    from ..definition import reference_loss
+    from megatron_agg.definition import reference_loss
 
     def loss_fn(w):
         parts = [reference_loss(*reference_per_token(w, spec, mb), "token-mean") for mb in batches]
@@ -766,7 +766,7 @@ def _sanity(run: Run, records: Sequence[Dict[str, Any]], batches: Sequence[Dict[
 
 def compare_run(run: Run, records: Sequence[Dict[str, Any]], distinguish: bool = True) -> Dict[str, Any]:
     """Compare one run's gradients (and logged loss) with the definition on the global batch."""
-    from .gpt import reference_grads
+    from megatron_agg.compare.gpt import reference_grads
 
     spec = _Spec(**records[0]["spec"])
     weights, grads, replica_err = assemble(records)
@@ -815,7 +815,7 @@ def compare_run(run: Run, records: Sequence[Dict[str, Any]], distinguish: bool =
 # Entry point
 # ---------------------------------------------------------------------------------------------
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_agg.testing.megatron_lm",
+    parser = argparse.ArgumentParser(prog="python -m harness.megatron_lm",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/megatron_lm_e2e", help="captures, logs, summary.json")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
@@ -831,7 +831,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     # --spec imports this module by name: make that the running module, not a second copy.
     if __name__ == "__main__":
-        sys.modules.setdefault("megatron_agg.testing.megatron_lm", sys.modules["__main__"])
+        sys.modules.setdefault("harness.megatron_lm", sys.modules["__main__"])
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     configs = [c for c in args.configs.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]

@@ -1,14 +1,14 @@
 """The test GPT written out in plain PyTorch: the single-process reference model.
 
 It computes exactly what Megatron-Core's ``GPTModel`` with the local layer spec computes for
-:class:`~megatron_agg.testing.gpt.TinyGPT` (pre-LayerNorm blocks, fused QKV laid out per query
+:class:`~megatron_agg.compare.gpt.TinyGPT` (pre-LayerNorm blocks, fused QKV laid out per query
 group, causal softmax attention scaled by ``1/sqrt(head_dim)``, GeLU MLP, learned absolute
 positions, output layer tied to the word embeddings, per-token cross entropy), on one process,
 from a dict of full (unsharded) weights named as Megatron names them. It depends on no Megatron
 state, so it can be evaluated under any parallel layout; ``tests/test_reference_gpt.py`` checks
 it against Megatron's own model.
 
-With a mixture-of-experts spec (:class:`~megatron_agg.testing.gpt.TinyMoEGPT`: ``num_moe_experts``
+With a mixture-of-experts spec (:class:`~megatron_agg.compare.gpt.TinyMoEGPT`: ``num_moe_experts``
 set, ``add_bias_linear=False``) every layer's MLP is Megatron's local-spec MoE instead: a bias-free
 router ``logits = h·Wᵣᵀ``, the top-k logits of each token, a softmax over those k, and the sum over
 the k chosen experts of ``prob · (gelu(h·W₁ᵀ)·W₂ᵀ)``; attention has no linear biases. No auxiliary

@@ -3,7 +3,7 @@
 Megatron-LM trains a model wrapped in one of:
 
 - ``"ddp"``: ``megatron.core.distributed.DistributedDataParallel`` (the default; delegated to
-  :func:`megatron_agg.testing.gpt.wrap_ddp`).
+  :func:`megatron_agg.compare.gpt.wrap_ddp`).
 - ``"torch-fsdp2"``: ``megatron.core.distributed.TorchFullyShardedDataParallel``
   (``--use-torch-fsdp2``): PyTorch FSDP2 (``fully_shard``) over the data×context-parallel group.
   Megatron-LM requires ``--untie-embeddings-and-output-weights`` and no pipeline parallelism with
@@ -16,7 +16,7 @@ Megatron-LM trains a model wrapped in one of:
   (``megatron.core.distributed.custom_fsdp.FullyShardedDataParallel`` in 0.13) with a
   ``data_parallel_sharding_strategy`` of :data:`STRATEGIES`.
 
-:func:`wrap_model` wraps :func:`~megatron_agg.testing.gpt.build_chunks` chunks in one of them and
+:func:`wrap_model` wraps :func:`~megatron_agg.compare.gpt.build_chunks` chunks in one of them and
 sets ``config.finalize_model_grads_func``/``no_sync_func``/``grad_sync_func`` as Megatron-LM's
 ``training.py`` does: ``no_sync_func`` only for DDP and Megatron-FSDP with
 ``overlap_grad_reduce=True`` (``no_sync="megatron-lm"``, the default), or always / never.
@@ -27,9 +27,9 @@ parameter they are, and on how many data×context-parallel ranks each element is
 (1: sharded, e.g. the distributed optimizer's or FSDP's shard; ``dp_cp``: replicated).
 :func:`check_coverage` proves that the shards of a step cover every element exactly that often;
 :func:`fit_factor` fits ``g ≈ c · g_ref`` against the single-process reference gradients of
-:func:`~megatron_agg.testing.gpt.reference_grads` (``c = 1`` and a zero residual: exact).
+:func:`~megatron_agg.compare.gpt.reference_grads` (``c = 1`` and a zero residual: exact).
 
-Everything runs under :func:`megatron_agg.testing.cpu.cpu_shim` (gloo, CPU; it emulates NCCL's
+Everything runs under :func:`megatron_agg.compare.cpu.cpu_shim` (gloo, CPU; it emulates NCCL's
 ``AVG`` and ``PREMUL_SUM`` reductions, builds Megatron's ``"cuda"`` device meshes on the CPU).
 Megatron-FSDP needs ``einops``. What else Megatron's wrappers need on a CPU without Transformer
 Engine, :func:`wrap_model` does while wrapping (each documented where it is done): Megatron-FSDP on
@@ -99,7 +99,7 @@ def _config_fields(cls: type) -> set:
 
 
 def build_chunks_for(spec: TinyGPT, layout: Layout, wrapper: str, **config_overrides: Any) -> List[torch.nn.Module]:
-    """:func:`~megatron_agg.testing.gpt.build_chunks` for ``wrapper``.
+    """:func:`~megatron_agg.compare.gpt.build_chunks` for ``wrapper``.
 
     Every wrapper gets ``transformer_impl="local"`` (the chunks use the local layer spec; what
     Megatron-LM's ``--transformer-impl local`` sets). ``"torch-fsdp2"`` gets an output layer of
@@ -173,14 +173,14 @@ def wrap_model(
         reshard_after_forward: ``TorchFullyShardedDataParallelConfig`` field (``"torch-fsdp2"``).
         gradient_reduce_div_fusion: Megatron-FSDP's ``DistributedDataParallelConfig`` field
             (``None``: Megatron's default, ``True``: the ``1/dp`` pre-scaling is fused into the
-            reduction as NCCL's ``PREMUL_SUM``, which :func:`~megatron_agg.testing.cpu.cpu_shim`
+            reduction as NCCL's ``PREMUL_SUM``, which :func:`~megatron_agg.compare.cpu.cpu_shim`
             emulates on gloo; ``False``, Megatron-LM's ``--no-gradient-reduce-div-fusion``: the
             gradient data is multiplied in place first, a different code path: megatron-core
             0.13-0.15 multiply the wrong tensor there, see the probe's report).
         no_sync: ``"megatron-lm"``: ``config.no_sync_func`` (and ``grad_sync_func``) only for
             DDP and Megatron-FSDP with ``overlap_grad_reduce=True`` (as requested here, before
             Megatron-FSDP forces it), as Megatron-LM's ``train``; ``"always"``: every wrapper's
-            ``no_sync`` (what :func:`~megatron_agg.testing.gpt.wrap_ddp` sets); ``"never"``: none.
+            ``no_sync`` (what :func:`~megatron_agg.compare.gpt.wrap_ddp` sets); ``"never"``: none.
         backport_fixes: apply the upstream fixes a release lacks and without which no step runs:
             megatron-core 0.16.0-0.18.x call ``finish_grad_sync(force_all_reduce=...)`` in
             ``finalize_model_grads`` but ``TorchFullyShardedDataParallel`` inherits
@@ -374,7 +374,7 @@ def _finish_grad_sync_ignoring_force(module: torch.nn.Module):
 
 def _wrap_ddp(chunks: Sequence[torch.nn.Module], average_in_collective: bool, use_distributed_optimizer: bool,
               options: Dict[str, Any]) -> List[torch.nn.Module]:
-    """:func:`~megatron_agg.testing.gpt.wrap_ddp`, with further ``DistributedDataParallelConfig``
+    """:func:`~megatron_agg.compare.gpt.wrap_ddp`, with further ``DistributedDataParallelConfig``
     fields where it takes them (else the same wrapping, done here)."""
     import inspect
 
@@ -578,7 +578,7 @@ def shard_error(shards: Dict[str, GradShard], ref: Dict[str, torch.Tensor]) -> f
     Each :class:`GradShard` (the elements of a TP-local parameter this rank holds) is compared
     with the same elements of the full reference gradient ``ref``, relative to the largest value
     of the reference's TP-local parameter: ``max|g − g_ref| / max|g_ref|`` (for a whole
-    ``main_grad``, exactly what :func:`megatron_agg.testing.gpt.grad_error` computes).
+    ``main_grad``, exactly what :func:`megatron_agg.compare.gpt.grad_error` computes).
     """
     worst = 0.0
     for shard in shards.values():

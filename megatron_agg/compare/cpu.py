@@ -247,7 +247,7 @@ def cpu_shim() -> Iterator[None]:
     PREMUL_SUM emulation for ``all_reduce``/``reduce_scatter_tensor`` (with
     ``_make_nccl_premul_sum``), ``DeviceMesh.from_group(...,
     "cuda")`` as a CPU mesh and ``torch.cuda.{get,set}_rng_state`` (FSDP wrappers,
-    :mod:`megatron_agg.testing.wrappers`); all are restored on exit.
+    :mod:`megatron_agg.compare.wrappers`); all are restored on exit.
     """
     patches: list[tuple[Any, str, Any]] = []
 

@@ -19,7 +19,7 @@ differences, and exits non-zero when the hooked Megatron path and the FSDP path 
 Both Megatron paths run under the same Megatron set-up, chosen with:
 
 - ``--wrapper``: Megatron's data-parallel wrapper, as Megatron-LM builds it
-  (:func:`megatron_agg.testing.wrappers.wrap_model`): ``ddp`` (``DistributedDataParallel``, the
+  (:func:`megatron_agg.compare.wrappers.wrap_model`): ``ddp`` (``DistributedDataParallel``, the
   default), ``torch-fsdp2`` (``TorchFullyShardedDataParallel``, ``--use-torch-fsdp2``) or
   ``megatron-fsdp`` (``--use-megatron-fsdp``) with ``--fsdp-strategy`` as its
   ``data_parallel_sharding_strategy`` (default ``optim_grads``). Neither FSDP wrapper takes
@@ -31,7 +31,7 @@ Both Megatron paths run under the same Megatron set-up, chosen with:
   split the batch as the FSDP2 path does, with the same number of micro-batches on every rank
   (still ragged): they reduce in every micro-batch's backward pass.
 - ``--sequence-parallel`` (``tp > 1``): ``sequence_parallel=True``, with the LayerNorm of
-  :mod:`megatron_agg.testing.features` that marks its weights ``sequence_parallel`` as Apex's and
+  :mod:`megatron_agg.compare.layers` that marks its weights ``sequence_parallel`` as Apex's and
   Transformer Engine's norms do (the local spec's own norm refuses sequence parallelism).
 - ``--distributed-optimizer``: ``use_distributed_optimizer=True`` in the DDP config and in the
   optimizer config (Megatron's ``DistributedOptimizer``). Megatron-FSDP always steps with the
@@ -44,14 +44,14 @@ Both Megatron paths run under the same Megatron set-up, chosen with:
   stepping the real shards, not a stand-in.
 
 The gradients are compared where each rank holds them after Megatron's ``finalize_model_grads``
-(:func:`megatron_agg.testing.wrappers.gather_main_grads`): the whole ``main_grad`` under DDP, the
+(:func:`megatron_agg.compare.wrappers.gather_main_grads`): the whole ``main_grad`` under DDP, the
 rank's own shard of the grad buffer with the distributed optimizer, the rank's FSDP shard under the
 FSDP wrappers. Each shard is compared with the same elements of the FSDP2 path's full gradient,
 relative to the largest reference value of the (TP-local) parameter, and the maximum is taken over
 parameters and ranks. Every wrapper steps with Megatron's own optimizer
 (``get_megatron_optimizer``: SGD, or Adam with the distributed optimizer; clipping at
 ``--clip-grad``). On the first step compare also proves that the shards it reads cover every element
-of every parameter exactly as often as expected (:func:`~megatron_agg.testing.wrappers.check_coverage`).
+of every parameter exactly as often as expected (:func:`~megatron_agg.compare.wrappers.check_coverage`).
 
 A set-up that :class:`~megatron_agg.LossHook` refuses (a known upstream defect of a wrapper, e.g.
 Megatron-FSDP's ``optim`` strategy in some releases) ends compare with its one-line error and exit
@@ -73,14 +73,14 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .modes import AggMode
+from ..modes import AggMode
 
 __all__ = ["add_arguments", "run", "main"]
 
 PATHS = ("megatron+hook", "fsdp+hook", "megatron-plain")
-#: ``--wrapper`` (:data:`megatron_agg.testing.wrappers.WRAPPERS`, spelled out to keep the parser light).
+#: ``--wrapper`` (:data:`megatron_agg.compare.wrappers.WRAPPERS`, spelled out to keep the parser light).
 WRAPPER_CHOICES = ("ddp", "torch-fsdp2", "megatron-fsdp")
-#: ``--fsdp-strategy`` (:data:`megatron_agg.testing.wrappers.STRATEGIES`).
+#: ``--fsdp-strategy`` (:data:`megatron_agg.compare.wrappers.STRATEGIES`).
 FSDP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 DEFAULT_FSDP_STRATEGY = "optim_grads"
 #: Default learning rates of the two optimizers (SGD without, Adam with the distributed optimizer).
@@ -189,15 +189,15 @@ def setup_name(args: argparse.Namespace) -> str:
 
 
 def _sequence_parallel_spec(spec: Any, layout: Any) -> Any:
-    """``spec`` built with :mod:`megatron_agg.testing.features`' sequence-parallel LayerNorm.
+    """``spec`` built with :mod:`.layers`' sequence-parallel LayerNorm.
 
-    :func:`~megatron_agg.testing.features.with_norm` builds a block of all the model's layers (one
+    :func:`~.layers.with_norm` builds a block of all the model's layers (one
     pipeline stage); with pipeline parallelism each model chunk builds its share of them.
     """
     import dataclasses
     import functools
 
-    from .testing.features import SequenceParallelLayerNorm, sequence_parallel_layer_spec, with_norm
+    from .layers import SequenceParallelLayerNorm, sequence_parallel_layer_spec, with_norm
 
     chunks = layout.pp * (layout.vpp or 1)
     if chunks == 1:
@@ -207,24 +207,24 @@ def _sequence_parallel_spec(spec: Any, layout: Any) -> Any:
 
 
 def _backward_on_cpu(args: argparse.Namespace) -> Any:
-    """:func:`megatron_agg.testing.features.cpu_backward` where sequence parallelism needs it on the CPU."""
+    """:func:`.layers.cpu_backward` where sequence parallelism needs it on the CPU."""
     if args.device != "cpu" or not args.sequence_parallel:
         return contextlib.nullcontext()
-    from .testing.features import cpu_backward
+    from .layers import cpu_backward
 
     return cpu_backward()
 
 
 def _equal_counts(args: argparse.Namespace) -> Any:
     """Under the FSDP wrappers, split the Megatron paths' batch as the FSDP2 path's: every DP rank
-    with the same number of micro-batches (:data:`megatron_agg.testing.data.EQUAL_COUNT_PLANS`,
+    with the same number of micro-batches (:data:`megatron_agg.compare.data.EQUAL_COUNT_PLANS`,
     still ragged). They reduce in every micro-batch's backward pass, so ranks with different counts
     would run different collectives (gloo aborts); Megatron-LM's micro-batch count is the same on
     every rank anyway. DDP keeps the ragged counts."""
     if args.wrapper == "ddp":
         return contextlib.nullcontext()
-    from .testing import data as data_mod
-    from .testing.features import microbatch_plans
+    from . import data as data_mod
+    from .controls import microbatch_plans
 
     return microbatch_plans(data_mod.EQUAL_COUNT_PLANS)
 
@@ -255,12 +255,13 @@ def _refused_by_megatron_agg(exc: ValueError) -> None:
     Returns (the caller re-raises) for any other ``ValueError``."""
     import traceback
 
-    from .compare_checks import USAGE_ERROR, error_line
+    from .checks import USAGE_ERROR, error_line
 
     frames = traceback.extract_tb(exc.__traceback__)
-    package = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(__file__))  # compare's own CPU kit: not the hook
+    package = os.path.dirname(here)
     where = os.path.abspath(frames[-1].filename) if frames else ""
-    if not where.startswith(package + os.sep) or where.startswith(os.path.join(package, "testing") + os.sep):
+    if not where.startswith(package + os.sep) or (where.startswith(here + os.sep) and where != os.path.abspath(__file__)):
         return
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(error_line(f"LossHook refused this set-up: {' '.join(str(exc).split())}"), file=sys.stderr, flush=True)
@@ -268,22 +269,22 @@ def _refused_by_megatron_agg(exc: ValueError) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .compare_checks import check_in_worker
+    from .checks import check_in_worker
 
     check_in_worker(args)  # the command line, checked before anything is built: one line and exit 2
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from . import LossHook, LossTerm
-    from .fsdp import FSDPLossHook
-    from .testing import data as data_mod
-    from .testing.cpu import cpu_shim
-    from .testing.gpt import TinyGPT
-    from .testing.matrix import LocalTimesDpGroups, groups_like, plain_masked_mean
-    from .testing.parallel import Layout, model_parallel
-    from .testing.reference_gpt import TorchGPT, init_full_weights
-    from .testing.wrappers import build_chunks_for, check_coverage, gather_main_grads, shard_error, wrap_model
-    from .averaging import LossReturn
+    from .. import LossHook, LossTerm
+    from ..fsdp import FSDPLossHook
+    from . import data as data_mod
+    from .cpu import cpu_shim
+    from .gpt import TinyGPT
+    from .controls import LocalTimesDpGroups, groups_like, plain_masked_mean
+    from .parallel import Layout, model_parallel
+    from .reference_gpt import TorchGPT, init_full_weights
+    from .wrappers import build_chunks_for, check_coverage, gather_main_grads, shard_error, wrap_model
+    from ..averaging import LossReturn
 
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
     world = dist.get_world_size()
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         plain, plain_opt = megatron_path()
         # --inject-bug: the broken variant goes in through the hook's public groups= argument
         # (totals = local × dp instead of their all-reduce), never by patching megatron_agg.
-        from .integration import resolve_groups
+        from ..integration import resolve_groups
 
         broken = ({"groups": groups_like(resolve_groups(), LocalTimesDpGroups)}
                   if args.inject_bug == "local-denominator" else {})

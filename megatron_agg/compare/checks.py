@@ -29,9 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
-from .modes import AggMode
-from .testing import data as data_mod
-from .testing.gpt import TinyGPT
+from ..modes import AggMode
 
 __all__ = ["PROG", "USAGE_ERROR", "CompareUsageError", "error_line", "check_arguments",
            "check_before_launch", "check_in_worker", "master_port"]
@@ -54,6 +52,8 @@ def error_line(message: str) -> str:
 
 def _sizes() -> str:
     """``1, 2 or 4``: the data-parallel sizes compare's ragged batch is split for."""
+    from . import data as data_mod  # the CPU kit loads only when a check needs it, not for --help
+
     sizes = [str(n) for n in sorted(data_mod.MICROBATCH_PLANS)]
     return ", ".join(sizes[:-1]) + " or " + sizes[-1] if len(sizes) > 1 else sizes[0]
 
@@ -135,6 +135,9 @@ def check_layout(args: argparse.Namespace, world: int, source: str) -> None:
 
     ``source`` names where ``world`` came from in messages (``--nproc`` or ``WORLD_SIZE``).
     """
+    from . import data as data_mod
+    from .gpt import TinyGPT
+
     ranks = _ranks(source, world)
     if world < 1:
         raise CompareUsageError(f"{source} must be a positive integer, got {world}; pass e.g. {_ranks(source, 4)}")
