@@ -187,6 +187,8 @@ def test_compare_refuses_an_out_folder_it_cannot_write(tmp_path):
     assert message.endswith("pass a writable folder with --out")
     message = refused(tmp_path, "--out", str(tmp_path / "a-file"))
     assert "--out must be a folder for compare.json and compare.png" in message and "which is a file" in message
+    for empty in ("", " "):  # not the current folder
+        assert "--out must name a folder for compare.json and compare.png, got" in refused(tmp_path, "--out", empty)
 
 
 def test_compare_creates_its_out_folder_up_front(tmp_path):

@@ -196,6 +196,9 @@ def check_device(args: argparse.Namespace, local_ranks: int) -> None:
 
 def check_out(out: str) -> None:
     """``--out`` is a folder compare can write into: create it and write (and delete) a file there."""
+    if not out.strip():
+        raise CompareUsageError(f"--out must name a folder for compare.json and compare.png, got {out!r} (an empty "
+                                "--out would write into the current folder); pass e.g. --out compare-out")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CompareUsageError(f"--out must be a folder for compare.json and compare.png, got {out}, which is a "
