@@ -26,7 +26,42 @@ def test_releases_below_the_floor_are_refused_with_the_range(version):
 
 
 def test_public_api():
-    assert set(megatron_agg.__all__) >= {"LossHook", "LossTerm", "AggMode", "LossReturn", "reference_loss"}
+    """Top level: what users need; the extension points live in megatron_agg.extend."""
+    assert sorted(megatron_agg.__all__) == sorted([
+        "LossHook", "DeferredLossHook", "StepShares", "AggConfig", "AggMode", "LossTerm", "LossReturn",
+        "PackedSequences", "NonFiniteLossError", "reference_loss", "__version__"])
+    for name in megatron_agg.__all__:
+        assert getattr(megatron_agg, name) is not None, name
+
+
+EXTEND = ["DEFAULT_MASK_NAME", "GROUP_SCOPES", "MegatronScaling", "ParallelGroups", "PerTokenLossFn", "Scaling",
+          "StepSummary", "SumScaling"]
+
+
+def test_extension_points_live_in_extend():
+    import megatron_agg.extend as extend
+
+    assert sorted(extend.__all__) == sorted(EXTEND)
+    assert "extension points" in extend.__doc__
+    assert not set(EXTEND) & set(megatron_agg.__all__)
+
+
+@pytest.mark.parametrize("name", EXTEND)
+def test_old_top_level_names_still_resolve_with_a_warning(name):
+    """`from megatron_agg import Scaling` (and the others) keeps working, naming the new place."""
+    import warnings
+
+    import megatron_agg.extend as extend
+
+    with pytest.warns(DeprecationWarning, match=re.escape(f"megatron_agg.extend import {name}")):
+        got = getattr(megatron_agg, name)
+    assert got is getattr(extend, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DeprecationWarning, match=re.escape(f"megatron_agg.extend")):
+            exec(f"from megatron_agg import {name}", {})
+    with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
+        megatron_agg.NotAName  # noqa: B018
 
 
 #: Test harness code: must never be in the wheel (it lives in tests/harness/).
