@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Megatron-Bridge's real training loop end to end on 4 CPU ranks: Bridge 0.6.2's `pretrain(cfg,
+# forward_step)` with megatron_agg's Bridge adapter (megatron_agg/bridge.py: a forward_step that
+# returns the deferred hook's loss_func) runs one training step per layout (TP2xDP2, PP2xDP2,
+# CP2xDP2 with packed sequences) and loss mode, in one torchrun launch; the gradients after Bridge's
+# finalize must equal those of one process that holds the whole global batch and computes the loss
+# by its definition, and the control (Bridge's own masked_next_token_loss) must miss.
+#
+#   bash scripts/run_bridge_e2e.sh                       # everything (about 3 minutes)
+#   bash scripts/run_bridge_e2e.sh --layouts tp2-dp2 --modes token-mean
+#   bash scripts/run_bridge_e2e.sh --prepare             # only build (or refresh) the venv
+#
+# Arguments go to tests/support/bridge_run.py (see its --help). The venv (Python 3.12, torch from
+# the registry, megatron-core 0.19.2, megatron-bridge 0.6.2 without its dependencies, then the
+# dependencies its GPT pretrain path imports; not nvidia-resiliency-ext, whose newest release breaks
+# megatron-core 0.19's import) is cached in ${MEGATRON_AGG_CACHE:-~/.cache/megatron_agg}/venvs/
+# bridge-0.6.2 and reused while its stamp is unchanged; megatron_agg is installed editable from this
+# checkout every time. Writes $MEGATRON_AGG_OUT (default results/bridge_e2e): e2e.log, summary.json.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
+OUT="${MEGATRON_AGG_OUT:-$ROOT/results/bridge_e2e}"
+VENV="$CACHE/venvs/bridge-0.6.2"
+mkdir -p "$CACHE/venvs" "$OUT"
+
+python312() {
+  if [ -n "${PYTHON312:-}" ]; then "$PYTHON312" "$@";
+  elif command -v python3.12 >/dev/null 2>&1 && python3.12 --version >/dev/null 2>&1; then python3.12 "$@";
+  else PYENV_VERSION=3.12.1 python3.12 "$@"; fi
+}
+
+quiet_pip() {
+  local log; log="$(mktemp)"
+  if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+
+make_venv() {
+  local stamp="py312 torch megatron-core==0.19.2 megatron-bridge==0.6.2 transformers>=5.8,<=5.12.1"
+  if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.megatron_agg_stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$VENV"
+    python312 -m venv "$VENV"
+    echo "bridge e2e: installing $stamp into $VENV" >&2
+    quiet_pip torch
+    quiet_pip "megatron-core==0.19.2" einops numpy packaging pytest
+    quiet_pip --no-deps "megatron-bridge==0.6.2"
+    quiet_pip "transformers>=5.8,<=5.12.1" omegaconf nvidia-modelopt pillow requests tensorboard
+    echo "$stamp" > "$VENV/.megatron_agg_stamp"
+  fi
+  quiet_pip --no-deps -e "$ROOT"  # this checkout, every time
+}
+
+start=$(date +%s)
+make_venv
+installed=$(( $(date +%s) - start ))
+if [ "${1:-}" = "--prepare" ]; then
+  echo "bridge e2e: $VENV ready in ${installed}s"
+  exit 0
+fi
+port="${MASTER_PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+log="$OUT/e2e.log"
+echo "bridge e2e: megatron-bridge 0.6.2 ($VENV, ready in ${installed}s); 4 ranks; log $log"
+set +e
+(cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$VENV/bin/python" -m torch.distributed.run \
+    --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "$port" \
+    tests/support/bridge_run.py --out "$OUT" "$@" >"$log" 2>&1)
+rc=$?
+set -e
+if ! grep -E '^bridge e2e' "$log"; then
+  echo "bridge e2e: did not finish (exit $rc); the last lines of $log:" >&2
+  tail -30 "$log" >&2
+  [ $rc -ne 0 ] || rc=1
+fi
+echo "bridge e2e: exit $rc, total $(( $(date +%s) - start ))s"
+exit $rc
