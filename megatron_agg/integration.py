@@ -420,6 +420,16 @@ _WRAPPER_CLASSES = {
     "megatron.core.distributed.torch_fully_sharded_data_parallel.TorchFullyShardedDataParallel": Wrapper.TORCH_FSDP2,
     "megatron.core.distributed.fsdp.mcore_fsdp_adapter.FullyShardedDataParallel": Wrapper.MEGATRON_FSDP,
     "megatron.core.distributed.custom_fsdp.fully_sharded_data_parallel.FullyShardedDataParallel": Wrapper.MEGATRON_FSDP,
+    # 0.20 (Megatron-LM main): FullyShardedDataParallel is a factory building V1 (the default,
+    # ddp_config.megatron_fsdp_version=1: the same implementation as 0.19's class) or V2.
+    "megatron.core.distributed.fsdp.mcore_fsdp_adapter.FullyShardedDataParallelV1": Wrapper.MEGATRON_FSDP,
+}
+#: Wrappers megatron_agg recognises but has not measured: refused with their name and the way out.
+_UNMEASURED_WRAPPERS = {
+    "megatron.core.distributed.fsdp.mcore_fsdp_adapter.FullyShardedDataParallelV2":
+        "Megatron-FSDP v2 (DistributedDataParallelConfig(megatron_fsdp_version=2), new in megatron-core 0.20), "
+        "whose gradient reduction megatron_agg has not measured yet; use megatron_fsdp_version=1, "
+        "TorchFullyShardedDataParallel or DistributedDataParallel",
 }
 
 
@@ -430,7 +440,10 @@ def wrapper_of(chunk: Any) -> Optional[Wrapper]:
     ``ddp_config`` that is none of Megatron's, nor a subclass of one): what it does to gradients is
     not in :data:`megatron_agg.averaging.WRAPPERS`, so the scaling could not be exact."""
     for cls in type(chunk).__mro__:
-        kind = _WRAPPER_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in _UNMEASURED_WRAPPERS:
+            raise ValueError(f"megatron_agg cannot make this step exact under {_UNMEASURED_WRAPPERS[name]}.")
+        kind = _WRAPPER_CLASSES.get(name)
         if kind is not None:
             return kind
     if _ddp_config(chunk) is None:

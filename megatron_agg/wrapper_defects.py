@@ -123,11 +123,12 @@ WRAPPER_DEFECTS: Tuple[WrapperDefect, ...] = (
         instead=_NO_OVERLAP,
     ),
     WrapperDefect(
-        _MFSDP, "0.18", None, ("no_shard",), no_sync=True, overlap=False, summed=True,
+        _MFSDP, "0.18", "0.19", ("no_shard",), no_sync=True, overlap=False, summed=True,
         what="all-reduces the gradients twice when config.no_sync_func is set without overlap_grad_reduce "
              "(in the last micro-batch's backward hook and again in finish_grad_sync): a mean survives that, "
              "the per-token sum (calculate_per_token_loss) grows by the data-parallel size",
-        instead="leave config.no_sync_func unset without overlap_grad_reduce (as Megatron-LM does), or set both",
+        instead="leave config.no_sync_func unset without overlap_grad_reduce (as Megatron-LM does), or set both, "
+                "or megatron-core 0.20+ (its finish_grad_sync only waits for the hooks' reduction)",
     ),
     WrapperDefect(
         _MFSDP, "0.14", "0.15", ("optim",), no_sync=False,
@@ -148,10 +149,11 @@ WRAPPER_DEFECTS: Tuple[WrapperDefect, ...] = (
                 "--overlap-grad-reduce), or use the 'optim_grads' strategy, or megatron-core 0.17+",
     ),
     WrapperDefect(
-        _MFSDP, "0.17", None, ("optim",), no_sync=True, overlap=False,
+        _MFSDP, "0.17", "0.19", ("optim",), no_sync=True, overlap=False,
         what="reduces the gradients in the last micro-batch's backward hook and again in finish_grad_sync "
              "when config.no_sync_func is set without overlap_grad_reduce: not a scaling",
-        instead="leave config.no_sync_func unset without overlap_grad_reduce (as Megatron-LM does), or set both",
+        instead="leave config.no_sync_func unset without overlap_grad_reduce (as Megatron-LM does), or set both, "
+                "or megatron-core 0.20+ (its finish_grad_sync only waits for the hooks' reduction)",
     ),
     WrapperDefect(
         _MFSDP, "0.13", "0.15", ("optim_grads", "optim_grads_params"), prescaled_unfused=True,

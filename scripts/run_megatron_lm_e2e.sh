@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Megatron-LM's real GPT training script end to end on 4 CPU ranks: the 0.19 line's
-# pretrain_gpt.py (with gpt_builders.py and model_provider.py), patched with megatron_agg's
-# patch, runs one training step per configuration (TP2xDP2, PP2xDP2, CP2xDP2 with packed SFT
-# data, CP2xDP2 with --dataloader-inter-document-masking) and --loss-agg-mode, in one torchrun
-# launch; the gradients must equal those of one process that holds the whole global batch and
-# computes the loss by its definition, and the negative controls must miss.
+# Megatron-LM's real GPT training script end to end on 4 CPU ranks: pretrain_gpt.py (with
+# gpt_builders.py and model_provider.py) of the installed megatron-core's line — the 0.19.x wheel
+# (MEGATRON_AGG_E2E_VERSION=0.19.2, the default) or Megatron-LM main (0.20.0, built from the pinned
+# source) — patched with megatron_agg's patch of that line, runs one training step per
+# configuration (TP2xDP2, PP2xDP2, CP2xDP2 with packed SFT data, CP2xDP2 with
+# --dataloader-inter-document-masking) and --loss-agg-mode, in one torchrun launch; the gradients
+# must equal those of one process that holds the whole global batch and computes the loss by its
+# definition, and the negative controls must miss.
 #
 #   bash scripts/run_megatron_lm_e2e.sh                      # everything (a few minutes)
+#   MEGATRON_AGG_E2E_VERSION=0.20.0 bash scripts/run_megatron_lm_e2e.sh --modes token-mean
 #   bash scripts/run_megatron_lm_e2e.sh --configs cp2-dp2-interdoc --modes seq-mean-token-mean
 #
-# Arguments go to `python -m harness.megatron_lm` (see its --help). The venv is the
-# version matrix's megatron-core 0.19.2 one (scripts/run_version_matrix.sh's make_venv: created
-# on first use, then reused; megatron_agg installed editable from this checkout). Writes
-# $MEGATRON_AGG_OUT (default results/megatron_lm_e2e): e2e.log, summary.json, captures/.
-# Prints one line per configuration and per control; exits non-zero on any mismatch.
+# Arguments go to `python -m harness.megatron_lm` (see its --help). The venv is the version
+# matrix's one of that release (scripts/run_version_matrix.sh's make_venv: created on first use,
+# then reused; megatron_agg installed editable from this checkout). Writes $MEGATRON_AGG_OUT
+# (default results/megatron_lm_e2e): e2e.log, summary.json, captures/. Prints one line per
+# configuration and per control; exits non-zero on any mismatch.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"

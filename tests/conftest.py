@@ -60,3 +60,20 @@ def megatron_cpu(one_rank_world):
 
     with cpu_shim(), model_parallel(Layout()):
         yield
+
+
+#: The fast tier (``bash scripts/run_tests.sh --fast``, docs/TESTING.md): these modules in one
+#: process each (the core math on simulated data-parallel ranks, the version policy's probe of
+#: Megatron's own loss path, every entry point on one rank with real Megatron), plus the one
+#: multi-rank launch of ``test_smoke.py``. Modules mark themselves with ``pytestmark`` too.
+FAST_MODULES = {
+    "test_aggregation.py", "test_modes_terms.py", "test_packing.py", "test_groups_masks_metrics.py",
+    "test_hook_single_process.py", "test_deferred.py", "test_shares.py", "test_releases.py",
+    "test_wrappers.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)

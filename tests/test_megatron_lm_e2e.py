@@ -1,8 +1,9 @@
-"""Megatron-LM's real training script (0.19 line, patched) end to end on 4 CPU ranks.
+"""Megatron-LM's real training script (the 0.19 line and main, patched) end to end on 4 CPU ranks.
 
-The end-to-end test runs ``scripts/run_megatron_lm_e2e.sh`` (megatron-core 0.19.2 in the version
-matrix's cached venv: the wheel ships ``megatron/training``) when that venv exists, and checks its
-``summary.json``. The other tests check the launcher's pieces in this environment.
+The end-to-end tests run ``scripts/run_megatron_lm_e2e.sh`` with the version matrix's cached venv
+of megatron-core 0.19.2 (the wheel ships ``megatron/training``) and of 0.20.0 (Megatron-LM main,
+built from its pinned source) when those exist, and check its ``summary.json``. The other tests
+check the launcher's pieces in this environment.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from harness import megatron_lm as mlm
 from conftest import REPO, SUMMARY
 
 CACHE = Path(os.environ.get("MEGATRON_AGG_CACHE", Path.home() / ".cache" / "megatron_agg"))
-VENV = CACHE / "venvs" / "mc-0.19.2"
+STAMPS = {"0.19.2": "megatron-core==0.19.2", "0.20.0": "megatron-lm-main-d98e8a64.tar.gz"}
 
 
-def _venv_ready() -> bool:
-    stamp = VENV / ".megatron_agg_stamp"
-    return (VENV / "bin" / "python").exists() and stamp.exists() and "megatron-core==0.19.2" in stamp.read_text()
+def _venv_ready(version: str) -> bool:
+    venv = CACHE / "venvs" / f"mc-{version}"
+    stamp = venv / ".megatron_agg_stamp"
+    return (venv / "bin" / "python").exists() and stamp.exists() and STAMPS[version] in stamp.read_text()
 
 
 def test_cpu_te_split_and_attention_layouts_agree_with_megatron_agg():
@@ -85,21 +87,33 @@ def test_the_runs_cover_every_mode_under_both_cp_layouts():
         assert ("--calculate-per-token-loss" in argv) == (run.mode is not None)
 
 
-@pytest.mark.skipif(not _venv_ready() and not os.environ.get("MEGATRON_AGG_REQUIRE_E2E"), reason=f"no megatron-core 0.19.2 venv at {VENV} (created by "
-                    "scripts/run_version_matrix.sh or scripts/run_megatron_lm_e2e.sh; needs network once)")
-def test_megatron_lm_pretrain_gpt_end_to_end(tmp_path):
-    """Skipped without the 0.19.2 venv, but for CI (.ci/run sets MEGATRON_AGG_REQUIRE_E2E=1 after
-    building it): there the script builds the venv itself if it is missing."""
-    env = dict(os.environ, MEGATRON_AGG_OUT=str(tmp_path), MEGATRON_AGG_CACHE=str(CACHE))
+#: The release lines run end to end: the 0.19.x wheel with every mode (the full proof of the
+#: patch), and Megatron-LM main (megatron-core 0.20.0 from its source) with the modes whose
+#: arithmetic differs (a token mean, a sequence mean, the token sum) on every configuration, both
+#: controls included. The modes share one code path per release: the patched loss_func equals
+#: megatron_agg's for every mode in tests/test_patches.py.
+E2E = {"0.19.2": tuple(mlm.MODES), "0.20.0": ("token-mean", "seq-mean-token-mean", "token-sum")}
+
+
+@pytest.mark.parametrize("version", list(E2E))
+def test_megatron_lm_pretrain_gpt_end_to_end(tmp_path, version):
+    """Skipped without the release's venv, but for CI (.ci/run sets MEGATRON_AGG_REQUIRE_E2E=1 after
+    building them): there the script builds the venv itself if it is missing."""
+    if not _venv_ready(version) and not os.environ.get("MEGATRON_AGG_REQUIRE_E2E"):
+        pytest.skip(f"no megatron-core {version} venv under {CACHE / 'venvs'} (created by "
+                    "scripts/run_version_matrix.sh --prepare; needs the registry once)")
+    modes = E2E[version]
+    env = dict(os.environ, MEGATRON_AGG_OUT=str(tmp_path), MEGATRON_AGG_CACHE=str(CACHE),
+               MEGATRON_AGG_E2E_VERSION=version)
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_megatron_lm_e2e.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_megatron_lm_e2e.sh"), "--modes", ",".join(modes)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     log = (tmp_path / "e2e.log").read_text() if (tmp_path / "e2e.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:] + log[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     results = summary["results"]
     exact = {(r["config"], r["mode"]) for r in results if not r["control"] and r["exact"]}
-    assert exact == {(c, m) for c in mlm.CONFIGS for m in mlm.MODES}
+    assert exact == {(c, m) for c in mlm.CONFIGS for m in modes}
     for r in results:
         if not r["control"]:
             assert r["grad_err"] <= mlm.TOLERANCE and r["loss_err"] <= mlm.TOLERANCE
@@ -113,7 +127,7 @@ def test_megatron_lm_pretrain_gpt_end_to_end(tmp_path):
     lines = [line for line in proc.stdout.splitlines()
              if line.startswith("megatron-lm e2e ") and not line.startswith("megatron-lm e2e:")]
     assert len(lines) == len(mlm.CONFIGS) + len(mlm.CONTROLS), proc.stdout
-    SUMMARY.append(f"megatron-lm e2e (megatron-core 0.19.2, real pretrain_gpt.py): {len(results)} runs, "
+    SUMMARY.append(f"megatron-lm e2e (megatron-core {version}, real pretrain_gpt.py): {len(results)} runs, "
                    f"{len(exact)} exact, max grad err {max(r['grad_err'] for r in results if not r['control']):.1e}; "
                    + "; ".join(line.split(": ", 1)[0].replace("megatron-lm e2e ", "") + " "
                                + ("PASS" if ": PASS" in line else "FAIL") for line in lines))

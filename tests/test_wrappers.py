@@ -93,7 +93,7 @@ from megatron_agg import integration
 from megatron_agg.wrapper_defects import WRAPPER_DEFECTS, WrapperSetup, find_wrapper_defect
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
-MATRIX_RELEASES = ("0.13", "0.14", "0.15", "0.16", "0.17", "0.18", "0.19")
+MATRIX_RELEASES = ("0.13", "0.14", "0.15", "0.16", "0.17", "0.18", "0.19", "0.20")
 
 
 def _probe():
@@ -146,7 +146,8 @@ def test_every_defect_names_a_release_range_and_a_way_out():
         assert any(defect.covers(r) for r in MATRIX_RELEASES)
         assert defect.what and defect.instead and defect.strategies
     assert not WRAPPER_DEFECTS[0].covers("0.13") and WRAPPER_DEFECTS[0].covers("0.17")
-    assert not WRAPPER_DEFECTS[0].covers("0.18") and WRAPPER_DEFECTS[1].covers("0.25")  # open-ended
+    assert not WRAPPER_DEFECTS[0].covers("0.18") and WRAPPER_DEFECTS[1].covers("0.19")
+    assert not WRAPPER_DEFECTS[1].covers("0.20")  # fixed in Megatron-LM main (0.20), measured
 
 
 @pytest.mark.parametrize("release, strategy, no_sync, overlap, refused", [
@@ -157,6 +158,8 @@ def test_every_defect_names_a_release_range_and_a_way_out():
     ("0.19", "optim", True, False, "without overlap_grad_reduce: not a scaling"),
     ("0.19", "optim", True, True, None),
     ("0.19", "optim_grads", True, False, None),
+    ("0.20", "optim", True, False, None),  # fixed in Megatron-LM main (measured by the wrapper probe)
+    ("0.20", "no_shard", True, False, None),
 ])
 def test_a_step_with_a_defective_megatron_fsdp_set_up_is_refused_before_it_runs(
         monkeypatch, release, strategy, no_sync, overlap, refused):

@@ -86,12 +86,14 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 # Building and wrapping
 # ---------------------------------------------------------------------------------------------
 def megatron_fsdp_class() -> type:
-    """Megatron-FSDP's Megatron-Core wrapper class of the installed release."""
+    """Megatron-FSDP's Megatron-Core wrapper class of the installed release (0.20: the class its
+    ``FullyShardedDataParallel`` factory builds by default, ``FullyShardedDataParallelV1``)."""
     try:
-        from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+        from megatron.core.distributed.fsdp import mcore_fsdp_adapter
     except ImportError:  # megatron-core 0.13: "custom FSDP"
         from megatron.core.distributed.custom_fsdp import FullyShardedDataParallel
-    return FullyShardedDataParallel
+        return FullyShardedDataParallel
+    return getattr(mcore_fsdp_adapter, "FullyShardedDataParallelV1", None) or mcore_fsdp_adapter.FullyShardedDataParallel
 
 
 def _config_fields(cls: type) -> set:

@@ -87,8 +87,24 @@ __all__ = [
     "main",
 ]
 
-#: The Megatron-LM release line whose top-level training files match the installed wheel.
-RELEASE = "core_r0.19.0"
+#: The Megatron-LM source whose top-level training files match the installed megatron-core, by its
+#: minor release: the 0.19.x wheel (which ships megatron/training) and Megatron-LM main (0.20.0,
+#: installed from its source); ``patches/megatron-lm/<line>/`` and the pinned copies of each.
+RELEASE_LINES = {"0.19": ("core_r0.19.0", "releases/Megatron-LM-core_r0.19.0"), "0.20": ("main", "Megatron-LM")}
+
+
+def installed_line() -> str:
+    """The key of :data:`RELEASE_LINES` for the installed megatron-core (0.19 when it is neither)."""
+    try:
+        from megatron_agg.integration import minor_release
+
+        minor = minor_release()
+    except Exception:  # noqa: BLE001 - no megatron-core here: the default line
+        minor = "0.19"
+    return minor if minor in RELEASE_LINES else "0.19"
+
+
+RELEASE = RELEASE_LINES["0.19"][0]
 UPSTREAM_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
 #: float32-tight, as the gradient-equivalence matrix.
 TOLERANCE = 1e-5
@@ -113,14 +129,14 @@ def repo_root() -> Path:
 
 
 def resolve_sources(root: Optional[Path] = None, patch: Optional[str] = None,
-                    upstream: Optional[str] = None) -> Sources:
-    """The patch and the pinned upstream files of :data:`RELEASE`: ``patches/megatron-lm/<release>/
-    pretrain_gpt.patch`` and ``patches/upstream/releases/Megatron-LM-<release>/`` of the
-    repository, unless explicit paths are given."""
+                    upstream: Optional[str] = None, line: Optional[str] = None) -> Sources:
+    """The patch and the pinned upstream files of a release line (:data:`RELEASE_LINES`; default:
+    the installed megatron-core's): ``patches/megatron-lm/<release>/pretrain_gpt.patch`` and its
+    pinned copies under ``patches/upstream/``, unless explicit paths are given."""
     root = root or repo_root()
-    patch_path = Path(patch) if patch is not None else root / "patches" / "megatron-lm" / RELEASE / "pretrain_gpt.patch"
-    upstream_path = (Path(upstream) if upstream is not None
-                     else root / "patches" / "upstream" / "releases" / f"Megatron-LM-{RELEASE}")
+    release, pinned = RELEASE_LINES[line or installed_line()]
+    patch_path = Path(patch) if patch is not None else root / "patches" / "megatron-lm" / release / "pretrain_gpt.patch"
+    upstream_path = Path(upstream) if upstream is not None else root / "patches" / "upstream" / pinned
     missing = [str(p) for p in [patch_path] + [upstream_path / f for f in UPSTREAM_FILES] if not p.is_file()]
     if missing:
         raise FileNotFoundError("megatron_lm: missing " + ", ".join(missing))

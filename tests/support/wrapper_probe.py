@@ -147,17 +147,18 @@ def expected_factor(release: str, wrapper: str, path: Variant, dp: int, m: int, 
       for a dense model (no expert data-parallel group; 0.18+: Megatron-LM #3831 builds the expert
       mesh only for MoE models).
     - ``megatron-fsdp/no_shard``: 0.13 raises in the first forward; 0.14-0.17 never reduce without
-      ``no_sync`` (``all_reduce_gradients`` skips every buffer); 0.18+ reduce in
+      ``no_sync`` (``all_reduce_gradients`` skips every buffer); 0.18-0.19 reduce in
       ``finish_grad_sync`` too, so with ``no_sync`` and no overlap twice: idempotent for means,
-      ×dp for the per-token sum.
+      ×dp for the per-token sum; 0.20 reduces once (exact).
     - ``megatron-fsdp/optim``: 0.13 raises without ``no_sync`` (``is_last_microbatch`` unset);
       0.14-0.15 never reduce without ``no_sync`` (``reduce_scatter_gradients`` skips every buffer),
       all-reduce once with it; 0.13 and 0.16 with ``no_sync``: the hooks reduce-scatter and *add*
       the result to the rank's virtual shard that still holds its local sum, and without overlap
       ``finish_grad_sync`` reduces again: ×2 (per-token), ×(1+1/dp) (average in collective, or
       the 1/dp fused into the reduction: ``gradient_reduce_div_fusion``, the default), ×2/dp (unfused);
-      with overlap: not a scaling. 0.17+: the hooks' result replaces the shard (exact with
-      overlap), the second reduction without overlap remains: not a scaling.
+      with overlap: not a scaling. 0.17-0.19: the hooks' result replaces the shard (exact with
+      overlap), the second reduction without overlap remains: not a scaling. 0.20 (Megatron-LM
+      main; ``FullyShardedDataParallelV1``): ``finish_grad_sync`` only waits, exact (measured).
     - ``megatron-fsdp/optim_grads*``: 0.13-0.15 pre-scale the rank's accumulated shard instead of
       the bucket being reduced when the ``1/dp`` is not fused into the reduction
       (``gradient_reduce_div_fusion=False``, or bf16 gradients): ×dp for one micro-batch, not a
@@ -177,13 +178,15 @@ def expected_factor(release: str, wrapper: str, path: Variant, dp: int, m: int, 
             return CRASH
         if not no_sync_used:
             return math.nan if minor < (0, 18) else 1.0
-        if minor >= (0, 18) and not overlap and per_token_sum:
+        if (0, 18) <= minor <= (0, 19) and not overlap and per_token_sum:
             return float(dp)
         return 1.0
     if wrapper == "megatron-fsdp/optim":
         if not no_sync_used:
             return CRASH if minor <= (0, 13) else (math.nan if minor < (0, 16) else 1.0)
         if (0, 14) <= minor <= (0, 15):
+            return 1.0
+        if minor >= (0, 20):  # finish_grad_sync only waits for the hooks' reduction
             return 1.0
         if minor >= (0, 17):
             return 1.0 if overlap else math.nan
