@@ -36,10 +36,10 @@ unpacked rows as a whole into ``2·cp`` chunks, i.e. ``cp_layout="load-balanced"
 ``n_i`` (``seq-mean-token-mean``, ``exclude_fully_masked_seqs``) is counted from the micro-batch as
 read, before Bridge's split.
 
-Refused with ``ValueError`` on every rank before any gradient: everything ``DeferredLossHook``
-refuses (``calculate_per_token_loss`` off, ``prompt-mean``, terms with different denominators or
-masks of their own, hybrid CP, ``seq-mean-*`` with MoE auxiliary / MTP losses, wrappers whose
-finalize does not divide), ``return_schedule_plan`` (the MoE overlap schedule; untested), a ModelOpt
+Refused with ``ValueError`` on every rank before any gradient: ``calculate_per_token_loss`` off
+(:meth:`BridgeForwardStep.configure` not called), everything else ``DeferredLossHook`` refuses
+(``prompt-mean``, terms with different denominators or masks of their own, hybrid CP, ``seq-mean-*``
+with MoE auxiliary / MTP losses, wrappers whose finalize does not divide), ``return_schedule_plan`` (the MoE overlap schedule; untested), a ModelOpt
 distillation model (its loss function reduces the per-token losses itself), and packing with a CP
 partition mode other than ``zigzag``.
 
@@ -55,6 +55,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .deferred import DeferredLossHook
+from .integration import model_config
 from .modes import AggModeLike
 from .terms import DEFAULT_TERM_NAME
 
@@ -123,9 +124,15 @@ class BridgeForwardStep:
     def __call__(self, state: Any, data_iterator: Any, model: Any, return_schedule_plan: bool = False) -> tuple:
         if return_schedule_plan:
             raise ValueError("BridgeForwardStep does not support return_schedule_plan (the MoE overlap schedule).")
-        gpt_step, get_packed_seq_params = _bridge()
-        self._refuse_distillation(model)
+        if not self.hook.installed:
+            self._refuse_distillation(model)
+            if not getattr(model_config(model), "calculate_per_token_loss", False):
+                raise ValueError(
+                    "BridgeForwardStep needs calculate_per_token_loss=True on Bridge's model config: call "
+                    "forward_step.configure(cfg) before pretrain/finetune. Bridge's GPT default (False) divides "
+                    "every micro-batch by its own num_tokens: the gradients would be silently wrong.")
         self.hook.install(model)  # the first call on every rank: checks and wraps finalize; later: returns
+        gpt_step, get_packed_seq_params = _bridge()
         read: dict = {}
 
         def get_batch(iterator: Any, cfg: Any, use_mtp: bool = False, **kwargs: Any) -> tuple:

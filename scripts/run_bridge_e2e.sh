@@ -15,7 +15,7 @@
 # dependencies its GPT pretrain path imports; not nvidia-resiliency-ext, whose newest release breaks
 # megatron-core 0.19's import) is cached in ${MEGATRON_AGG_CACHE:-~/.cache/megatron_agg}/venvs/
 # bridge-0.6.2 and reused while its stamp is unchanged; megatron_agg is installed editable from this
-# checkout every time. Writes $MEGATRON_AGG_OUT (default results/bridge_e2e): e2e.log, summary.json.
+# checkout (once). Writes $MEGATRON_AGG_OUT (default results/bridge_e2e): e2e.log, summary.json.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
@@ -49,7 +49,10 @@ make_venv() {
     quiet_pip "transformers>=5.8,<=5.12.1" omegaconf nvidia-modelopt pillow requests tensorboard
     echo "$stamp" > "$VENV/.megatron_agg_stamp"
   fi
-  quiet_pip --no-deps -e "$ROOT"  # this checkout, every time
+  # this checkout, editable (pip takes a minute on a loaded machine: skipped when already in place)
+  if ! grep -qs "\"editable\": true}, \"url\": \"file://$ROOT\"" "$VENV"/lib/python3*/site-packages/megatron_agg-*.dist-info/direct_url.json; then
+    quiet_pip --no-deps -e "$ROOT"
+  fi
 }
 
 start=$(date +%s)

@@ -2,7 +2,8 @@
 
 The end-to-end test runs ``scripts/run_bridge_e2e.sh`` (Bridge 0.6.2's ``pretrain`` on 4 CPU ranks,
 TP2×DP2, PP2×DP2, CP2×DP2 with packed sequences, every mode of the deferred hook, and the control:
-Bridge's own ``masked_next_token_loss``) when the Bridge venv exists
+Bridge's own ``masked_next_token_loss``, which must miss; the adapter without ``configure(cfg)``, which
+every rank must refuse before any gradient) when the Bridge venv exists
 (``${MEGATRON_AGG_CACHE:-~/.cache/megatron_agg}/venvs/bridge-0.6.2``; ``scripts/run_bridge_e2e.sh
 --prepare`` builds it), else it is skipped — or fails, with ``MEGATRON_AGG_REQUIRE_BRIDGE=1``. What the
 runner stands in for, and why (none of it on the loss path), is in ``tests/support/bridge_run.py``'s
@@ -57,14 +58,19 @@ def test_refusals_before_any_gradient():
         BridgeForwardStep("prompt-mean")
     with pytest.raises(ValueError, match="return_schedule_plan"):
         BridgeForwardStep("token-mean")(None, iter([]), None, return_schedule_plan=True)
+    # Bridge's GPT default, calculate_per_token_loss=False (configure() not called): refused before the batch is read
+    with pytest.raises(ValueError, match=r"configure\(cfg\)"):
+        BridgeForwardStep("token-mean")(None, iter([]), SimpleNamespace(calculate_per_token_loss=False))
 
 
 def test_without_bridge_the_error_names_the_package():
     try:
         import megatron.bridge  # noqa: F401
     except ImportError:
+        from megatron_agg.bridge import _bridge
+
         with pytest.raises(ImportError, match="megatron-bridge"):
-            BridgeForwardStep("token-mean")(None, iter([]), None)
+            _bridge()
     else:
         pytest.skip("Megatron-Bridge is importable here")
 
@@ -89,14 +95,17 @@ def test_bridge_pretrain_end_to_end(tmp_path):
     log = (tmp_path / "e2e.log").read_text() if (tmp_path / "e2e.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:] + log[-4000:]
     results = json.loads((tmp_path / "summary.json").read_text())["results"]
-    exact = {(r["run"], r["mode"]) for r in results if not r["control"] and r["passed"]}
+    exact = {(r["run"], r["mode"]) for r in results if r["kind"] == "exact" and r["passed"]}
     assert exact == {(layout, mode) for layout in LAYOUTS for mode in MODES}
     for r in results:
-        if not r["control"]:
-            assert r["grad_err"] <= 1e-5 and min(r["other_modes"].values()) >= 1e-3  # the data tells modes apart
-    controls = [r for r in results if r["control"]]
+        if r["kind"] == "exact":
+            assert r["grad_err"] <= 1e-5 and r["loss_err"] <= 1e-5 and min(r["other_modes"].values()) >= 1e-3  # the data tells modes apart
+    controls = [r for r in results if r["kind"] == "control"]
     assert len(controls) == 1 and controls[0]["grad_err"] >= 1e-3 and controls[0]["explained"] <= 1e-5
+    assert controls[0]["loss_err"] <= 1e-5  # Bridge logs the exact token mean while its gradient is not
+    refusals = [r for r in results if r["kind"] == "refusal"]  # configure() not called: every rank, no gradient
+    assert len(refusals) == 1 and refusals[0]["refused_ranks"] == 4 and refusals[0]["finalize_calls"] == 0
     lines = [line for line in proc.stdout.splitlines() if line.startswith("bridge e2e ")]
     SUMMARY.append(f"Megatron-Bridge 0.6.2 e2e (real pretrain): {len(exact)} layout×mode exact, max grad err "
-                   f"{max(r['grad_err'] for r in results if not r['control']):.1e}, control misses by "
+                   f"{max(r['grad_err'] for r in results if r['kind'] == 'exact'):.1e}, control misses by "
                    f"{controls[0]['grad_err']:.1e}; " + "; ".join(line.split(" — ")[0] for line in lines))

@@ -8,7 +8,9 @@ One launch runs Bridge 0.6.2's ``pretrain(cfg, forward_step)`` once per layout (
 with unpacked rows, CP2×DP2 with packed sequences), each for one training step per loss mode: step
 ``k`` uses :class:`megatron_agg.bridge.BridgeForwardStep` of mode ``k`` (the previous step's hook is
 uninstalled first). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
-(``masked_next_token_loss``) with Bridge's defaults (no ``calculate_per_token_loss``). Between
+(``masked_next_token_loss``) with Bridge's defaults (no ``calculate_per_token_loss``), which must miss;
+and one on TP2×DP2 with the adapter but without ``configure(cfg)`` (Bridge's default
+``calculate_per_token_loss=False``), which every rank must refuse before any gradient. Between
 layouts Bridge's ``pretrain`` destroys Megatron's global state itself (``destroy_global_state``); the
 gloo groups it built are destroyed here as well (``destroy_model_parallel`` leaves them alive).
 
@@ -18,7 +20,9 @@ full gradients (TP/PP shards of the DP-rank-0, CP-rank-0 ranks) captured *after 
 finalize_model_grads* (DP all-reduce, tied embeddings, the ``num_tokens`` division) and before the
 optimizer step, and compares them with those of one process that holds every rank's micro-batches
 and computes the loss by its definition (:func:`megatron_agg.reference_loss`) with the plain-PyTorch
-reference GPT (packed documents evaluated one by one), at the weights of that step.
+reference GPT (packed documents evaluated one by one), at the weights of that step; and Bridge's
+logged ``lm loss`` (its sum / count over DP×CP, read through a Bridge callback, ``on_train_step_end``)
+with the definition's loss.
 
 Nothing of Bridge or Megatron-Core is edited. What this runner installs from outside, and why (none
 of it is on the loss path: batch reading, the CP split, the model, ``loss_func``, the schedule and
@@ -282,6 +286,7 @@ class Capture:
     def reset(self) -> None:
         self.batches: List[Dict[str, Any]] = []
         self.params: Dict[int, List[Dict[str, Any]]] = {}
+        self.logged: List[Dict[str, float]] = []
         self.step = 0
 
     @staticmethod
@@ -318,6 +323,17 @@ class Capture:
 
 
 CAPTURE = Capture()
+
+
+def logged_loss_callback():
+    """A Bridge callback recording each step's reduced ``loss_dict`` (Bridge's sum / count over DP×CP)."""
+    from megatron.bridge.training.callbacks import Callback
+
+    class LoggedLoss(Callback):
+        def on_train_step_end(self, context):
+            CAPTURE.logged.append({k: float(v) for k, v in (context.loss_dict or {}).items()})
+
+    return LoggedLoss()
 
 
 class _Recording:
@@ -413,7 +429,9 @@ def destroy_gloo_groups() -> None:
                 pass
 
 
-def run_layout(name: str, modes: Optional[Sequence[str]], world: int) -> Dict[str, Any]:
+def run_layout(name: str, modes: Optional[Sequence[str]], world: int, configure: bool = True) -> Dict[str, Any]:
+    """One Bridge ``pretrain``: one step per mode (``None``: Bridge's own forward_step, one step);
+    ``configure=False`` leaves Bridge's default ``calculate_per_token_loss=False`` (a refusal)."""
     from megatron.bridge.training.pretrain import pretrain
 
     layout = dict(LAYOUTS[name])
@@ -421,11 +439,12 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int) -> Dict[st
     steps = len(modes) if modes is not None else 1
     cfg = bridge_config(layout, steps, world)
     forward_step = ModePerStep(modes)
-    forward_step.configure(cfg)
+    if configure:
+        forward_step.configure(cfg)
     start = time.time()
     error = None
     try:
-        pretrain(cfg, forward_step)
+        pretrain(cfg, forward_step, callbacks=[logged_loss_callback()])
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -433,8 +452,8 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int) -> Dict[st
         forward_step.finish()
     dist.barrier()
     destroy_gloo_groups()
-    return dict(batches=CAPTURE.batches, params=CAPTURE.params, error=error, seconds=time.time() - start,
-                packed=bool(layout.get("packed")))
+    return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, error=error,
+                seconds=time.time() - start, packed=bool(layout.get("packed")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,12 +547,21 @@ def compare(records: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]], s
         worst = max(errors, key=errors.get)
         return errors[worst], worst
 
-    grad_err, worst = error_against(definition_loss(mode, batches))
+    loss_fn = definition_loss(mode, batches)
+    grad_err, worst = error_against(loss_fn)
+    with torch.no_grad():
+        ref_loss = float(loss_fn(weights))
+    logged = [run["logged"][step]["lm loss"] for run in runs
+              if len(run["logged"]) > step and "lm loss" in run["logged"][step]]
+    if not logged:
+        problems.append("no logged lm loss")
+    logged_loss = logged[0] if logged else float("nan")
+    loss_err = abs(logged_loss - ref_loss) / max(abs(ref_loss), 1e-30)
     others = {m: error_against(definition_loss(m, batches))[0] for m in MODES if m != mode}
     counts = [dict(dp=b["dp"], mb=b["index"], tokens=int(b["loss_mask"].sum()), sequences=len(documents(b)))
               for b in batches]
     return dict(grad_err=grad_err, worst_param=worst, replica_err=replica_err, other_modes=others,
-                problems=problems, counts=counts)
+                loss=logged_loss, ref_loss=ref_loss, loss_err=loss_err, problems=problems, counts=counts)
 
 
 def _parse(argv):
@@ -559,14 +587,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The default group outlives the runs: Bridge's pretrain keeps a group it did not create.
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     modes = [m for m in args.modes.split(",") if m]
-    plan = [(name, modes) for name in args.layouts.split(",") if name]
+    plan = [(name, modes, "exact") for name in args.layouts.split(",") if name]
     if not args.no_control:
-        plan.append(("tp2-dp2", None))
+        plan += [("tp2-dp2", None, "control"), ("tp2-dp2", ["token-mean"], "refusal")]
     results: Dict[str, Dict[str, Any]] = {}
     with cpu_environment():
-        for name, run_modes in plan:
-            key = name if run_modes is not None else f"{name}.control"
-            run = run_layout(name, run_modes, world)
+        for name, run_modes, kind in plan:
+            key = name if kind == "exact" else f"{name}.{kind}"
+            run = run_layout(name, run_modes, world, configure=kind != "refusal")
             torch.save(run, out / f"{key}.rank{rank}.pt")
             dist.barrier()
             if rank == 0:
@@ -580,13 +608,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return report(plan, out, world, import_seconds, train_seconds)
 
 
+#: What the adapter says when Bridge's default calculate_per_token_loss=False is left in place.
+REFUSAL = "calculate_per_token_loss=True"
+
+
 def report(plan, out: Path, world: int, import_seconds: float, train_seconds: float) -> int:
     start = time.time()
     lines, results, status = [], [], 0
-    for name, modes in plan:
-        key = name if modes is not None else f"{name}.control"
+    for name, modes, kind in plan:
+        key = name if kind == "exact" else f"{name}.{kind}"
         runs = [torch.load(out / f"{key}.rank{r}.pt", weights_only=False) for r in range(world)]
         error = next((r["error"] for r in runs if r["error"]), None)
+        if kind == "refusal":  # configure() not called: every rank must refuse before any gradient
+            refused = [bool(r["error"]) and REFUSAL in r["error"] for r in runs]
+            finalized = sum(len(r["params"]) for r in runs)
+            ok = all(refused) and finalized == 0
+            status |= 0 if ok else 1
+            results.append(dict(run=key, mode=None, control=True, kind=kind, passed=ok, refused_ranks=sum(refused),
+                                finalize_calls=finalized, error=error))
+            lines.append(f"bridge e2e refusal ({name}, configure() not called): {'PASS' if ok else 'FAIL'} — "
+                         f"{sum(refused)}/{world} ranks raised before any gradient (finalize ran {finalized} times): "
+                         f"{(error or 'no error')[:160]}")
+            continue
         if error is not None:
             status = 1
             lines.append(f"bridge e2e {key}: FAIL — {error[:300]}")
@@ -599,7 +642,7 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
         per_mode = []
         for step, mode in enumerate(modes if modes is not None else ["token-mean"]):
             r = compare(params.get(step, []), runs, step, mode, world, MICRO_BATCHES)
-            r.update(run=key, mode=mode, step=step, control=modes is None)
+            r.update(run=key, mode=mode, step=step, control=modes is None, kind=kind)
             if modes is None:  # the control: Bridge's own loss against the token-mean definition
                 r["explained"] = None
                 ref = _compare_module("gpt").reference_grads
@@ -608,10 +651,12 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
                 r["explained"] = max(_relative_error(grads[n], mom[n]) for n in mom)
                 r["passed"] = r["grad_err"] >= CONTROL_MARGIN and not r["problems"]
             else:
-                r["passed"] = r["grad_err"] <= TOLERANCE and r["replica_err"] <= TOLERANCE and not r["problems"]
+                r["passed"] = (r["grad_err"] <= TOLERANCE and r["loss_err"] <= TOLERANCE
+                               and r["replica_err"] <= TOLERANCE and not r["problems"])
             per_mode.append(r)
             results.append(r)
-            print(f"  {key:<16} step {step} {mode:<24} grad err {r['grad_err']:.2e} ({r['worst_param']}), other modes "
+            print(f"  {key:<16} step {step} {mode:<24} grad err {r['grad_err']:.2e} ({r['worst_param']}), logged lm loss "
+                  f"{r['loss']:.6f} vs {r['ref_loss']:.6f} (err {r['loss_err']:.1e}), other modes "
                   f">= {min(r['other_modes'].values()):.1e}: " + ("PASS" if r["passed"] else "FAIL")
                   + (f" {r['problems']}" if r["problems"] else ""), flush=True)
         ok = all(r["passed"] for r in per_mode)
@@ -622,11 +667,12 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
             lines.append(f"bridge e2e control ({name}, Bridge's masked_next_token_loss, calculate_per_token_loss off): "
                          f"{'PASS' if ok else 'FAIL'} — misses the token-mean definition by {r['grad_err']:.1e} "
                          f"(must be >= {CONTROL_MARGIN:g}); equals the mean of per-micro-batch token means to "
-                         f"{r['explained']:.1e}")
+                         f"{r['explained']:.1e}; its logged lm loss is the exact token mean (err {r['loss_err']:.1e})")
         else:
             lines.append(f"bridge e2e {name}{' [packed]' if runs[0]['packed'] else ''}: {'PASS' if ok else 'FAIL'} "
                          f"{sum(r['passed'] for r in per_mode)}/{len(per_mode)} modes exact — max grad err "
-                         f"{max(r['grad_err'] for r in per_mode):.1e} (tol {TOLERANCE:g}); other modes' definitions "
+                         f"{max(r['grad_err'] for r in per_mode):.1e}, logged lm loss err "
+                         f"{max(r['loss_err'] for r in per_mode):.1e} (tol {TOLERANCE:g}); other modes' definitions "
                          f"missed by >= {min(v for r in per_mode for v in r['other_modes'].values()):.1e}; valid tokens "
                          f"per micro-batch {tokens[0]}-{tokens[-1]}")
     compare_seconds = time.time() - start
