@@ -19,7 +19,8 @@ import torch
 
 from .terms import LossTerm
 
-__all__ = ["AGREEMENT_FIELDS", "fingerprints", "agreement_values", "agreement_block", "disagreements"]
+__all__ = ["AGREEMENT_FIELDS", "fingerprints", "agreement_values", "agreement_block", "disagreements",
+           "step_block", "flag_counts"]
 
 #: The options DP ranks must agree on, in the order of the fingerprints.
 AGREEMENT_FIELDS = (
@@ -96,3 +97,18 @@ def disagreements(summed_block: torch.Tensor) -> torch.Tensor:
     host sync)."""
     triples = summed_block.reshape(-1, 3)
     return (triples[:, 0] * triples[:, 2] != triples[:, 1] * triples[:, 1]).to(torch.int64)
+
+
+def step_block(values: Sequence[Optional[float]], refused: bool, reads: bool, device: torch.device) -> torch.Tensor:
+    """The step-start block: :func:`agreement_block` of the set-up's fingerprints followed by two
+    flags in the same ``[p, p·f, p·f²]`` form, ``f = 2`` where this rank *refused its inputs* and
+    where it *runs the schedule without reading the block first* (asynchronous totals), else 1.
+    Summed, each flag's ``Σp·f − Σp`` is the number of ranks that raised it (:func:`flag_counts`)."""
+    return agreement_block(list(values) + [2.0 if refused else 1.0, 1.0 if reads else 2.0], device)
+
+
+def flag_counts(summed_block: torch.Tensor) -> List[int]:
+    """``[ranks that refused their inputs, ranks that run the schedule unread]`` of a summed
+    :func:`step_block` (one host read)."""
+    triples = summed_block.reshape(-1, 3)[len(AGREEMENT_FIELDS):]
+    return [int(round(v)) for v in (triples[:, 1] - triples[:, 0]).tolist()]

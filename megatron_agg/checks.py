@@ -52,7 +52,7 @@ class FrontEndNames:
 
 
 #: The summary's problem kinds, in the order they are reported.
-_KINDS = ("evaluations", "mask_values", "boundaries", "group_ids", "counts", "mismatch", "nonfinite_valid",
+_KINDS = ("inputs", "evaluations", "mask_values", "boundaries", "group_ids", "counts", "mismatch", "nonfinite_valid",
           "nonfinite_masked")
 
 
@@ -77,7 +77,9 @@ class StepChecks:
     group_ids_expected: str = ""
     #: (where, what is wrong, count) for per-sequence counts (deferred mode).
     counts: List[Tuple[str, str, torch.Tensor]] = field(default_factory=list)
-    #: A problem known on the host already (the number of loss evaluations).
+    #: Problems known on the host already: inputs this rank refused while the step ran on (stand-ins
+    #: took their place, see :func:`megatron_agg.engine.start_totals`), the number of loss evaluations.
+    inputs: Optional[str] = None
     evaluations: Optional[str] = None
     #: This rank's fingerprints of the set-up (None entries: no say), for the agreement check.
     fingerprints: Optional[Sequence[Optional[float]]] = None
@@ -108,10 +110,10 @@ class StepChecks:
                 stage_only: bool) -> int:
         details, lengths = self._details(device)  # this rank's per-item counts, one flat vector
         kinds = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], dtype=torch.int64, device=device)
-        head = [1.0 if self.evaluations else 0.0] + [0.0] * len(lengths)
+        head = [1.0 if self.inputs else 0.0, 1.0 if self.evaluations else 0.0] + [0.0] * len(lengths)
         head += agreement_values(self.fingerprints or [None] * len(AGREEMENT_FIELDS))
         summary = torch.tensor(head, dtype=torch.float64, device=device)
-        summary[1 : 1 + len(lengths)].index_add_(0, kinds, details)  # per-kind totals of this rank
+        summary[2 : 2 + len(lengths)].index_add_(0, kinds, details)  # per-kind totals of this rank
         collectives = groups.sum_over_step(summary, stage_only) if (spread and groups is not None) else 0
         values = torch.cat([summary, details]).tolist()  # the one host sync
         n = len(_KINDS)
@@ -174,6 +176,9 @@ class StepChecks:
                 "the gradients of this step are not the loss of any one of them. Raised on every rank, "
                 "before the optimizer step."
             )
+        if totals["inputs"]:
+            raise ValueError((self.inputs or "A rank of this step refused its inputs (its error says which).")
+                             + " Raised on every rank of the step, before the optimizer step.")
         if totals["evaluations"]:
             raise ValueError((self.evaluations or "A rank evaluated the loss function a wrong number of times")
                              + ("" if self.evaluations else elsewhere))

@@ -13,11 +13,13 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
    rank's totals from whole sequences (:func:`megatron_agg.totals.local_totals_vector`: ``N``,
    ``T_k`` and ``N⁺_k`` per mask, and for ``prompt-mean`` the per-group counts) and starts **one**
    all-reduce (SUM, float64) over the pure data-parallel group of ``[totals..., agreement
-   triples...]``. On the first step of an entry point the ranks' agreement on the set-up (which
-   fixes the vector's length) is checked first in a small all-reduce of its own, once; on any
-   step whose set-up changed (:class:`AgreementTracker`) the totals are awaited at once and a
-   disagreement raises on every DP rank, *before* the schedule runs (one host sync, at that
-   step's start); otherwise the all-reduce is awaited at the first loss.
+   triples..., two flags]`` (:func:`start_totals`). The first time a process uses a vector length
+   over a DP group, the ranks' agreement on the set-up (which fixes the length) is checked first
+   in a small all-reduce of its own; on any step whose set-up changed (:class:`AgreementTracker`)
+   or whose inputs this rank refused, the totals are awaited at once and a disagreement raises on
+   every DP rank, *before* the schedule runs (one host sync, at that step's start) — or, when some
+   rank runs its schedule unread, at the step's end on every rank; otherwise the all-reduce is
+   awaited at the first loss.
 2. precomputes per micro-batch the per-token weights ``m_k·α`` of every term and metric in this
    rank's context-parallel layout, ``num_tokens``, and (at the first loss) every ``F``
    vectorized; ``prompt-mean`` weights get their ``1/M_g`` there, gathered per token from the
@@ -32,13 +34,14 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from . import aggregation as agg
-from .agreement import AGREEMENT_FIELDS, agreement_block, disagreements, fingerprints
+from .agreement import AGREEMENT_FIELDS, disagreements, fingerprints, flag_counts, step_block
 from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
@@ -94,9 +97,9 @@ class AgreementTracker:
         self._verified[key] = tuple(prints)
 
     def needs_length_check(self, key: Any, layout: TotalsLayout) -> bool:
-        """Whether the ranks' agreement on the set-up must be checked in a small all-reduce of its
-        own *before* the totals: the first time a totals layout (whose length the set-up fixes:
-        masks, groups) is used over a data-parallel group. Afterwards it rides in the totals."""
+        """Whether this entry point has yet to check the ranks' agreement on a set-up of this totals
+        layout over this group in a small all-reduce of its own (its first step, and the first step
+        of each layout): afterwards the agreement rides in the totals (:func:`start_totals`)."""
         return (key, layout) not in self._lengths
 
     def length_verified(self, key: Any, layout: TotalsLayout) -> None:
@@ -105,13 +108,126 @@ class AgreementTracker:
 
 def raise_if_disagree(block: torch.Tensor, names: FrontEndNames, where: str) -> None:
     """Read a summed agreement block (one host sync) and raise ``ValueError`` naming the options."""
+    problem = _disagreement(block, names, where)
+    if problem:
+        raise ValueError(problem)
+
+
+def _disagreement(block: torch.Tensor, names: FrontEndNames, where: str) -> Optional[str]:
     differing = [f for f, d in zip(AGREEMENT_FIELDS, disagreements(block).tolist()) if d]
     if differing:
-        raise ValueError(
+        return (
             f"The data-parallel ranks of this step disagree on: {', '.join(differing)} ({where}). Every "
             f"rank must build the same {names.entry} (terms, modes, options, loss_return) and the same "
             "Megatron config; nothing was computed. Raised on every rank of the group."
         )
+    if block.numel() > 3 * len(AGREEMENT_FIELDS) and flag_counts(block)[0]:
+        return ("A data-parallel rank of this step refused its inputs (its error says which); nothing was "
+                "computed. Raised on every rank of the group.")
+    return None
+
+
+#: The totals layout each data-parallel group (the process group object: a new group starts
+#: empty on every rank) last all-reduced in this process. It is set only after a collective every
+#: rank of the group took part in, so all of them hold the same entry: a rank whose set-up (and so
+#: its totals' length) changed alone pairs its first collective with the others' through it
+#: (:func:`start_totals`).
+_LAST_LAYOUT: "weakref.WeakKeyDictionary[Any, TotalsLayout]" = weakref.WeakKeyDictionary()
+
+
+def _remember(group: Any, layout: Optional[TotalsLayout] = None) -> Optional[TotalsLayout]:
+    """The layout ``group`` last all-reduced (``None``: none, or a group that cannot be
+    weak-referenced, which is then new at every step); with ``layout``, remember it."""
+    try:
+        if layout is not None:
+            _LAST_LAYOUT[group] = layout
+        return _LAST_LAYOUT.get(group)
+    except TypeError:
+        return None
+
+
+@dataclass
+class StepStart:
+    """What :func:`start_totals` started."""
+
+    #: ``[totals, step block]`` being all-reduced (``None``: no all-reduce of this rank's totals).
+    reduced: Optional[torch.Tensor] = None
+    work: Any = None
+    collectives: int = 0
+    wait_seconds: float = 0.0
+    #: A problem to raise at the end of the step, on every rank (``StepChecks.inputs``): the step
+    #: runs on, with stand-ins, because another rank runs its schedule without reading the block.
+    deferred: Optional[str] = None
+
+
+def start_totals(groups: ParallelGroups, layout: TotalsLayout, totals: torch.Tensor,
+                 prints: Sequence[Optional[float]], names: FrontEndNames, *, tracker: AgreementTracker,
+                 key: Any, async_ok: bool, refused: Optional[Exception] = None,
+                 where: str = "checked before the step") -> StepStart:
+    """Start the step's one all-reduce (SUM) over the data-parallel group of ``[totals, step block]``
+    (:func:`~megatron_agg.agreement.step_block`: the set-up's fingerprints, whether this rank
+    ``refused`` its inputs, whether it reads the block before the schedule).
+
+    This rank reads the block before the schedule (one host sync) on the first step and whenever
+    its set-up changed or it refused its inputs. A disagreement or a refusal then raises at once on
+    every rank if every rank read the block; if some rank runs its schedule unread (its set-up did
+    not change), this rank runs the step too (``deferred``; on stand-in inputs) and every rank raises
+    at the step's end (:class:`~megatron_agg.checks.StepChecks`), before the optimizer step — never
+    a rank left alone in a collective. A rank whose totals' length changed first sends a block of
+    the length the group last used (:data:`_LAST_LAYOUT`; the first time, no totals), so that it
+    pairs with the ranks that did not change; a new length is used only once every rank agreed.
+    An entry point's first step (of each layout) sends that block too (:class:`AgreementTracker`).
+    """
+    start = StepStart()
+    if groups.dp_size == 1:
+        if refused is not None:
+            raise refused
+        return start
+    device = totals.device
+
+    def all_reduce(vector: torch.Tensor, async_op: bool) -> Any:
+        t0 = time.perf_counter()
+        work = groups.sum_over_dp(vector, async_op=async_op)
+        if not async_op:  # a blocking all-reduce is a wait as well
+            start.wait_seconds += time.perf_counter() - t0
+        start.collectives += 1
+        return work
+
+    def outcome(block: torch.Tensor) -> Optional[str]:
+        block = block.cpu()  # the one host sync
+        problem = _disagreement(block, names, where)
+        if problem is None:
+            return None
+        if refused is not None:
+            problem = (f"{refused} (Refused on this rank; raised on every rank of the data-parallel group, "
+                       "before the step.)")
+        if flag_counts(block)[1] == 0:  # every rank read this block: all raise now, before the schedule
+            raise ValueError(problem) from refused
+        return problem
+
+    last = _remember(groups.dp)
+    sync = refused is not None or tracker.needs_sync(key, prints)
+    if last != layout or tracker.needs_length_check(key, layout):
+        length = 0 if last is None else last.size
+        block = torch.cat([torch.zeros(length, dtype=torch.float64, device=device),
+                           step_block(prints, refused is not None, True, device)])
+        all_reduce(block, False)
+        start.deferred = outcome(block[length:])
+        if start.deferred is not None:
+            return start  # this rank's totals are not the step's: it runs on its own, and raises at the end
+        sync = False  # every rank read this block and agreed: the set-up is verified
+    start.reduced = torch.cat([totals, step_block(prints, refused is not None, sync, device)])
+    start.work = all_reduce(start.reduced, async_ok and not sync)
+    if sync:
+        if start.work is not None:
+            start.work.wait()
+            start.work = None
+        start.deferred = outcome(start.reduced[layout.size:])
+    _remember(groups.dp, layout)
+    if start.deferred is None:
+        tracker.verified(key, prints)
+        tracker.length_verified(key, layout)
+    return start
 
 
 @dataclass
@@ -225,7 +341,8 @@ class PreparedStep:
     ``"default"`` mask) or ``{mask name: list}`` with every mask the config's terms and metrics
     name (validated by the front end: :func:`~megatron_agg.validation.check_named_masks`).
     ``group_ids``: per micro-batch one id per sequence, when a term or metric is ``prompt-mean``
-    (:func:`~megatron_agg.validation.check_group_ids`).
+    (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
+    refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`start_totals`).
     """
 
     def __init__(
@@ -239,6 +356,7 @@ class PreparedStep:
         names: FrontEndNames = FrontEndNames(),
         tracker: Optional[AgreementTracker] = None,
         group_ids: Optional[Sequence[torch.Tensor]] = None,
+        refused: Optional[Exception] = None,
     ) -> None:
         self.config = config
         self.terms = config.terms
@@ -274,6 +392,7 @@ class PreparedStep:
             self.checks.group_ids_expected = group_ids_expected(config)
         self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
+            self.checks.inputs = None if refused is None else str(refused)  # raised at the step's end
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
         check_cp_lengths(first, packed_seqs, groups, names.masks)
         packed_seqs = list(packed_seqs or [None] * len(first))
@@ -324,34 +443,15 @@ class PreparedStep:
         local = local_totals_vector(self.layout, counts, num_seqs, ids_all, device)
         self._local_group_tokens = local.group_tokens
         totals = local.vector
-        key = ("dp", id(groups.dp))
-        sync = tracker is not None and tracker.needs_sync(key, prints)
-        if groups.dp_size > 1:
-            if tracker is None or tracker.needs_length_check(key, self.layout):
-                # The set-up fixes the vector's length (masks, groups): every rank must share it before
-                # an all-reduce of that length can pair up. Once per entry point (and layout).
-                block = agreement_block(prints, device)
-                t0 = time.perf_counter()
-                groups.sum_over_dp(block, async_op=False)
-                self.wait_seconds += time.perf_counter() - t0
-                self.collectives += 1
-                raise_if_disagree(block, names, "checked before the step")
-                sync = False  # this step's set-up is verified
-            # One collective: the totals and the fingerprints of the set-up the ranks must share.
-            self._reduced = torch.cat([totals, agreement_block(prints, device)])
-            async_op = config.async_totals and not sync
-            t0 = time.perf_counter()
-            self._work = groups.sum_over_dp(self._reduced, async_op=async_op)
-            if not async_op:  # a blocking all-reduce is a wait as well
-                self.wait_seconds += time.perf_counter() - t0
-            self.collectives += 1
-            totals = self._reduced[: self.layout.size]
-            if sync:
-                self._wait()
-                raise_if_disagree(self._reduced[self.layout.size:], names, "checked before the step")
-        if tracker is not None:
-            tracker.verified(key, prints)
-            tracker.length_verified(key, self.layout)
+        start = start_totals(groups, self.layout, totals, prints, names, tracker=tracker or AgreementTracker(),
+                             key=("dp", id(groups.dp)), async_ok=config.async_totals, refused=refused)
+        self.collectives += start.collectives
+        self.wait_seconds += start.wait_seconds
+        self._reduced, self._work = start.reduced, start.work
+        if start.reduced is not None:
+            totals = start.reduced[: self.layout.size]
+        if start.deferred is not None:
+            self.checks.inputs = start.deferred
         self.totals = totals
         cp_size, cp_rank = groups.cp_size, groups.cp_rank
         #: The buffers the per-token weights live in (scaled by 1/D_k in place at the first loss),
@@ -449,10 +549,14 @@ class PreparedStep:
         mask_names = self.layout.masks
         if isinstance(loss_mask, Mapping):
             if set(loss_mask) != set(mask_names):
-                raise ValueError(
+                # Recorded, not raised: another rank may be evaluating its losses (and reach Megatron's
+                # gradient all-reduce) meanwhile; the step's end raises on every rank. The gradients
+                # follow loss_masks: the loss function's masks only feed the check.
+                self.checks.inputs = self.checks.inputs or (
                     f"{self.names.loss_call} got masks {sorted(loss_mask)} for micro-batch {index}, but the step "
                     f"has the masks {list(mask_names)}; pass this micro-batch's mask of every name."
                 )
+                return dict(plan.valid)
             given = dict(loss_mask)
         elif len(mask_names) == 1:
             given = {mask_names[0]: loss_mask}

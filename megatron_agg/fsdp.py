@@ -41,7 +41,7 @@ from .groups import ParallelGroups
 from .modes import AggModeLike
 from .scaling import SumScaling
 from .terms import LossTerm, PerTokenLossFn, per_token_losses, split_term_losses
-from .validation import as_int, check_group_ids, check_named_masks, check_packed_seqs
+from .validation import as_int, checked_inputs
 
 __all__ = ["FSDPLossHook"]
 
@@ -198,11 +198,9 @@ class FSDPLossHook:
         t0, c0 = time.perf_counter(), time.thread_time()
         some = next(iter(loss_masks.values()), None) if isinstance(loss_masks, Mapping) else loss_masks
         count = len(some) if isinstance(some, (list, tuple)) else 0
-        named = check_named_masks(loss_masks, as_int(max(count, 1), "len(loss_masks)"), self.config.mask_names,
-                                  missing_hint=_MISSING_MASKS)
+        named, packed, ids, refused = checked_inputs(self.config, loss_masks, as_int(max(count, 1), "len(loss_masks)"),
+                                                     packed_seqs, group_ids, _MISSING_MASKS)
         masks = next(iter(named.values()))
-        packed = check_packed_seqs(packed_seqs, masks)
-        ids = check_group_ids(group_ids, masks, packed, self.config.uses_groups)
         groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,
                                 cp_layout=self._sp_layout)
         scaling = SumScaling(len(masks), groups.dp_cp_size)
@@ -212,7 +210,7 @@ class FSDPLossHook:
                 f"{groups.cp_size}; got {[m.shape[-1] for m in masks]}."
             )
         step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
-                            group_ids=ids)
+                            group_ids=ids, refused=refused)
         step.engine_seconds += time.perf_counter() - t0
         step.engine_cpu_seconds += time.thread_time() - c0
         try:

@@ -33,16 +33,19 @@ What one step does, on each rank of the last pipeline stage:
    positions. The check is summed over every rank of the step first, so a failure raises on
    every rank; the next step starts clean either way.
 
-The all-reduced vector is ``[T, N, N_nonempty, (p, p·f, p·f²) × 9]`` (30 float64 values) for one
+The all-reduced vector is ``[T, N, N_nonempty, (p, p·f, p·f²) × 11]`` (36 float64 values: nine set-up
+fingerprints and two flags, :func:`megatron_agg.agreement.step_block`) for one
 mask; each further mask adds ``T_k, N⁺_k`` (2 values), ``prompt-mean`` with ``group_scope="global"``
 adds the per-group counts ``S_g`` and ``M_{k,g}`` (``G·(1+K_g)`` values: 2,048 = 16 KiB at
 ``G = 1,024`` and one mask) and with ``"per-rank"`` only ``P, P⁺_k`` (:mod:`megatron_agg.totals`);
 metrics add nothing. With context parallelism every CP rank does its own (identical) all-reduce
 over its DP group, so nothing is counted once per CP rank, and TP/PP replicas never add to the
-totals. The hook's first step checks the DP ranks' agreement on the set-up (which fixes the
-vector's length) in a small all-reduce of its own before the totals; a step whose set-up changed
-awaits the totals at once; either way a disagreement raises on every DP rank before the schedule
-starts. The engine itself is :mod:`megatron_agg.engine`.
+totals. The first time a process uses a vector length over a DP group, the ranks' agreement on the
+set-up (which fixes the length) is checked in a small all-reduce of its own before the totals; a
+step whose set-up changed awaits the totals at once; a disagreement then raises on every DP rank
+before the schedule starts, or — when some rank's set-up did not change and it runs the schedule
+unread — on every rank at the step's end (:func:`megatron_agg.engine.start_totals`). The engine
+itself is :mod:`megatron_agg.engine`.
 
 The loss the hook reports per micro-batch is a Megatron-LM style ``{name: [sum, count]}`` dict
 whose sums over micro-batches and data×context-parallel ranks give ``L`` exactly
@@ -67,7 +70,7 @@ from .integration import check_megatron_version, checked_cp_layout, resolve_grou
 from .modes import AggModeLike
 from .scaling import MegatronScaling
 from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses
-from .validation import check_group_ids, check_named_masks, check_packed_seqs
+from .validation import checked_inputs
 
 __all__ = ["LossHook", "PerTokenLossFn", "StepSummary", "NonFiniteLossError"]
 
@@ -236,18 +239,17 @@ class LossHook:
         self._last, self._failed = None, "the step did not finish"
         t0, c0 = time.perf_counter(), time.thread_time()
         num_microbatches = kwargs.get("num_microbatches")
-        named = check_named_masks(None if loss_masks is _MISSING else loss_masks, num_microbatches,
-                                  self.config.mask_names, missing_hint=_MISSING_MASKS)
+        named, packed, ids, refused = checked_inputs(
+            self.config, None if loss_masks is _MISSING else loss_masks, num_microbatches, packed_seqs, group_ids,
+            _MISSING_MASKS)
         masks = next(iter(named.values()))
-        packed = check_packed_seqs(packed_seqs, masks)
-        ids = check_group_ids(group_ids, masks, packed, self.config.uses_groups)
         groups = self._groups or resolve_groups(
             kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),
             cp_layout=self._cp_layout,
         )
         scaling = self._scaling.for_step(kwargs.get("model"), self.loss_return, len(masks), groups)
         step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
-                            group_ids=ids)
+                            group_ids=ids, refused=refused)
         self._step = step
         seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
         try:

@@ -56,8 +56,7 @@ from . import aggregation as agg
 from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
-from .engine import AgreementTracker, raise_if_disagree, set_up_fingerprints
-from .agreement import agreement_block
+from .engine import AgreementTracker, set_up_fingerprints, start_totals
 from .groups import ParallelGroups
 from .integration import check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
@@ -165,7 +164,13 @@ class StepShares:
                     f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
                 )
             num_groups = as_int(num_groups, "num_groups", minimum=1)
-        ids = check_group_ids(group_ids, masks, None, grouped)
+        refused: Optional[Exception] = None
+        try:
+            ids = check_group_ids(group_ids, masks, None, grouped)
+        except ValueError as exc:  # raised on every rank (engine.start_totals); ids -1 stand in meanwhile
+            if not grouped or not isinstance(group_ids, Sequence):
+                raise
+            ids, refused = [torch.full((mask.shape[0],), -1, dtype=torch.int64, device=mask.device) for mask in masks], exc
         self.exclude_fully_masked_seqs = as_bool(exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
         # The options every entry point shares (terms are chosen per call here: none fixed).
         self.config = AggConfig({"loss": LossTerm("token-mean")}, async_totals=async_totals,
@@ -179,7 +184,6 @@ class StepShares:
         self.averaging = self.scaling.averaging
         self._finished = False
         self._finalize: Any = None  # (config, wrapper, original) while the wrapper is installed
-        self._install_finalize(model)
         self.num_microbatches = m
         self.is_last_stage = self.groups.is_last_pipeline_stage
         self.collectives = 0
@@ -216,6 +220,8 @@ class StepShares:
         self._num_tokens_list = self._num_tokens.unbind()
         if not self.is_last_stage:
             self.totals = None
+            self.checks.inputs = None if refused is None else str(refused)  # raised at the step's end
+            self._install_finalize(model)
             return  # no loss is computed here: no totals, no collective (finish() still checks)
         for name in self.mask_names:
             for j, mask in enumerate(named[name]):
@@ -233,24 +239,15 @@ class StepShares:
         local = local_totals_vector(self.layout, counts, sum(v.num_seqs for v in views), ids_all, device,
                                     extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
-        self.totals = torch.cat([local.vector, agreement_block(prints, device)])
-        key = ("dp", id(self.groups.dp))
-        sync = _TRACKER.needs_sync(key, prints)
-        if self.groups.dp_size > 1:
-            if _TRACKER.needs_length_check(key, self.layout):  # the layout fixes the vector's length
-                block = agreement_block(prints, device)
-                self.groups.sum_over_dp(block, async_op=False)
-                self.collectives += 1
-                raise_if_disagree(block, _NAMES, "checked when the step's StepShares was built")
-                sync = False
-            self._work = self.groups.sum_over_dp(self.totals, async_op=async_totals and not sync)
-            self.collectives += 1
-            if sync:
-                self._wait()
-                raise_if_disagree(self.totals[self.layout.size:], _NAMES,
-                                  "checked when the step's StepShares was built")
-        _TRACKER.verified(key, prints)
-        _TRACKER.length_verified(key, self.layout)
+        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=_TRACKER,
+                             key=("dp", id(self.groups.dp)), async_ok=async_totals, refused=refused,
+                             where="checked when the step's StepShares was built")
+        self.collectives += start.collectives
+        self._work = start.work
+        self.totals = start.reduced if start.reduced is not None else local.vector
+        if start.deferred is not None:
+            self.checks.inputs = start.deferred
+        self._install_finalize(model)  # last: a StepShares that raised while built leaves no wrapper
 
     # -- per micro-batch ---------------------------------------------------------------------
     def _wait(self) -> None:

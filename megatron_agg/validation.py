@@ -28,6 +28,7 @@ __all__ = [
     "check_same_shapes",
     "check_packed_seqs",
     "check_group_ids",
+    "checked_inputs",
     "mask_value_problems",
     "boundary_problems",
 ]
@@ -116,6 +117,51 @@ def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequen
             "with one list per name (a plain list is the 'default' mask only)."
         )
     return {DEFAULT_MASK_NAME: check_loss_masks(loss_masks, num_microbatches, missing_hint=missing_hint)}
+
+
+def checked_inputs(config: Any, loss_masks: Any, num_microbatches: Any, packed_seqs: Any, group_ids: Any,
+                   missing_hint: str) -> tuple:
+    """``(masks by name, packed, group ids, refused)`` of a prepared step (:func:`check_named_masks`,
+    :func:`check_packed_seqs`, :func:`check_group_ids`). Where only this rank's named masks or group
+    ids are wrong and stand-ins can be made — zero masks for a missing name (given at least one of
+    the names), ids ``-1`` (left out of every group) — they take their place and ``refused`` is the
+    error: the engine raises it on every rank instead of this rank alone
+    (:func:`megatron_agg.engine.start_totals`). Anything else raises here."""
+    refused: Optional[Exception] = None
+    try:
+        named = check_named_masks(loss_masks, num_microbatches, config.mask_names, missing_hint=missing_hint)
+    except ValueError as exc:
+        named = _stand_in_masks(loss_masks, num_microbatches, config.mask_names)
+        if named is None:
+            raise
+        refused = exc
+    masks = next(iter(named.values()))
+    packed = check_packed_seqs(packed_seqs, masks)
+    try:
+        ids = check_group_ids(group_ids, masks, packed, config.uses_groups)
+    except ValueError as exc:
+        ids = [torch.full((p.num_sequences if p is not None else m.shape[0],), -1, dtype=torch.int64, device=m.device)
+               for m, p in zip(masks, packed or [None] * len(masks))] if config.uses_groups else None
+        refused = refused or exc
+    return named, packed, ids, refused
+
+
+def _stand_in_masks(loss_masks: Any, num_microbatches: Any, names: Sequence[str]) -> Optional[Dict[str, List[torch.Tensor]]]:
+    """Masks for every name in ``names`` from a mapping that holds valid masks for some of them
+    (zeros of their shapes for the others), or ``None``."""
+    if not isinstance(loss_masks, Mapping):
+        return None
+    valid = {}
+    for n in names:
+        try:
+            valid[n] = check_loss_masks(loss_masks[n], num_microbatches, missing_hint="") if n in loss_masks else None
+        except ValueError:
+            valid[n] = None
+    first = next((v for v in valid.values() if v is not None), None)
+    if first is None:
+        return None
+    same = {n: v is not None and all(a.shape == b.shape for a, b in zip(v, first)) for n, v in valid.items()}
+    return {n: valid[n] if same[n] else [torch.zeros_like(m) for m in first] for n in names}
 
 
 def check_same_shapes(named: Mapping[str, Sequence[torch.Tensor]], names: Sequence[str]) -> None:

@@ -207,3 +207,13 @@ def test_step_preparation_with_groups_and_masks_makes_no_host_sync(setup):
         prepared = PreparedStep(hook.config, masks, groups, scaling, group_ids=group_ids(setup.mbs))
         prepared.scales()
     assert prepared.layout.size == 3 + 2 + 10 * 2  # [T, N, N⁺], T/N⁺ of 'correct', S_g and M_g of 'correct'
+
+
+def test_a_loss_function_mask_dict_without_a_name_raises_at_the_end_of_the_step(setup):
+    """Recorded, not raised mid-schedule (another rank may be in Megatron's gradient all-reduce):
+    the end-of-step check raises it on every rank; the gradients followed loss_masks meanwhile."""
+    hook = LossHook(terms=TERMS, metrics=METRICS, **GROUPS)
+    with pytest.raises(ValueError, match=r"got masks \['default'\] for micro-batch 0, but the step has the masks "
+                                         r"\['default', 'correct'\].*Raised on every rank of the step"):
+        step(setup, hook, loss_func_mask=lambda mb: {"default": mb.masks["default"]})
+    assert hook.last_step is None

@@ -119,6 +119,46 @@ def hook_prompt_mean(rank: int) -> None:
          loss_masks=[mb.full_loss_mask for mb in mbs], group_ids=ids)
 
 
+def _ids(mbs):
+    return [torch.tensor([data_mod.GROUP_IDS[r] for r in mb.rows]) for mb in mbs]
+
+
+def hook_one_sided_inputs(rank: int, what: str, step: int) -> None:
+    """Rank 1 hands the step an input only it refuses, on the hook's first step (every rank reads
+    the agreement before the schedule: all raise there) or on a later one (every rank runs the
+    step: all raise at its end)."""
+    model, mbs = _model(False), _mbs()
+    terms = {"pg": LossTerm("prompt-mean"), "nll": LossTerm("token-mean", mask="correct")}
+    hook = LossHook(terms=terms, num_groups=10, group_scope="global")
+    for i in range(step):
+        bad = rank == 1 and i == step - 1
+        ids, names, given = _ids(mbs), ["default", "correct"], ["default", "correct"]
+        if bad and what == "group_ids":
+            ids = ids[:-1]
+        if bad and what == "loss_masks":
+            names = ["default"]
+        if bad and what == "loss_func":
+            given = ["default"]
+        _run(model, mbs, lambda mb, chunk: hook.loss_func({n: mb.masks[n] for n in given},
+                                                          lambda out: {"pg": out, "nll": out}),
+             hook.wrap, loss_masks={n: [mb.full_masks[n] for mb in mbs] for n in names}, group_ids=ids)
+
+
+def hook_rebuilt_on_rank_1(rank: int, what: str) -> None:
+    """Step 2: rank 1 builds a new hook with another num_groups (another totals length) or mode."""
+    model, mbs = _model(False), _mbs()
+    hook = None
+    for i in range(2):
+        changed = rank == 1 and i == 1
+        if what == "num_groups" and (hook is None or changed):  # rank 0 keeps its hook: its step 2 runs unread
+            hook = LossHook("prompt-mean", num_groups=12 if changed else 10, group_scope="global")
+        elif hook is None or changed:
+            hook = LossHook("token-mean" if changed else "seq-mean-token-mean")
+        kwargs = dict(group_ids=_ids(mbs)) if what == "num_groups" else {}
+        _run(model, mbs, lambda mb, chunk: hook.loss_func(mb.loss_mask), hook.wrap,
+             loss_masks=[mb.full_loss_mask for mb in mbs], **kwargs)
+
+
 # -- StepShares -----------------------------------------------------------------------------------
 def shares_setup(rank: int, loss_return: str, mode_of_rank_1: str) -> None:
     model, mbs = _model(False), _mbs()
@@ -156,6 +196,18 @@ def shares_mismatch_without_finish(rank: int) -> None:
     shares = StepShares([mb.full_loss_mask for mb in mbs], model=model)
     _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
         shares.share(out, torch.ones_like(mb.loss_mask), "seq-mean-token-mean"), {})))
+
+
+def shares_group_ids_on_rank_1(rank: int, step: int) -> None:
+    model, mbs = _model(False), _mbs()
+    for i in range(step):
+        ids = _ids(mbs)
+        if rank == 1 and i == step - 1:
+            ids = ids[:-1]
+        shares = StepShares([mb.full_loss_mask for mb in mbs], model=model, group_ids=ids, num_groups=10,
+                            group_scope="global")
+        _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+            shares.share(out, mb.loss_mask, "prompt-mean"), {})))
 
 
 # -- DeferredLossHook -----------------------------------------------------------------------------
@@ -202,12 +254,25 @@ SCENARIOS = {
                          "disagree on: prompt groups (num_groups, group_scope)"),
     "hook: a term's mask": (lambda r: hook_layout(r, "mask"), ValueError, "disagree on: term masks"),
     "hook: prompt-mean agrees": (hook_prompt_mean, None, None),
+    # An input only one rank refuses: every rank raises (before the schedule on a step whose agreement
+    # every rank reads, else at the step's end), never a rank left in a collective alone.
+    **{f"hook: {what} refused on rank 1, step {step}": (
+        (lambda w, n: lambda r: hook_one_sided_inputs(r, w, n))(what, step), ValueError, "on every rank")
+       for what in ("group_ids", "loss_masks", "loss_func") for step in (1, 2)},
+    # A rank that builds a new hook mid-run (another totals length, another mode): both raise.
+    "hook: rebuilt with another num_groups on rank 1": (lambda r: hook_rebuilt_on_rank_1(r, "num_groups"),
+                                                          ValueError, "disagree on: prompt groups"),
+    "hook: rebuilt with another mode on rank 1": (lambda r: hook_rebuilt_on_rank_1(r, "mode"),
+                                                  ValueError, "disagree on: terms and their modes"),
     "shares: loss_return": (lambda r: shares_setup(r, "2-tuple", "seq-mean-token-mean"), ValueError,
                             "disagree on: loss_return"),
     "shares: modes used": (lambda r: shares_setup(r, "3-tuple", "token-mean"), ValueError,
                            "disagree on: terms and their modes"),
     "shares: NaN on rank 1 only": (shares_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
     "shares: masks differ, finish() never called": (shares_mismatch_without_finish, ValueError, "differ"),
+    **{f"shares: group_ids refused on rank 1, step {step}": (
+        (lambda n: lambda r: shares_group_ids_on_rank_1(r, n))(step), ValueError, "on every rank")
+       for step in (1, 2)},
     "shares: num_groups": (shares_num_groups, ValueError, "disagree on: prompt groups (num_groups, group_scope)"),
     "deferred: mode": (deferred_mode, ValueError, "disagree on: terms and their modes"),
     "deferred: NaN on rank 1 only": (deferred_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
