@@ -1,19 +1,23 @@
 """The gradient-equivalence matrix under torchrun (gloo, CPU): the proof of the core claims.
 
-Each world size of each suite runs :mod:`harness.matrix` in one launch: ``core``
-(DP × TP × PP × VPP) and ``cp`` (context parallelism × DP × TP, with one PP layout, each
-unpacked and with packed sequences, the packed rows cut over CP per document and, where cp > 1, as
-a whole (``cp_layout="per-row"``, Megatron-LM's inter-document masking; world sizes 2 and 4), with
-the test attention of ``tests/support``). A
+Each world size of each suite runs :mod:`harness.matrix` in one launch (shared by the items of
+that world): ``core`` (DP × TP × PP × VPP on 1, 2 and 4 ranks) and ``cp`` (context parallelism ×
+DP × TP, with one PP layout, each unpacked and with packed sequences, the packed rows cut over CP
+per document and, where cp > 1, as a whole: ``cp_layout="per-row"``, Megatron-LM's
+inter-document masking; 2 and 4 ranks), with the test attention of ``tests/support``. Specs and
+Megatron paths are covered pairwise on each layout (the argument is in
+:mod:`harness.matrix`, "Pairwise coverage"): every path with a token mean and a sequence mean,
+every spec with a rotating path, the full product on the layouts of ``FULL_PRODUCT``.
+
+pytest sees one item per suite × world × layout × packing (``-k "cp-world4-dp2-tp1-pp1-cp2"``
+runs one launch with that layout only) and names the failing spec, path and control. A
 configuration passes when every rank's gradients equal the single-process reference to 1e-5
 relative, the hook's global loss and its ``[sum, count]`` reports equal the reference loss, the
-per-micro-batch path made no host sync (the harness runs it under ``forbid_host_sync``) and the
-hook issued exactly one collective (none where it computes no loss or has one DP rank).
-Negative controls in the same launches must fail the comparison. The specs of issue 13
-(``token-sum``, ``prompt-mean`` with global and per-rank group ids, a term over a mask of its own,
-exact metrics) run with every Megatron path on every core layout and with three paths in the cp
-suite (:data:`harness.matrix.EXTENDED_IN`); their controls (groups counted per rank,
-a term's denominator counted from the default mask, metrics as a mean of local means) fail.
+per-micro-batch path made no host sync (``forbid_host_sync``) and the hook issued exactly one
+collective (none where it computes no loss or has one DP rank). Negative controls on every layout
+must fail the comparison where they are expected to (totals counted locally × dp, Megatron's plain
+per-micro-batch mean, ×cp left in, groups counted per rank, a term's denominator from the default
+mask, metrics as a mean of local means, ...).
 """
 
 from __future__ import annotations
@@ -21,24 +25,25 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from typing import Dict, List, Tuple
 
 import pytest
 
 from megatron_agg import AggMode
-from harness.matrix import (CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, packings_of,
-                                        runs_in_suite)
+from harness.matrix import (CONTROLS, CP_CONTROLS, LOSS_SPECS, SUITES, VARIANTS, packings_of, runs_in_suite)
 
 from conftest import REPO, SUMMARY, torchrun
 
-RUNS = [(suite, world) for suite in ("core", "cp") for world in sorted(SUITES[suite])]
+SUITE_NAMES = ("core", "cp")
 CP_SPEC = ["--layer-spec", str(REPO / "tests" / "support" / "cp_attention.py") + ":layer_spec"]
-#: The packings each launch runs (world 8, the slowest launch, leaves the per-row cut to 2 and 4).
-PACKINGS = {("core", w): ("unpacked",) for w in SUITES["core"]}
-PACKINGS.update({("cp", w): ("unpacked", "packed", "packed-per-row") if w <= 4 else ("unpacked", "packed")
-                 for w in SUITES["cp"]})
-PACKING_ARG = {("unpacked",): "off", ("unpacked", "packed"): "both", ("unpacked", "packed", "packed-per-row"): "all"}
+PACKINGS = {"core": ("unpacked",), "cp": ("unpacked", "packed", "packed-per-row")}
+PACKING_ARG = {"core": "off", "cp": "all"}
 CONTROLS_OF = {"core": CONTROLS, "cp": CONTROLS + CP_CONTROLS}
-_RESULTS: dict = {}
+ITEMS = [(suite, world, layout.name(world), packing)
+         for suite in SUITE_NAMES for world in sorted(SUITES[suite]) for layout in SUITES[suite][world]
+         for packing in packings_of(layout, PACKINGS[suite])]
+#: (suite, world) -> the results of its launch (rows of every layout it ran).
+_LAUNCHES: Dict[Tuple[str, int], List[dict]] = {}
 
 
 def _factors(layout: str) -> dict:
@@ -46,59 +51,66 @@ def _factors(layout: str) -> dict:
     return {"dp": int(f["dp"]), "tp": int(f["tp"]), "pp": int(f["pp"]), "vpp": int(f.get("vpp", 0)), "cp": int(f.get("cp", 1))}
 
 
-@pytest.mark.parametrize("suite,world", RUNS, ids=[f"{s}-world{w}" for s, w in RUNS])
-def test_matrix(suite, world, tmp_path):
-    out = tmp_path / f"matrix-{suite}-{world}.json"
-    packings = PACKINGS[(suite, world)]
-    proc = torchrun(world, ["-m", "harness.matrix", "--suite", suite, "--out", str(out),
-                            "--packing", PACKING_ARG[packings], *(CP_SPEC if suite == "cp" else [])])
-    tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
-    assert out.exists(), f"the matrix did not finish (exit {proc.returncode}):\n{tail}"
-    results = json.loads(out.read_text())["results"]
-    _RESULTS[(suite, world)] = results
-    failed = [r for r in results if not r["passed"]]
-    assert not failed, "failed configurations:\n" + "\n".join(json.dumps(r) for r in failed[:20])
-    assert proc.returncode == 0, tail
-    n_controls = sum(1 for r in results if r["control"])
-    layouts = sorted({r["layout"] + ("" if r["packing"] == "unpacked" else "+" + r["packing"]) for r in results})
-    SUMMARY.append(
-        f"{suite} world {world}: {len(results) - n_controls} exact configurations and {n_controls} "
-        f"negative/positive controls on {layouts}; max grad error "
-        f"{max(r['grad_err'] for r in results if r['expect_pass']):.1e}"
-    )
-    misses = defaultdict(list)
-    for r in results:
-        if r["control"] and not r["expect_pass"]:
-            misses[r["control"]].append(max(r["grad_err"], r.get("metric_err", 0.0)))
-    SUMMARY.append(f"{suite} world {world} controls (smallest miss): "
-                   + ", ".join(f"{name} {min(v):.1e}" for name, v in sorted(misses.items())))
-    # each control ran on every layout and behaved as expected: the comparison can fail
+def _launch(request, suite: str, world: int, tmp_path_factory) -> List[dict]:
+    """Run (once per session) the launch of ``suite`` on ``world`` ranks with the layouts whose items
+    this session selected."""
+    key = (suite, world)
+    if key not in _LAUNCHES:
+        selected = sorted({item.callspec.params["layout"] for item in request.session.items
+                           if getattr(item, "callspec", None) is not None
+                           and item.callspec.params.get("suite") == suite and item.callspec.params.get("world") == world})
+        out = tmp_path_factory.mktemp("matrix") / f"matrix-{suite}-{world}.json"
+        proc = torchrun(world, ["-m", "harness.matrix", "--suite", suite, "--out", str(out),
+                                "--packing", PACKING_ARG[suite], "--layouts", ",".join(selected),
+                                *(CP_SPEC if suite == "cp" else [])])
+        tail = "\n".join(proc.stdout.splitlines()[-15:]) + "\n" + "\n".join(proc.stderr.splitlines()[-30:])
+        assert out.exists(), f"the {suite} launch on {world} ranks did not finish (exit {proc.returncode}):\n{tail}"
+        results = json.loads(out.read_text())["results"]
+        _LAUNCHES[key] = results
+        n_controls = sum(1 for r in results if r["control"])
+        SUMMARY.append(
+            f"{suite} world {world}: {len(results) - n_controls} exact configurations and {n_controls} controls on "
+            f"{selected}; max grad error {max(r['grad_err'] for r in results if r['expect_pass']):.1e}")
+        assert proc.returncode == 0 or any(not r["passed"] for r in results), tail
+    return _LAUNCHES[key]
+
+
+@pytest.mark.parametrize("suite,world,layout,packing", ITEMS, ids=[f"{s}-world{w}-{l}-{p}" for s, w, l, p in ITEMS])
+def test_matrix(request, tmp_path_factory, suite, world, layout, packing):
+    rows = [r for r in _launch(request, suite, world, tmp_path_factory)
+            if r["layout"] == layout and r["packing"] == packing]
+    assert rows, f"the launch ran nothing on {layout} ({packing})"
+    failed = [f"{r['variant']} / {r['spec']}" + (f" / control {r['control']}" if r["control"] else "")
+              + f": grad_err={r['grad_err']:.2e} loss_err={r['loss_err']:.1e} report_err={r['report_err']:.1e} "
+              f"metric_err={r.get('metric_err', 0.0):.1e} collectives_ok={r['collectives_ok']} "
+              f"expected {'exact' if r['expect_pass'] else 'a miss'}"
+              for r in rows if not r["passed"]]
+    assert not failed, f"{len(failed)} of {len(rows)} configurations failed on {layout} ({packing}):\n" + "\n".join(failed[:30])
+    # every control of the suite ran here, and where it must miss it missed clearly
     for control in CONTROLS_OF[suite]:
-        rows = [r for r in results if r["control"] == control.name]
-        expected = sum(1 for layout in SUITES[suite][world] for p in packings_of(layout, packings) if p in control.packings)
-        assert len(rows) == expected, (control.name, len(rows), expected)
-        for r in rows:
+        mine = [r for r in rows if r["control"] == control.name]
+        assert len(mine) == (1 if packing in control.packings else 0), (control.name, len(mine))
+        for r in mine:
             if not r["expect_pass"]:
                 assert max(r["grad_err"], r.get("metric_err", 0.0)) > 1e-3, r
-    # the issue-13 controls really failed where they must (groups straddle ranks where dp > 1)
-    failing = {r["control"] for r in results if r["control"] and not r["expect_pass"]}
-    assert {"hook-term-mask-counted-from-the-default-mask", "metrics-mean-of-local-means",
-            "plain-token-sum-2-tuple"} <= failing
-    if any(_factors(r["layout"])["dp"] > 1 for r in results):
-        assert "hook-prompt-groups-counted-per-rank" in failing
-    if suite == "cp":  # the CP controls really did fail where CP > 1
-        failing = {r["control"] for r in results if r["control"] and not r["expect_pass"] and _factors(r["layout"])["cp"] > 1}
-        assert {c.name for c in CP_CONTROLS if set(c.packings) & set(packings)} <= failing
+    f = _factors(layout)
+    missed = {r["control"] for r in rows if r["control"] and not r["expect_pass"]}
+    # every control that must miss on this layout did (groups straddle ranks where dp > 1, the CP
+    # controls where cp > 1, the issue-13 and plain-Megatron ones everywhere): the comparison can fail
+    must_miss = {c.name for c in CONTROLS_OF[suite] if packing in c.packings and not c.expect_pass(f["dp"], f["cp"])}
+    assert must_miss and must_miss <= missed, (must_miss, missed)
+    assert "plain-token-sum-2-tuple" in must_miss or packing == "packed-per-row"
 
 
 def _coverage(suite: str) -> tuple:
-    runs = [k for k in RUNS if k[0] == suite]
-    if not all(k in _RESULTS for k in runs):
-        pytest.skip(f"needs every {suite} test_matrix run of this session")
+    runs = [(suite, w) for w in sorted(SUITES[suite])]
+    if not all(k in _LAUNCHES for k in runs) or any(
+            {l.name(w) for l in SUITES[suite][w]} - {r["layout"] for r in _LAUNCHES[(suite, w)]} for _, w in runs):
+        pytest.skip(f"needs every {suite} layout of test_matrix in this session")
     seen = defaultdict(set)
     total = 0
     for key in runs:
-        for r in _RESULTS[key]:
+        for r in _LAUNCHES[key]:
             if r["control"]:
                 continue
             total += 1
@@ -131,7 +143,8 @@ def test_every_core_factor_appears_with_every_mode():
 
 def test_every_cp_factor_appears_with_every_mode():
     seen, specs, total = _coverage("cp")
-    _assert_covered(seen, specs, {"cp": {1, 2}, "dp": {1, 2}, "tp": {1, 2}, "pp": {1, 2}, "packing": {"unpacked", "packed", "packed-per-row"},
+    _assert_covered(seen, specs, {"cp": {1, 2}, "dp": {1, 2}, "tp": {1, 2}, "pp": {1, 2},
+                                  "packing": {"unpacked", "packed", "packed-per-row"},
                                   "variant": {v.name for v in VARIANTS}}, "cp")
     SUMMARY.append(f"cp total: {total} exact configurations over {len(specs)} loss specs × "
                    f"{len(VARIANTS)} Megatron paths; CP×DP×TP×packing (per document and per row) factors all appear with every mode")

@@ -254,7 +254,7 @@ def runs_in(variant: Variant, spec: LossSpec) -> bool:
 
 #: Where the issue-13 specs run: per suite (and ``"suite:world"`` where a world differs), the
 #: variants (``None``: all) of each extended spec (absent: not run there). Every layout of the
-#: core suite runs them, with every Megatron path on 1 and 2 ranks and four paths on 4 and 8; the
+#: core suite runs them, with every Megatron path on 1 and 2 ranks and four paths on 4; the
 #: cp suite with three paths (two on its slowest launch, 4 ranks); the version matrix's release
 #: suite a few.
 _SHORT = ("2-tuple", "3-tuple+per-token", "deferred-3-tuple+per-token")
@@ -262,7 +262,6 @@ _MID = ("2-tuple", "3-tuple", "3-tuple+per-token", "deferred-3-tuple+per-token")
 EXTENDED_IN: Dict[str, Dict[str, Optional[Tuple[str, ...]]]] = {
     "core": {s.name: None for s in EXTENDED_SPECS},
     "core:4": {s.name: _MID for s in EXTENDED_SPECS},
-    "core:8": {s.name: _MID for s in EXTENDED_SPECS},
     "cp": {s.name: _SHORT for s in EXTENDED_SPECS},
     "cp:4": {s.name: ("2-tuple", "deferred-3-tuple+per-token") for s in EXTENDED_SPECS},
     "release": {"token-sum": None, "token-mean+metrics": None, "prompt-mean+excl": ("3-tuple+per-token",),
@@ -300,7 +299,6 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
             Layout(tp=2, pp=2),
             Layout(tp=2, pp=2, vpp=2),
         ],
-        8: [Layout(tp=2), Layout(tp=2, pp=2, vpp=2), Layout(pp=2)],
     },
     # Context parallelism and packed sequences; needs a core attention that supports both
     # (tests/support/cp_attention.py, passed with --layer-spec). Every layout runs unpacked
@@ -308,7 +306,6 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
     "cp": {
         2: [Layout(cp=2), Layout()],
         4: [Layout(cp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2), Layout(tp=2)],
-        8: [Layout(cp=2, tp=2)],
     },
     # One launch per megatron-core release in the version matrix (scripts/run_version_matrix.sh):
     # DP, TP, PP, VPP and CP, every loss spec and Megatron path; needs --layer-spec for CP.
@@ -330,6 +327,56 @@ PACKED_SUITES = {"cp"}
 #: equals "packed" without CP).
 PACKINGS = ("unpacked", "packed", "packed-per-row")
 CP_CONTROL_SUITES = {"cp", "release", "smoke"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise coverage (the core and cp suites of the test command, the release suite of the version matrix)
+# ---------------------------------------------------------------------------------------------
+# Why pairs suffice. The hook returns ``S·F`` per micro-batch. The share ``S = Σ m·α·l / D`` depends
+# on the loss spec (the weights α, the denominator D), on the data-parallel totals and on how the
+# rows are cut over CP (packing, per document or per row); it does not depend on the Megatron path.
+# The factor ``F`` depends on the path (2-/3-tuple, calculate_per_token_loss, average in
+# collective, deferred), on M, cp and dp_cp, and on the spec only through the ``num_tokens`` it
+# returns (one count per spec's denominator kind: tokens or sequences). TP, PP and VPP decide only
+# where the loss is computed (the last stage) and which replicas must not be counted twice. So the
+# interactions that can go wrong are spec × (dp, cp, packing) and path × (dp, cp, layout) and
+# spec × path through the denominator kind, and each is a pair:
+#   - every path on every layout with a token mean and a sequence mean (the two denominator kinds);
+#   - every spec on every layout with one path, rotating over the paths from layout to layout;
+#   - the full product spec × path on the layouts of FULL_PRODUCT (dp > 1, and cp > 1 packed).
+# tests/test_matrix.py checks that every spec meets every factor value and every path.
+PAIRWISE_SUITES = {"core", "cp", "release"}
+PAIRWISE_BASE_SPECS = ("token-mean", "seq-mean-token-mean")
+FULL_PRODUCT: Dict[str, Tuple[Tuple[int, str], ...]] = {
+    "core": ((1, "dp1-tp1-pp1"), (2, "dp2-tp1-pp1")),
+    "cp": ((2, "dp1-tp1-pp1-cp2"),),
+    "release": ((4, "dp2-tp2-pp1"),),
+}
+
+
+def suite_layout_index(suite: str, world: int, layout: Layout) -> int:
+    """The position of ``layout`` of ``world`` among all layouts of ``suite`` (by world, then order)."""
+    index = 0
+    for w in sorted(SUITES[suite]):
+        for candidate in SUITES[suite][w]:
+            if w == world and candidate == layout:
+                return index
+            index += 1
+    raise ValueError(f"{layout} is not a layout of suite {suite!r} at world {world}")
+
+
+def runs_on_layout(suite: Optional[str], world: int, layout: Layout, variant: Variant, spec: LossSpec) -> bool:
+    """Whether ``spec`` runs with ``variant`` on ``layout`` (the pairwise rule above for
+    :data:`PAIRWISE_SUITES`; every pair :func:`runs_in_suite` allows elsewhere)."""
+    if not runs_in_suite(suite, variant, spec, world):
+        return False
+    if suite not in PAIRWISE_SUITES or (world, layout.name(world)) in FULL_PRODUCT.get(suite, ()):
+        return True
+    if spec.name in PAIRWISE_BASE_SPECS:
+        return True
+    paths = [v for v in VARIANTS if runs_in_suite(suite, v, spec, world)]
+    spec_index = next(i for i, s in enumerate(LOSS_SPECS) if s.name == spec.name)
+    return variant == paths[(suite_layout_index(suite, world, layout) + spec_index) % len(paths)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,9 +830,11 @@ def packings_of(layout: Layout, packings: Sequence[str]) -> List[str]:
 
 def jobs_of(packing: str, variants: Sequence[Variant], specs: Sequence[LossSpec],
             controls: Sequence[Control], suite: Optional[str] = None,
-            world: Optional[int] = None) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
+            world: Optional[int] = None, layout: Optional[Layout] = None) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
+    keep = ((lambda v, s: runs_on_layout(suite, world, layout, v, s)) if layout is not None and world is not None
+            else (lambda v, s: runs_in_suite(suite, v, s, world)))
     jobs: List[Tuple[Variant, LossSpec, Optional[Control]]] = [
-        (v, s, None) for v in variants for s in specs if runs_in_suite(suite, v, s, world)]
+        (v, s, None) for v in variants for s in specs if keep(v, s)]
     return jobs + [(c.variant, c.spec, c) for c in controls if packing in c.packings]
 
 
@@ -796,12 +845,12 @@ def run_suite(model: TinyGPT, layouts: Sequence[Layout], specs: Sequence[LossSpe
     harness.compute_references(list(specs) + [c.spec for c in controls])
     results: List[Result] = []
     world = dist.get_world_size()
-    total = sum(len(jobs_of(p, variants, specs, controls, suite, world)) for layout in layouts
+    total = sum(len(jobs_of(p, variants, specs, controls, suite, world, layout)) for layout in layouts
                 for p in packings_of(layout, packings))
     for layout in layouts:
         with model_parallel(layout):
             for packing in packings_of(layout, packings):
-                for variant, spec, control in jobs_of(packing, variants, specs, controls, suite, world):
+                for variant, spec, control in jobs_of(packing, variants, specs, controls, suite, world, layout):
                     res = harness.run(layout, variant, spec, control, packing=packing)
                     results.append(res)
                     mark = "ok  " if res.passed else "FAIL"
@@ -843,6 +892,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tol", type=float, default=TOLERANCE)
     parser.add_argument("--specs", default=None, help="comma-separated loss spec names (default: all)")
     parser.add_argument("--no-controls", action="store_true")
+    parser.add_argument("--layouts", default=None,
+                        help="comma-separated layout names of the suite at this world size (default: all), "
+                             "e.g. dp2-tp2-pp1")
     parser.add_argument("--layer-spec", default=None,
                         help="file.py:function or module:function returning the GPT layer spec for "
                              "layouts with CP and packed runs (Megatron's local attention refuses both)")
@@ -857,6 +909,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not layouts:
         raise SystemExit(f"suite {args.suite!r} has no layouts for world size {world}; "
                          f"it has {sorted(SUITES[args.suite])}")
+    if args.layouts:
+        wanted = set(args.layouts.split(","))
+        unknown = wanted - {layout.name(world) for layout in layouts}
+        if unknown:
+            raise SystemExit(f"suite {args.suite!r} at world {world} has no layout {sorted(unknown)}; it has "
+                             f"{[layout.name(world) for layout in layouts]}")
+        layouts = [layout for layout in layouts if layout.name(world) in wanted]
     specs = LOSS_SPECS if not args.specs else [s for s in LOSS_SPECS if s.name in args.specs.split(",")]
     controls = [] if args.no_controls else CONTROLS + (CP_CONTROLS if args.suite in CP_CONTROL_SUITES else [])
     packing_arg = args.packing or ("all" if args.suite in PACKED_SUITES else "off")
