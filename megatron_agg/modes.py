@@ -1,5 +1,4 @@
-"""Loss aggregation modes: the names RL trainers use (verl's ``loss_agg_mode``, slime's
-``--loss-aggregation``), as an ``Enum``.
+"""Loss aggregation modes: the names RL trainers use (verl's ``loss_agg_mode``), as an ``Enum``.
 
 A mode says how per-token losses ``l[i, t]`` of the *global batch* (every sequence on every
 data-parallel rank in every micro-batch of one optimizer step) with a 0/1 mask ``m[i, t]``
