@@ -605,7 +605,8 @@ class PreparedStep:
         self.next_microbatch += 1
         assert self.is_last_stage, "losses are computed on the last pipeline stage only"
         plan = self.plans[index]
-        given = self._given_masks(loss_mask, index, plan)
+        # No mask from the loss function: nothing to compare (the gradients follow loss_masks anyway).
+        given = None if loss_mask is None else self._given_masks(loss_mask, index, plan)
         mask_shape = plan.local_shape
         if self.config.check_masks:
             self._given[index] = given  # compared with loss_masks after the step, vectorized

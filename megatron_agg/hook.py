@@ -268,7 +268,7 @@ class LossHook:
         return result
 
     def loss_func(
-        self, loss_mask: Union[torch.Tensor, Mapping[str, torch.Tensor]],
+        self, loss_mask: Union[torch.Tensor, Mapping[str, torch.Tensor], None] = None,
         per_token_loss_fn: Optional[PerTokenLossFn] = None
     ) -> Callable[..., tuple]:
         """The ``loss_func`` for ``forward_step`` to return with the model output.
@@ -278,7 +278,9 @@ class LossHook:
                 context-parallel rank, its slice of the sequence); ``{name: mask}`` with every
                 mask name when the terms or metrics name their own. Its shape is checked at once;
                 its content is checked against ``loss_masks`` after the step (``check_masks``).
-                The gradients always follow ``loss_masks``.
+                The gradients always follow ``loss_masks``, so it is optional: left out
+                (``hook.loss_func()``), nothing is checked against it. A per-token loss of
+                another shape than the micro-batch's (CP-local) mask is still an error.
             per_token_loss_fn: maps the model output to the per-token loss ``[b, s]`` (or to
                 ``{name: [b, s]}`` for several terms and for metrics: one entry per term and per
                 metric), e.g. a policy-gradient loss from log-probs. By default the output *is*

@@ -145,11 +145,12 @@ _DOCKER_FLAGS = {"--rm", "-i", "-t", "-it", "-d", "--init", "--privileged"}
 
 def _documented_docker_runs() -> list:
     """``(file, command line)`` of every ``docker run`` of the GPU image in the Dockerfile's comments,
-    docker/*.md and the README (continuation lines joined; a command ends with its line or code span)."""
+    docker/*.md, the README and docs/USAGE.md (continuation lines joined; a command ends with its line or code span)."""
     import re
 
     found = []
-    for path in [REPO / "docker" / "Dockerfile", *sorted((REPO / "docker").glob("*.md")), REPO / "README.md"]:
+    for path in [REPO / "docker" / "Dockerfile", *sorted((REPO / "docker").glob("*.md")), REPO / "README.md",
+                 REPO / "docs" / "USAGE.md"]:
         if not path.exists():
             continue
         text = path.read_text()

@@ -28,7 +28,8 @@ class Setup:
         self.mbs = data_mod.split_for_rank(self.batch, 1, 0)
         self.fb = get_forward_backward_func()
 
-    def step(self, hook: LossHook, *, mbs=None, loss_masks="default", guard=None, forward_only=False, fn=None, **kw):
+    def step(self, hook: LossHook, *, mbs=None, loss_masks="default", guard=None, forward_only=False, fn=None,
+             no_mask=False, **kw):
         mbs = self.mbs if mbs is None else mbs
         for m in self.model:
             m.zero_grad_buffer()
@@ -36,7 +37,7 @@ class Setup:
         def forward_step(it, chunk):
             mb = next(it)
             out = chunk(mb.tokens, mb.position_ids, None, labels=mb.labels)
-            inner = hook.loss_func(mb.loss_mask, fn)
+            inner = hook.loss_func(None, fn) if no_mask else hook.loss_func(mb.loss_mask, fn)
             if guard is None:
                 return out, inner
 
@@ -68,6 +69,14 @@ class Setup:
 @pytest.fixture
 def setup(megatron_cpu):
     return Setup()
+
+
+def test_the_loss_functions_mask_is_optional(setup):
+    """The basic case: hook.loss_func() without the micro-batch's mask; the gradients follow
+    loss_masks, exactly as with the mask given."""
+    term = LossTerm("seq-mean-token-mean")
+    setup.step(LossHook(term.mode), no_mask=True)
+    assert setup.grad_err(term) < 1e-5
 
 
 def test_exact_on_one_rank_and_the_plain_mean_is_not(setup):
