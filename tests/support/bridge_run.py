@@ -81,11 +81,8 @@ SEQ, VOCAB, MICRO_BATCHES = 32, 64, 3
 
 
 def _compare_module(name: str):
-    """``megatron_agg.compare.<name>``, or ``megatron_agg.testing.<name>`` before the move."""
-    try:
-        return importlib.import_module(f"megatron_agg.compare.{name}")
-    except ImportError:
-        return importlib.import_module(f"megatron_agg.testing.{name}")
+    """``megatron_agg.compare.<name>`` (the CPU kit compare ships), imported when first needed."""
+    return importlib.import_module(f"megatron_agg.compare.{name}")
 
 
 # ---------------------------------------------------------------------------------------------
