@@ -40,6 +40,7 @@ columns (:func:`loss_multiplier`), so that the final gradient is exactly ``∂L`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Union
@@ -206,14 +207,18 @@ class MegatronAveraging:
 
 
 def schedule_factor(loss_return: LossReturn, calculate_per_token_loss: bool, cp_size: int,
-                    num_microbatches: int, num_tokens: int) -> float:
+                    num_microbatches: int, num_tokens: int, clamps_num_tokens: bool = True) -> float:
     """The schedule column of the module table: what ``forward_step_calc_loss`` multiplies a
     returned loss by (``× cp / M``; ``÷ clamp(nt, 1) / M``; ``1``). The version policy
-    (:func:`megatron_agg.integration.check_megatron_version`) holds the installed schedule to it."""
+    (:func:`megatron_agg.integration.check_megatron_version`) holds the installed schedule to it.
+    A release that does not clamp (:attr:`ReleaseBehaviour.schedule_clamps_num_tokens` false,
+    0.13–0.14) divides by ``nt`` itself: ``inf`` at ``nt = 0`` (the hook never returns 0 there)."""
     if loss_return is LossReturn.TWO_TUPLE:
         return cp_size / num_microbatches
     if calculate_per_token_loss:
         return 1.0
+    if num_tokens == 0 and not clamps_num_tokens:
+        return math.inf
     return 1.0 / (max(num_tokens, 1) * num_microbatches)
 
 

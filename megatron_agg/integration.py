@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import importlib
 import warnings
 from typing import Any, List, Optional, Sequence
@@ -135,7 +136,7 @@ def check_megatron_version(version: Optional[str] = None) -> str:
 def _check_release_behaviour(minor: str, version: str) -> ReleaseBehaviour:
     try:
         detected = detect_release_behaviour()
-        schedule_differs = probe_schedule()
+        schedule_differs = probe_schedule(detected.schedule_clamps_num_tokens)
     except MegatronSymbolError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not recognised
@@ -194,7 +195,7 @@ def _differences(row: ReleaseBehaviour, detected: ReleaseBehaviour) -> str:
                      and getattr(row, f.name) != getattr(detected, f.name)) or "nothing"
 
 
-def probe_schedule() -> Optional[List[str]]:
+def probe_schedule(clamps_num_tokens: Optional[bool] = None) -> Optional[List[str]]:
     """Run the installed ``schedules.forward_step_calc_loss`` on every loss path and compare the
     factor it applies to a loss with :func:`megatron_agg.averaging.schedule_factor`; returns what
     differs (empty: the schedule column of the table holds; ``None``: this release's schedule cannot
@@ -203,8 +204,10 @@ def probe_schedule() -> Optional[List[str]]:
     The stand-in is the last pipeline stage of a step with ``cp = 2`` and ``M = 3`` micro-batches,
     a loss of 1 and ``num_tokens`` 5 and 0 (the clamp), with a config that has no MoE, MTP or
     timers; the probe also checks that ``num_tokens`` comes back as the ``loss_func`` returned it.
+    ``clamps_num_tokens`` is what the source probe read (left out: read here); at ``num_tokens = 0``
+    a release that does not clamp must divide by 0 (``inf``), one that clamps by 1.
     Releases whose schedule has no ``forward_step_calc_loss`` taking ``cp_group_size`` and
-    ``is_last_stage`` (0.13–0.14, which read them from ``parallel_state``) are read from their
+    ``is_last_stage`` (0.13, which reads them from ``parallel_state``) are read from their
     source by :func:`detect_release_behaviour` only. No collective, no process group.
     """
     import inspect
@@ -214,6 +217,8 @@ def probe_schedule() -> Optional[List[str]]:
     calc_loss = getattr(schedules, "forward_step_calc_loss", None)
     if calc_loss is None or not {"cp_group_size", "is_last_stage"} <= set(inspect.signature(calc_loss).parameters):
         return None
+    if clamps_num_tokens is None:
+        clamps_num_tokens = detect_release_behaviour().schedule_clamps_num_tokens
     cp, microbatches = 2, 3
     differs = []
     for loss_return in LossReturn:
@@ -232,8 +237,8 @@ def probe_schedule() -> Optional[List[str]]:
                 out, returned = calc_loss(types.SimpleNamespace(), torch.zeros(()), loss_func, config, None,
                                           False, microbatches, [], cp_group_size=cp, is_last_stage=True)
                 path = f"{loss_return.value}{' with calculate_per_token_loss' if per_token else ''}, num_tokens={nt}"
-                expected = schedule_factor(loss_return, per_token, cp, microbatches, nt)
-                if abs(float(out) - expected) > 1e-6 * abs(expected):
+                expected = schedule_factor(loss_return, per_token, cp, microbatches, nt, clamps_num_tokens)
+                if not math.isclose(float(out), expected, rel_tol=1e-6):
                     differs.append(f"{path}: the loss is multiplied by {float(out):.6g}, not {expected:.6g}")
                 expected_nt = nt if loss_return is LossReturn.THREE_TUPLE else 0
                 if int(returned) != expected_nt:

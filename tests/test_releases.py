@@ -39,7 +39,7 @@ def fresh_policy():
 
 def test_the_installed_schedule_scales_as_the_table_says():
     differs = probe_schedule()
-    assert differs in ([], None)  # None: 0.13/0.14, whose schedule reads parallel_state (source probe only)
+    assert differs in ([], None)  # None: 0.13, whose schedule reads parallel_state (source probe only)
 
 
 def test_a_newer_release_with_known_arithmetic_is_accepted_with_a_warning(fresh_policy):
@@ -90,6 +90,40 @@ def test_an_unrecognised_schedule_arithmetic_is_refused_with_what_differs(fresh_
     _check_release_behaviour.cache_clear()
     with pytest.raises(RuntimeError, match="scales the losses differently"):
         check_megatron_version()  # the installed release number does not save it either
+
+
+def _unclamped(original):
+    """A stand-in for 0.14's schedule: the 3-tuple path divides by ``num_tokens`` without a clamp."""
+
+    def forward_step_calc_loss(model, output_tensor, loss_func, config, vp_stage, collect_non_loss_data,
+                               num_microbatches, forward_data_store, cp_group_size=None, is_last_stage=None):
+        outputs = []
+
+        def recorded(output):
+            outputs.append(loss_func(output))
+            return outputs[-1]
+
+        out, num_tokens = original(model, output_tensor, recorded, config, vp_stage, collect_non_loss_data,
+                                   num_microbatches, forward_data_store, cp_group_size, is_last_stage)
+        if len(outputs[0]) == 3 and not config.calculate_per_token_loss and int(num_tokens) == 0:
+            out = out / num_tokens  # what 1 / num_tokens gives where clamp(num_tokens, 1) gave 1
+        return out, num_tokens
+
+    return forward_step_calc_loss
+
+
+def test_the_probe_holds_the_clamp_to_what_the_source_says(monkeypatch):
+    from megatron.core.pipeline_parallel import schedules
+
+    if probe_schedule() is None:
+        pytest.skip("this release's schedule is read from its source only")
+    assert probe_schedule(clamps_num_tokens=True) == []
+    assert any("num_tokens=0: the loss is multiplied by 0.333333, not inf" in d
+               for d in probe_schedule(clamps_num_tokens=False))
+    monkeypatch.setattr(schedules, "forward_step_calc_loss", _unclamped(schedules.forward_step_calc_loss))
+    assert probe_schedule(clamps_num_tokens=False) == []  # 0.14: no clamp, and the table says so
+    assert probe_schedule(clamps_num_tokens=True) == [
+        "3-tuple, num_tokens=0: the loss is multiplied by inf, not 0.333333"]
 
 
 def test_groups_come_from_the_callers_collection(megatron_cpu):
