@@ -10,53 +10,38 @@
 #   bash scripts/run_bridge_e2e.sh --layouts tp2-dp2 --modes token-mean
 #   bash scripts/run_bridge_e2e.sh --prepare             # only build (or refresh) the venv
 #
-# Arguments go to tests/support/bridge_run.py (see its --help). The venv (Python 3.12, torch from
-# the registry, megatron-core 0.19.2, megatron-bridge 0.6.2 without its dependencies, then the
+# Arguments go to tests/support/bridge_run.py (see its --help). The venv (Python 3.12, the shared
+# torch of scripts/venvs.sh, megatron-core 0.19.2, megatron-bridge 0.6.2 without its dependencies, then the
 # dependencies its GPT pretrain path imports; not nvidia-resiliency-ext, whose newest release breaks
 # megatron-core 0.19's import) is cached in ${MEGATRON_AGG_CACHE:-~/.cache/megatron_agg}/venvs/
 # bridge-0.6.2 and reused while its stamp is unchanged; megatron_agg is installed editable from this
 # checkout (once). Writes $MEGATRON_AGG_OUT (default results/bridge_e2e): e2e.log, summary.json.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
 OUT="${MEGATRON_AGG_OUT:-$ROOT/results/bridge_e2e}"
+# shellcheck source=scripts/venvs.sh
+source "$ROOT/scripts/venvs.sh"
 VENV="$CACHE/venvs/bridge-0.6.2"
-mkdir -p "$CACHE/venvs" "$OUT"
+mkdir -p "$OUT"
 
-python312() {
-  if [ -n "${PYTHON312:-}" ]; then "$PYTHON312" "$@";
-  elif command -v python3.12 >/dev/null 2>&1 && python3.12 --version >/dev/null 2>&1; then python3.12 "$@";
-  else PYENV_VERSION=3.12.1 python3.12 "$@"; fi
-}
-
-quiet_pip() {
-  local log; log="$(mktemp)"
-  if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
-    cat "$log" >&2; rm -f "$log"; return 1
-  fi
-  rm -f "$log"
-}
-
-make_venv() {
-  local stamp="py312 torch megatron-core==0.19.2 megatron-bridge==0.6.2 transformers>=5.8,<=5.12.1"
+bridge_venv() {
+  local stamp="py312 shared-torch megatron-core==0.19.2 megatron-bridge==0.6.2 transformers>=5.8,<=5.12.1"
   if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.megatron_agg_stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$VENV"
-    python312 -m venv "$VENV"
     echo "bridge e2e: installing $stamp into $VENV" >&2
-    quiet_pip torch
-    quiet_pip "megatron-core==0.19.2" einops numpy packaging pytest
-    quiet_pip --no-deps "megatron-bridge==0.6.2"
-    quiet_pip "transformers>=5.8,<=5.12.1" omegaconf nvidia-modelopt pillow requests tensorboard
+    new_venv312 "$VENV"
+    quiet_pip "$VENV" "megatron-core==0.19.2" einops numpy packaging pytest
+    quiet_pip "$VENV" --no-deps "megatron-bridge==0.6.2"
+    quiet_pip "$VENV" "transformers>=5.8,<=5.12.1" omegaconf nvidia-modelopt pillow requests tensorboard
     echo "$stamp" > "$VENV/.megatron_agg_stamp"
   fi
   # this checkout, editable (pip takes a minute on a loaded machine: skipped when already in place)
   if ! grep -qs "\"editable\": true}, \"url\": \"file://$ROOT\"" "$VENV"/lib/python3*/site-packages/megatron_agg-*.dist-info/direct_url.json; then
-    quiet_pip --no-deps -e "$ROOT"
+    quiet_pip "$VENV" --no-deps -e "$ROOT"
   fi
 }
 
 start=$(date +%s)
-make_venv
+bridge_venv
 installed=$(( $(date +%s) - start ))
 if [ "${1:-}" = "--prepare" ]; then
   echo "bridge e2e: $VENV ready in ${installed}s"

@@ -13,25 +13,17 @@
 #   bash scripts/run_megatron_lm_e2e.sh --configs cp2-dp2-interdoc --modes seq-mean-token-mean
 #
 # Arguments go to `python -m harness.megatron_lm` (see its --help). The venv is the version
-# matrix's one of that release (scripts/run_version_matrix.sh's make_venv: created on first use,
+# matrix's one of that release (make_venv of scripts/venvs.sh: created on first use,
 # then reused; megatron_agg installed editable from this checkout). Writes $MEGATRON_AGG_OUT
 # (default results/megatron_lm_e2e): e2e.log, summary.json, captures/. Prints one line per
 # configuration and per control; exits non-zero on any mismatch.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
-PYTHON311="${PYTHON311:-python3}"
 VERSION="${MEGATRON_AGG_E2E_VERSION:-0.19.2}"
 OUT="${MEGATRON_AGG_OUT:-$ROOT/results/megatron_lm_e2e}"
-mkdir -p "$CACHE/venvs" "$OUT"
-
-# The venv functions of the version matrix (python312, quiet_pip, make_venv), without its loop.
-eval "$(sed -n -e '/^python312() {/,/^}/p' -e '/^quiet_pip() {/,/^}/p' -e '/^make_venv() {/,/^}/p' \
-  "$ROOT/scripts/run_version_matrix.sh")"
-if ! declare -F make_venv >/dev/null; then
-  echo "megatron-lm e2e: cannot find make_venv in scripts/run_version_matrix.sh" >&2
-  exit 2
-fi
+# shellcheck source=scripts/venvs.sh
+source "$ROOT/scripts/venvs.sh"  # make_venv: the version matrix's venv of that release
+mkdir -p "$OUT"
 
 start=$(date +%s)
 venv="$(make_venv "$VERSION")"

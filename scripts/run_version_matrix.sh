@@ -13,60 +13,16 @@
 # shared/upstream/sources (MEGATRON_AGG_SHARED, default the shared/ folder beside this checkout).
 # 0.13–0.16 run on Python 3.11 with the CPU torch 2.13.0; 0.17+ need Python 3.12 (found as
 # PYTHON312, python3.12 on PATH, or pyenv's 3.12.1) and then take torch from the registry (a
-# CUDA build of ~3 GB, used on the CPU). Venvs are cached in MEGATRON_AGG_CACHE
+# CUDA build of ~3 GB, used on the CPU; installed once and shared by every Python 3.12 venv, see
+# scripts/venvs.sh). Venvs are cached in MEGATRON_AGG_CACHE
 # (default ~/.cache/megatron_agg) and reused while their requirements stay the same.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${MEGATRON_AGG_CACHE:-$HOME/.cache/megatron_agg}"
 VERSIONS="${MEGATRON_AGG_VERSIONS:-0.13.1 0.14.0 0.15.3 0.16.1 0.18.0 0.19.2 0.20.0}"
 OUT="${MEGATRON_AGG_OUT:-$ROOT/results/versions}"
-PYTHON311="${PYTHON311:-python3}"
-mkdir -p "$CACHE/venvs" "$OUT"
-
-python312() {
-  if [ -n "${PYTHON312:-}" ]; then "$PYTHON312" "$@";
-  elif command -v python3.12 >/dev/null 2>&1 && python3.12 --version >/dev/null 2>&1; then python3.12 "$@";
-  else PYENV_VERSION=3.12.1 python3.12 "$@"; fi
-}
-
-quiet_pip() {
-  local venv="$1"; shift
-  local log; log="$(mktemp)"
-  if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
-    cat "$log" >&2; rm -f "$log"; return 1
-  fi
-  rm -f "$log"
-}
-
-make_venv() {  # version -> prints the venv path
-  local v="$1" minor="${1%.*}" venv="$CACHE/venvs/mc-$1" stamp
-  local torch_spec="torch==2.13.0" py="py311"
-  case "$minor" in 0.13|0.14|0.15|0.16) ;; *) torch_spec="torch"; py="py312" ;; esac
-  local source="megatron-core==$v"
-  local shared="${MEGATRON_AGG_SHARED:-$ROOT/../shared}" main_tarball="megatron-lm-main-d98e8a64.tar.gz"
-  [ "$v" != 0.20.0 ] || source="$main_tarball"
-  stamp="$py $torch_spec $source"
-  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.megatron_agg_stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$venv"
-    if [ "$py" = py311 ]; then "$PYTHON311" -m venv "$venv"; else python312 -m venv "$venv"; fi
-    echo "versions: installing $stamp into $venv" >&2
-    quiet_pip "$venv" "$torch_spec"
-    if [ "$source" = "$main_tarball" ]; then  # Megatron-LM main: offline, from the pinned source
-      if [ ! -f "$shared/upstream/sources/$main_tarball" ]; then
-        echo "versions: $shared/upstream/sources/$main_tarball is missing (set MEGATRON_AGG_SHARED)" >&2
-        return 1
-      fi
-      quiet_pip "$venv" pytest numpy packaging "setuptools>=80" pybind11
-      quiet_pip "$venv" --no-build-isolation --no-deps "$shared/upstream/sources/$main_tarball"
-    else
-      quiet_pip "$venv" "megatron-core==$v" pytest numpy
-    fi
-    echo "$stamp" > "$venv/.megatron_agg_stamp"
-  fi
-  quiet_pip "$venv" einops  # Megatron-FSDP's import (the wrapper probe); a no-op once installed
-  quiet_pip "$venv" --no-deps -e "$ROOT"  # this checkout, every time
-  echo "$venv"
-}
+# shellcheck source=scripts/venvs.sh
+source "$ROOT/scripts/venvs.sh"
+mkdir -p "$OUT"
 
 if [ "${1:-}" = "--prepare" ]; then
   for v in $VERSIONS; do

@@ -83,6 +83,7 @@ def test_a_distillation_model_is_refused():
         BridgeForwardStep._refuse_distillation(SimpleNamespace(module=DistillationModel()))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _venv_ready() and not os.environ.get("MEGATRON_AGG_REQUIRE_BRIDGE"),
                     reason=f"no Megatron-Bridge 0.6.2 venv at {VENV} (bash scripts/run_bridge_e2e.sh --prepare "
                            "builds it; needs network once)")
