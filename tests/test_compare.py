@@ -122,18 +122,49 @@ ERROR = "megatron-agg compare: error: "
 
 
 def refused(tmp_path, *extra, env=None):
-    """Run compare with a bad command line; assert one error line, exit 2, and no worker started."""
+    """Run compare's command line in this process (the console script's ``main``) with a bad command
+    line; assert one error line, exit 2, and no worker started. ``env`` replaces the environment."""
+    import contextlib
+    import io
+
+    from megatron_agg import cli
+
+    def no_workers(cmd, env):
+        raise AssertionError(f"compare started workers for a bad command line: {cmd}")
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setattr(cli, "_run_workers", no_workers)
+        for name in list(os.environ):
+            mp.delenv(name)
+        for name, value in (env if env is not None else dict(os.environ, MASTER_PORT=str(free_port()))).items():
+            if name != "RANK":
+                mp.setenv(name, value)
+        try:
+            code = cli.main(["compare", "--nproc", "4", "--steps", "2", "--out", str(tmp_path), *extra])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    assert code == 2, err.getvalue()[-3000:]
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR), err.getvalue()
+    assert out.getvalue() == "" and not list(tmp_path.rglob("compare-workers.log"))
+    return lines[0][len(ERROR):]
+
+
+@pytest.mark.parametrize("args", [["--tp", "3"], ["--tol", "nan"]])
+def test_the_console_script_refuses_a_bad_command_line_in_one_line_and_exit_2(tmp_path, args):
+    """The real console script (a subprocess), quickly: the rest of this section calls its main()."""
     start = time.monotonic()
-    proc = compare(tmp_path, *extra, env=env)
+    proc = compare(tmp_path, *args)
     seconds = time.monotonic() - start
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(ERROR), proc.stderr
+    assert lines[0][len(ERROR):] == refused(tmp_path, *args)
     # no worker ran: nothing on stdout (rank 0 prints the header), no workers' log, and quick
     assert proc.stdout == "" and not list(tmp_path.rglob("compare-workers.log"))
-    assert seconds < 15, f"{seconds:.1f} s: a worker was started?"
-    return lines[0][len(ERROR):]
+    assert seconds < 30, f"{seconds:.1f} s: a worker was started?"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,7 +2,7 @@
 
 Each world size of each suite runs :mod:`harness.matrix` in one launch (shared by the items of
 that world): ``core`` (DP × TP × PP × VPP on 1, 2 and 4 ranks) and ``cp`` (context parallelism ×
-DP × TP, with one PP layout, each unpacked and with packed sequences, the packed rows cut over CP
+DP × TP, with one PP layout, each unpacked (TP × CP: packed only) and with packed sequences, the packed rows cut over CP
 per document and, where cp > 1, as a whole: ``cp_layout="per-row"``, Megatron-LM's
 inter-document masking; 2 and 4 ranks), with the test attention of ``tests/support``. Specs and
 Megatron paths are covered pairwise on each layout (the argument is in

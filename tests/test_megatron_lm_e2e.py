@@ -87,14 +87,23 @@ def test_the_runs_cover_every_mode_under_both_cp_layouts():
         assert ("--calculate-per-token-loss" in argv) == (run.mode is not None)
 
 
-#: The release lines run end to end: the 0.19.x wheel with every mode (the full proof of the
-#: patch), and Megatron-LM main (megatron-core 0.20.0 from its source) with the modes whose
-#: arithmetic differs (a token mean, a sequence mean, the token sum) on every configuration, both
-#: controls included. The modes share one code path per release: the patched loss_func equals
-#: megatron_agg's for every mode in tests/test_patches.py.
-E2E = {"0.19.2": tuple(mlm.MODES), "0.20.0": ("token-mean", "seq-mean-token-mean", "token-sum")}
+#: The release lines run end to end: the 0.19.x wheel and Megatron-LM main (megatron-core 0.20.0
+#: from its source), each with every mode, pairwise (``--pairwise``: every configuration with a
+#: token mean and a sequence mean, the other three modes on one configuration each, rotating), both
+#: controls included. Pairs suffice: the patched loss_func equals megatron_agg's for every mode
+#: (tests/test_patches.py), so a mode meets a configuration only through its denominator kind.
+E2E = {"0.19.2": tuple(mlm.MODES), "0.20.0": tuple(mlm.MODES)}
 
 
+def test_a_pairwise_plan_covers_every_mode_and_configuration():
+    runs = [r for r in mlm.plan_runs(list(mlm.CONFIGS), list(mlm.MODES), pairwise=True) if not r.control]
+    assert {r.mode for r in runs} == set(mlm.MODES)
+    for config in mlm.CONFIGS:
+        assert {r.mode for r in runs if r.config.name == config} >= set(mlm.PAIRWISE_MODES)
+    assert len(runs) == len(mlm.CONFIGS) * len(mlm.PAIRWISE_MODES) + len(mlm.MODES) - len(mlm.PAIRWISE_MODES)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("version", list(E2E))
 def test_megatron_lm_pretrain_gpt_end_to_end(tmp_path, version):
     """Skipped without the release's venv, but for CI (.ci/run sets MEGATRON_AGG_REQUIRE_E2E=1 after
@@ -106,14 +115,16 @@ def test_megatron_lm_pretrain_gpt_end_to_end(tmp_path, version):
     env = dict(os.environ, MEGATRON_AGG_OUT=str(tmp_path), MEGATRON_AGG_CACHE=str(CACHE),
                MEGATRON_AGG_E2E_VERSION=version)
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_megatron_lm_e2e.sh"), "--modes", ",".join(modes)],
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_megatron_lm_e2e.sh"), "--modes", ",".join(modes),
+                           "--pairwise"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     log = (tmp_path / "e2e.log").read_text() if (tmp_path / "e2e.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:] + log[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     results = summary["results"]
     exact = {(r["config"], r["mode"]) for r in results if not r["control"] and r["exact"]}
-    assert exact == {(c, m) for c in mlm.CONFIGS for m in modes}
+    assert exact == {(r.config.name, r.mode) for r in mlm.plan_runs(list(mlm.CONFIGS), list(modes), pairwise=True)
+                     if not r.control}
     for r in results:
         if not r["control"]:
             assert r["grad_err"] <= mlm.TOLERANCE and r["loss_err"] <= mlm.TOLERANCE

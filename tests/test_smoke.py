@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, SUMMARY, torchrun
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.smoke]  # the full tier skips it: its matrix runs these layouts
 
 SPECS = "token-mean,seq-mean-token-mean"
 

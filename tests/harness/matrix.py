@@ -302,15 +302,17 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
     },
     # Context parallelism and packed sequences; needs a core attention that supports both
     # (tests/support/cp_attention.py, passed with --layer-spec). Every layout runs unpacked
-    # and packed.
+    # and packed, but TP x CP packed only (packings_of).
     "cp": {
         2: [Layout(cp=2), Layout()],
-        4: [Layout(cp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2), Layout(tp=2)],
+        4: [Layout(cp=2), Layout(cp=2, tp=2), Layout(cp=2, pp=2)],
     },
     # One launch per megatron-core release in the version matrix (scripts/run_version_matrix.sh):
-    # DP, TP, PP, VPP and CP, every loss spec and Megatron path; needs --layer-spec for CP.
+    # DP, TP, PP, VPP and CP, each beside DP 2 (what a release changes: where the schedule takes
+    # its groups and how it scales, finalize, DDP; TP only decides where the loss is computed),
+    # every loss spec and Megatron path; needs --layer-spec for CP.
     "release": {
-        4: [Layout(tp=2), Layout(pp=2, vpp=2), Layout(cp=2, tp=2), Layout(tp=2, pp=2)],
+        4: [Layout(pp=2, vpp=2), Layout(tp=2), Layout(cp=2)],
     },
     # The fast tier's one launch (tests/test_smoke.py): TP, interleaved PP and CP (with packing)
     # beside DP on 4 ranks; needs --layer-spec for CP.
@@ -350,7 +352,7 @@ PAIRWISE_BASE_SPECS = ("token-mean", "seq-mean-token-mean")
 FULL_PRODUCT: Dict[str, Tuple[Tuple[int, str], ...]] = {
     "core": ((1, "dp1-tp1-pp1"), (2, "dp2-tp1-pp1")),
     "cp": ((2, "dp1-tp1-pp1-cp2"),),
-    "release": ((4, "dp2-tp2-pp1"),),
+    "release": ((4, "dp2-tp1-pp2-vpp2"),),
 }
 
 
@@ -824,8 +826,14 @@ def _log(rank: int, msg: str) -> None:
 
 
 def packings_of(layout: Layout, packings: Sequence[str]) -> List[str]:
-    """The packings a layout runs: ``packed-per-row`` only where cp > 1."""
-    return [p for p in packings if p != "packed-per-row" or layout.cp > 1]
+    """The packings a layout runs: ``packed-per-row`` only where cp > 1; a TP × CP layout (the
+    slowest on the CPU) only ``packed`` where packing is offered. TP decides only where the loss is
+    computed, so the pairs packing × (dp, cp) are covered by the CP layouts without TP, and TP × CP
+    (replicas not counted twice beside CP parts that are) by the packed run."""
+    kept = [p for p in packings if p != "packed-per-row" or layout.cp > 1]
+    if layout.tp > 1 and layout.cp > 1 and "packed" in kept:
+        kept = ["packed"]
+    return kept
 
 
 def jobs_of(packing: str, variants: Sequence[Variant], specs: Sequence[LossSpec],

@@ -208,8 +208,25 @@ class Run:
 CONTROLS = ("megatron-own", "told-load-balanced")
 
 
-def plan_runs(configs: Sequence[str], modes: Sequence[str], controls: Sequence[str] = CONTROLS) -> List[Run]:
-    runs = [Run(CONFIGS[c], m) for c in configs for m in modes]
+#: The modes every configuration runs in a pairwise plan: one per denominator kind (tokens,
+#: sequences); the others rotate over the configurations.
+PAIRWISE_MODES = ("token-mean", "seq-mean-token-mean")
+
+
+def plan_runs(configs: Sequence[str], modes: Sequence[str], controls: Sequence[str] = CONTROLS,
+              pairwise: bool = False) -> List[Run]:
+    """The runs of one launch: every configuration × mode, or (``pairwise``) every configuration
+    with the modes of :data:`PAIRWISE_MODES` and each other mode on one configuration, rotating.
+    Pairs suffice: the patched ``loss_func`` is megatron_agg's for every mode (tests/test_patches.py),
+    so a mode meets a configuration only through its denominator kind, which the two base modes
+    cover on every configuration; the controls run as always."""
+    if pairwise:
+        base = [m for m in modes if m in PAIRWISE_MODES]
+        rest = [m for m in modes if m not in PAIRWISE_MODES]
+        runs = [Run(CONFIGS[c], m) for c in configs for m in base]
+        runs += [Run(CONFIGS[configs[i % len(configs)]], m) for i, m in enumerate(rest)]
+    else:
+        runs = [Run(CONFIGS[c], m) for c in configs for m in modes]
     for breaker in controls:
         if breaker == "megatron-own":
             runs.append(Run(CONFIGS["tp2-dp2"], None, control=True, breaker=breaker))
@@ -838,6 +855,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--controls", default=",".join(CONTROLS),
                         help="negative controls to run (comma-separated, '' for none): " + ", ".join(CONTROLS))
+    parser.add_argument("--pairwise", action="store_true",
+                        help="each configuration with a token mean and a sequence mean, the other modes rotating "
+                             "over the configurations (plan_runs)")
     parser.add_argument("--patch", default=None, help="the pretrain_gpt patch (default: resolved)")
     parser.add_argument("--upstream", default=None, help="directory with the three upstream files")
     return parser.parse_args(argv)
@@ -851,7 +871,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     configs = [c for c in args.configs.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
-    runs = plan_runs(configs, modes, [c for c in args.controls.split(",") if c])
+    runs = plan_runs(configs, modes, [c for c in args.controls.split(",") if c], pairwise=args.pairwise)
     sources = resolve_sources(patch=args.patch, upstream=args.upstream)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
