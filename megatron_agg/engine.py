@@ -105,6 +105,28 @@ class AgreementTracker:
     def length_verified(self, key: Any, layout: TotalsLayout) -> None:
         self._lengths.add((key, layout))
 
+    @classmethod
+    def of_group(cls, dp_group: Any) -> "AgreementTracker":
+        """The tracker that lives with the data-parallel process group ``dp_group`` (held weakly), for
+        an entry point rebuilt every step (:class:`~megatron_agg.StepShares`), which cannot keep one
+        itself. The DP group is what the caller keeps across steps (Megatron's ``parallel_state`` or
+        ``pg_collection``) and what must agree; not the model config, which a ``StepShares`` over
+        ``groups=`` need not have. A new group starts with no memory on all of its ranks at once (its
+        first step checks synchronously, as does any step whose set-up changed); the memory dies with
+        the group, so a later group at the same address inherits none. A group that cannot be weakly
+        referenced gets a fresh tracker (a synchronous check) every time."""
+        try:
+            tracker = _GROUP_TRACKERS.get(dp_group)
+            if tracker is None:
+                tracker = _GROUP_TRACKERS[dp_group] = cls()
+            return tracker
+        except TypeError:
+            return cls()
+
+
+#: The agreement memory of each data-parallel group (:meth:`AgreementTracker.of_group`).
+_GROUP_TRACKERS: "weakref.WeakKeyDictionary[Any, AgreementTracker]" = weakref.WeakKeyDictionary()
+
 
 def raise_if_disagree(block: torch.Tensor, names: FrontEndNames, where: str) -> None:
     """Read a summed agreement block (one host sync) and raise ``ValueError`` naming the options."""
@@ -312,7 +334,7 @@ class PreparedStep:
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
     refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`start_totals`).
 
-    The constructor is the step's set-up, in order: check the shapes (:meth:`_check_shapes`), plan
+    The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), plan
     the micro-batches (:func:`~megatron_agg.step_math.plan_step`), record the device-side input
     checks (:meth:`_record_input_checks`), start the totals' all-reduce (:meth:`_start_totals`).
     The arithmetic is :mod:`megatron_agg.step_math`'s; this class orchestrates it.

@@ -32,8 +32,8 @@ Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per
 ``[T, N, N_nonempty, (T_k, N⁺_k per further mask), Σ num_tokens, (group counts), agreement
 triples...]`` (:mod:`megatron_agg.step_math`), on the last pipeline stage only (started at
 construction, awaited by the first ``share``; awaited at once, with one host sync, the first time
-a set-up is seen over the data-parallel group (the memory lives with the group,
-:data:`_GROUP_TRACKERS`), so that disagreeing DP ranks raise before any gradient; the first
+a set-up is seen over the data-parallel group (the memory lives with the group:
+:meth:`AgreementTracker.of_group <megatron_agg.engine.AgreementTracker.of_group>`), so that disagreeing DP ranks raise before any gradient; the first
 time a totals layout — masks, ``num_groups`` — is seen, the ranks' agreement on it is checked in a
 small all-reduce of its own first, once); every CP rank does its own identical one, so nothing is
 counted once per CP rank.
@@ -49,7 +49,6 @@ finalize (forward-only). Host syncs: none per micro-batch; one in :meth:`finish`
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -76,30 +75,6 @@ _NAMES = FrontEndNames(entry="StepShares", loss_call="StepShares.share(...)", ma
                                      "verl's response masks), in micro-batch order: the denominators "
                                      "(valid-token counts) come from them"))
 _MISSING_MASKS = "StepShares(loss_masks=[...]) needs this rank's loss masks, one per micro-batch."
-#: The agreement memory of StepShares (:class:`~megatron_agg.engine.AgreementTracker`: the set-up
-#: whose DP agreement was last checked synchronously), one per data-parallel process group, held
-#: weakly. A ``StepShares`` is built anew every step, so the memory cannot live in it; it lives with
-#: the object the caller keeps across steps and whose ranks must agree: the DP group (Megatron's
-#: ``parallel_state`` or ``pg_collection``). Not the model config: a ``StepShares`` over
-#: ``groups=`` need not have Megatron chunks, and agreement is a property of the group's ranks,
-#: whatever model they train. A new group starts with no memory on all of its ranks at once (its
-#: first step checks synchronously, as does any step whose set-up changed); the memory dies with the
-#: group, so a later group at the same address never inherits it.
-_GROUP_TRACKERS: "weakref.WeakKeyDictionary[Any, AgreementTracker]" = weakref.WeakKeyDictionary()
-
-
-def _tracker_of(dp_group: Any) -> AgreementTracker:
-    """The agreement memory of ``dp_group`` (a fresh one, so a synchronous check, for a group that
-    cannot be weakly referenced; ``None``, a group of one rank, has no agreement to check)."""
-    try:
-        tracker = _GROUP_TRACKERS.get(dp_group)
-        if tracker is None:
-            tracker = _GROUP_TRACKERS[dp_group] = AgreementTracker()
-        return tracker
-    except TypeError:
-        return AgreementTracker()
-
-
 def _dense(loss_masks: Any) -> Any:
     """Nested (jagged, one row per sequence) masks as padded ``[b, s]`` ones; the rest unchanged."""
     if isinstance(loss_masks, Mapping):
@@ -259,7 +234,7 @@ class StepShares:
         prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
         local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
-        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=_tracker_of(self.groups.dp),
+        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=AgreementTracker.of_group(self.groups.dp),
                              key=("dp", id(self.groups.dp)), async_ok=async_totals, refused=refused,
                              where="checked when the step's StepShares was built")
         self.collectives += start.collectives
