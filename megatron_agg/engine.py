@@ -334,9 +334,10 @@ class PreparedStep:
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
     refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`start_totals`).
 
-    The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), plan
-    the micro-batches (:func:`~megatron_agg.step_math.plan_step`), record the device-side input
-    checks (:meth:`_record_input_checks`), start the totals' all-reduce (:meth:`_start_totals`).
+    The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), stack
+    the micro-batches (:func:`~megatron_agg.step_math.stack_microbatches`) and record the device-side
+    input checks (:meth:`_record_input_checks`), plan them (:func:`~megatron_agg.step_math.plan_step`),
+    start the totals' all-reduce (:meth:`_start_totals`).
     The arithmetic is :mod:`megatron_agg.step_math`'s; this class orchestrates it.
     """
 
@@ -390,10 +391,13 @@ class PreparedStep:
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
         check_cp_lengths(first, packed_seqs, groups, names.masks)
         packed = list(packed_seqs or [None] * len(first))
+        blocks, row_to_mb = sm.stack_microbatches(masks, self.layout.masks, packed, self._device)
+        self._record_input_checks(blocks, row_to_mb, masks, packed)
         cp = sm.CPRank(groups.cp_size, groups.cp_rank, groups.cp_layout)
-        self.plan = plan = sm.plan_step(self.channels, self.layout, masks, packed, group_ids, cp, self._device)
+        self.plan = plan = sm.plan_step(self.channels, self.layout, blocks, row_to_mb, group_ids, cp, self._device)
         self.plans = plan.microbatches
-        self._record_input_checks(plan, masks, packed)
+        if plan.bad_group_ids is not None:
+            self.checks.group_ids.append(("group_ids", plan.bad_group_ids))
         self._start_totals(plan, prints, tracker or AgreementTracker(), refused)
         # num_tokens of every micro-batch: this CP slice's valid tokens of the first mask; clamped to
         # >= 1 where only the schedule's division uses it (megatron-core < 0.15 divides unclamped; F
@@ -408,21 +412,22 @@ class PreparedStep:
         self._reports = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms, *self.metrics)}
         self.report_count = torch.tensor(scaling.report_count(), dtype=torch.float32, device=self._device)
 
-    def _record_input_checks(self, plan: sm.StepPlan, masks: Mapping[str, List[torch.Tensor]],
-                             packed: List[Optional[PackedSequences]]) -> None:
+    def _record_input_checks(self, blocks: List[sm.Block], row_to_mb: Optional[torch.Tensor],
+                             masks: Mapping[str, List[torch.Tensor]], packed: List[Optional[PackedSequences]]) -> None:
         """Device-side counts of bad inputs, read by the end-of-step check: mask values other than
-        0/1 (vectorized over the stacked block), packing boundaries, group ids out of range."""
+        0/1 (vectorized over a stacked block) and packing boundaries (group ids: :func:`plan_step
+        <megatron_agg.step_math.plan_step>` counts those out of range)."""
         mask_names, label_of = self.layout.masks, self.names.masks
         labels = {k: (label_of if k == DEFAULT_MASK_NAME and len(mask_names) == 1 else f"{label_of}[{k!r}]")
                   for k in mask_names}
         num_mbs = len(masks[mask_names[0]])
-        if plan.batched:
-            wholes = plan.blocks[0].masks
+        if row_to_mb is not None:
+            wholes = blocks[0].masks
             for k in mask_names:
                 if wholes[k].dtype != torch.bool:  # bool masks hold nothing but 0/1
                     values = mask_value_problems(wholes[k], per_row=True)
                     per_mb = torch.zeros(num_mbs, dtype=torch.int64, device=self._device).index_add_(
-                        0, plan.row_to_mb, values)
+                        0, row_to_mb, values)
                     self.checks.mask_values.append(([f"{labels[k]}[{j}]" for j in range(num_mbs)], per_mb))
         else:
             for j in range(num_mbs):
@@ -434,8 +439,6 @@ class PreparedStep:
                 problems = boundary_problems(p, masks[mask_names[0]][j].shape[-1], self.groups.cp_size, self._device,
                                              per_document=self.groups.cp_layout == "load-balanced")
                 self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
-        if plan.bad_group_ids is not None:
-            self.checks.group_ids.append(("group_ids", plan.bad_group_ids))
 
     def _start_totals(self, plan: sm.StepPlan, prints: Sequence[Optional[float]], tracker: AgreementTracker,
                       refused: Optional[Exception]) -> None:

@@ -30,7 +30,7 @@ A step, in the order of this module:
 1. **sequences** (:func:`sequence_view`): a sequence is a row of a ``[b, s]`` mask or one of the
    sequences packed into a ``[1, t]`` row (:class:`~megatron_agg.packing.PackedSequences`); both
    map to one per-token sequence index, so every formula is written once.
-2. **the plan** (:func:`plan_step`): per micro-batch the per-token weights ``m·α`` of every term
+2. **the plan** (:func:`stack_microbatches`, :func:`plan_step`): per micro-batch the per-token weights ``m·α`` of every term
    and metric (:func:`sequence_weights`; ``prompt-mean``'s ``1/M_g`` comes later), sliced to this
    rank's context-parallel positions (:class:`CPRank`, from :mod:`megatron_agg.layout`), and this
    rank's **local totals vector** (:func:`local_totals_vector`, layout :class:`TotalsLayout`).
@@ -89,7 +89,7 @@ from .terms import LossTerm
 __all__ = [
     "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "safe_reciprocal",
     "sequence_weights", "group_index", "TotalsLayout", "checked_group_ids", "LocalTotals", "local_totals_vector",
-    "count_totals", "CPRank", "Block", "MicroBatchPlan", "StepPlan", "plan_step", "StepTotals", "Denominators",
+    "count_totals", "CPRank", "Block", "stack_microbatches", "MicroBatchPlan", "StepPlan", "plan_step", "StepTotals", "Denominators",
     "reciprocal_denominator", "denominators", "scale_weights", "masked_weighted_sum", "weighted_share",
     "microbatch_share", "weighted_total", "share_of_view", "numerator_part", "denominator_part",
 ]
@@ -434,9 +434,7 @@ class StepPlan:
 
     channels: Mapping[str, LossTerm]  # the terms and metrics, by name
     layout: TotalsLayout
-    blocks: List[Block]
-    #: Whether the step is one stacked block, and then the micro-batch of every row.
-    batched: bool
+    #: The micro-batch of every row when the step is one stacked block (``None``: one block each).
     row_to_mb: Optional[torch.Tensor]
     microbatches: List[MicroBatchPlan]
     local: LocalTotals  # this rank's totals vector (to all-reduce) and its local group counts
@@ -451,10 +449,17 @@ class StepPlan:
     #: Per micro-batch: the valid tokens of the first mask on this CP slice (int32 ``[M]``; unclamped).
     num_tokens: torch.Tensor
 
+    @property
+    def batched(self) -> bool:
+        return self.row_to_mb is not None
 
-def _blocks(masks: Mapping[str, Sequence[torch.Tensor]], names: Sequence[str],
-            packed: Sequence[Optional[PackedSequences]], device: torch.device) -> Tuple[List[Block], Optional[torch.Tensor]]:
-    """The step's blocks and, when it is one stacked block, the micro-batch of every row."""
+
+def stack_microbatches(masks: Mapping[str, Sequence[torch.Tensor]], names: Sequence[str],
+                       packed: Sequence[Optional[PackedSequences]],
+                       device: torch.device) -> Tuple[List[Block], Optional[torch.Tensor]]:
+    """The step's micro-batches as blocks (``masks``: every mask of ``names`` by name, one
+    whole-sequence mask per micro-batch) and, when the step is one stacked block, the micro-batch
+    of every row (else ``None``)."""
     first = masks[names[0]]
     sizes = [mask.shape[0] for mask in first]
     batched = all(p is None for p in packed) and len({m.shape[-1] for m in first}) == 1 and all(
@@ -475,24 +480,20 @@ def _split(tensor: torch.Tensor, rows: List[int]) -> Sequence[torch.Tensor]:
     return tensor.split(rows) if len(rows) > 1 else (tensor,)
 
 
-def plan_step(channels: Mapping[str, LossTerm], layout: TotalsLayout, masks: Mapping[str, Sequence[torch.Tensor]],
-              packed: Optional[Sequence[Optional[PackedSequences]]], group_ids: Optional[Sequence[torch.Tensor]],
-              cp: CPRank, device: torch.device) -> StepPlan:
-    """The plan of this rank's micro-batches: ``masks`` holds every mask of ``layout`` by name, one
-    whole-sequence ``[b_j, s_j]`` mask per micro-batch (shapes checked by the caller); ``packed``
-    the packing of each micro-batch (or ``None``); ``group_ids`` per micro-batch one id per
-    sequence (prompt-mean). Per-token weights ``m·α`` (:func:`sequence_weights`) of every channel,
-    cut to this rank's CP positions, and the local totals (:func:`count_totals`). Unpacked
-    micro-batches of one padded length are computed as one stacked block and split back per
-    micro-batch (views of one buffer per channel). No collective, no host sync."""
+def plan_step(channels: Mapping[str, LossTerm], layout: TotalsLayout, blocks: List[Block],
+              row_to_mb: Optional[torch.Tensor], group_ids: Optional[Sequence[torch.Tensor]], cp: CPRank,
+              device: torch.device) -> StepPlan:
+    """The plan of this rank's micro-batches, from :func:`stack_microbatches` (whole-sequence masks,
+    shapes checked by the caller) and ``group_ids`` (per micro-batch one id per sequence;
+    prompt-mean): per-token weights ``m·α`` (:func:`sequence_weights`) of every channel, cut to
+    this rank's CP positions, and the local totals (:func:`count_totals`). A stacked block is
+    computed once and split back per micro-batch (views of one buffer per channel). No collective,
+    no host sync."""
     names = layout.masks
-    first = masks[names[0]]
-    packed = list(packed or [None] * len(first))
-    blocks, row_to_mb = _blocks(masks, names, packed, device)
-    batched = row_to_mb is not None
+    num_mbs = sum(len(b.rows) for b in blocks)
     ids_all, bad, block_ids = None, None, [None] * len(blocks)
     if layout.uses_groups:
-        assert group_ids is not None and len(group_ids) == len(first)
+        assert group_ids is not None and len(group_ids) == num_mbs
         ids_all, bad = checked_group_ids(torch.cat([g.to(device) for g in group_ids]), layout.num_groups)
         block_ids = list(ids_all.split([b.views[names[0]].num_seqs for b in blocks]))
     local = count_totals(layout, {k: [b.views[k] for b in blocks] for k in names}, ids_all, device)
@@ -528,13 +529,13 @@ def plan_step(channels: Mapping[str, LossTerm], layout: TotalsLayout, masks: Map
             plans.append(MicroBatchPlan(torch.Size((b, mask0.shape[-1])), torch.Size((b, mask0.shape[-1] // cp.size)),
                                         {n: weights[n][i] for n in channels}, {k: valids[k][i] for k in names},
                                         members[i]))
-    if batched:
+    if row_to_mb is not None:
         per_row = valid_all[names[0]][0].sum(dim=-1, dtype=torch.int)
-        num_tokens = torch.zeros(len(first), dtype=torch.int, device=device).index_add_(0, row_to_mb, per_row)
+        num_tokens = torch.zeros(num_mbs, dtype=torch.int, device=device).index_add_(0, row_to_mb, per_row)
     else:
         num_tokens = torch.stack([plan.valid[names[0]].sum(dtype=torch.int) for plan in plans])
-    return StepPlan(channels, layout, blocks, batched, row_to_mb, plans, local, bad, weight_buffers, group_indices,
-                    valid_all, member_all, num_tokens)
+    return StepPlan(channels, layout, row_to_mb, plans, local, bad, weight_buffers, group_indices, valid_all,
+                    member_all, num_tokens)
 
 
 # -- 3. the denominators --------------------------------------------------------------------------
