@@ -30,10 +30,11 @@ A step, in the order of this module:
 1. **sequences** (:func:`sequence_view`): a sequence is a row of a ``[b, s]`` mask or one of the
    sequences packed into a ``[1, t]`` row (:class:`~megatron_agg.packing.PackedSequences`); both
    map to one per-token sequence index, so every formula is written once.
-2. **the plan** (:func:`stack_microbatches`, :func:`plan_step`): per micro-batch the per-token weights ``m·α`` of every term
-   and metric (:func:`sequence_weights`; ``prompt-mean``'s ``1/M_g`` comes later), sliced to this
-   rank's context-parallel positions (:class:`CPRank`, from :mod:`megatron_agg.layout`), and this
-   rank's **local totals vector** (:func:`local_totals_vector`, layout :class:`TotalsLayout`).
+2. **the plan** (:func:`stack_microbatches`, :func:`plan_step`): per micro-batch the per-token
+   weights ``m·α`` of every term and metric (2a, :func:`sequence_weights`; ``prompt-mean``'s
+   ``1/M_g`` comes in 3), sliced to this rank's context-parallel positions (:class:`CPRank`, from
+   :mod:`megatron_agg.layout`), and this rank's **local totals vector** (2b,
+   :func:`local_totals_vector`, layout :class:`TotalsLayout`).
 3. **the denominators** (:func:`denominators`) from the totals vector once the caller summed it
    over the data-parallel ranks: ``1/D_k`` of every term and metric and ``1/M_g`` of every group;
    :func:`scale_weights` folds them into the plan's weights, once per step.
@@ -218,7 +219,7 @@ def cp_local_view(loss_mask: torch.Tensor, packed: Optional[PackedSequences], cp
     return SequenceView(valid, seq_index, num_seqs, counts, whole.padded_lengths)
 
 
-# -- α: the per-sequence weights ------------------------------------------------------------------
+# -- 2a. α: the per-sequence weights --------------------------------------------------------------
 def safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     """``1 / x`` where ``x > 0``, else 0; no NaN or Inf in value or gradient."""
     positive = x > 0
@@ -258,7 +259,7 @@ def group_index(view: SequenceView, group_ids: torch.Tensor, num_groups: int) ->
     return extended[view.seq_index]
 
 
-# -- the totals vector ----------------------------------------------------------------------------
+# -- 2b. the totals vector ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TotalsLayout:
     """Where each count sits in the step's totals vector (see the module docstring)."""
@@ -403,7 +404,7 @@ def count_totals(layout: TotalsLayout, views: Mapping[str, Sequence[SequenceView
     return local_totals_vector(layout, counts, num_seqs, group_ids, device, extra)
 
 
-# -- 2. the plan of a step ------------------------------------------------------------------------
+# -- 2c. the plan of a step -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Block:
     """Micro-batches whose plan is computed together: the whole step when every micro-batch is
