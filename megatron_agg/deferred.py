@@ -10,7 +10,7 @@ broadcast over PP, all-reduced over DP×CP inside ``finalize_model_grads``, and 
 (summed by DDP) are divided by that sum. :class:`DeferredLossHook` returns, per micro-batch,
 
 - the loss ``Σ_k w_k Σ_{i,t} m·α_{k,i}·l_k`` (the numerator of every term: α as in
-  :mod:`megatron_agg.aggregation`), and
+  :mod:`megatron_agg.step_math`), and
 - ``num_tokens`` = this micro-batch's part of the denominator ``D``: its valid tokens on this CP
   slice (``token-mean``: Σ over DP×CP is ``T``), or its sequences (``seq-mean-*``: ``N``, or the
   non-empty ones with ``exclude_fully_masked_seqs``), counted on CP rank 0 only so that each
@@ -61,11 +61,12 @@ Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from . import aggregation as agg
+from . import step_math as sm
 from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
@@ -75,7 +76,6 @@ from .averaging import wrapper_behaviour
 from .integration import (check_megatron_version, checked_cp_layout, minor_release, model_config,
                           refuse_unsupported_layouts, refuse_wrapper_defects, resolve_groups, step_wrapper,
                           token_scaled_auxiliary_losses)
-from .layout import local_positions
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
@@ -336,7 +336,7 @@ class DeferredLossHook:
         """``n_i`` of every sequence of a micro-batch, from its whole-sequence (pre-CP-split)
         mask: ``[b]`` for unpacked rows, ``[K]`` for a packed row. No host sync."""
         packed = coerce_packed(packed_seqs, full_loss_mask, "packed_seqs")
-        return agg.sequence_view(full_loss_mask, packed).counts
+        return sm.sequence_view(full_loss_mask, packed).counts
 
     # -- the loss function ----------------------------------------------------------------------
     def loss_func(
@@ -409,33 +409,13 @@ class DeferredLossHook:
                     f"has {tuple(loss_mask.shape)}; the loss function must return one loss per token."
                 )
         device = loss_mask.device
-        local_len = loss_mask.shape[-1]
-        valid = agg.valid_tokens(loss_mask)
         checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
-        # Sequence index of every local token, and the default C_i (whole-sequence padded length).
-        if packed is None:
-            num_seqs = loss_mask.shape[0]
-            seq_index = None
-            lengths = torch.full((num_seqs,), float(local_len * cp_size), dtype=torch.float64, device=device)
-        else:
-            total = local_len * cp_size
-            per_document = groups.cp_layout == "load-balanced"
-            checks.boundaries.append((f"packed_seqs of {where}",
-                                      boundary_problems(packed, total, cp_size, device, per_document=per_document)))
-            whole = agg.sequence_view(torch.ones(1, total, dtype=torch.bool, device=device), packed)
-            num_seqs = whole.num_seqs
-            seq_index = whole.seq_index
-            if cp_size > 1:
-                _, cu_padded = packed.boundaries(device)
-                positions = local_positions(groups.cp_layout, total, cp_size, cp_rank, cu_padded)
-                seq_index = seq_index.index_select(-1, positions.clamp(0, total - 1))
-            valid = valid & (seq_index < num_seqs)
-            lengths = whole.padded_lengths
-        if seq_index is None:
-            local_counts = valid.sum(dim=-1, dtype=torch.float64)
-        else:
-            local_counts = torch.zeros(num_seqs + 1, dtype=torch.float64, device=device)
-            local_counts = local_counts.index_add_(0, seq_index.reshape(-1), valid.reshape(-1).to(torch.float64))[:num_seqs]
+        if packed is not None:
+            checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(
+                packed, loss_mask.shape[-1] * cp_size, cp_size, device, per_document=groups.cp_layout == "load-balanced")))
+        # This slice's sequences: valid tokens, sequence index, default C_i; counts of this slice only.
+        view = sm.cp_local_view(loss_mask, packed, sm.CPRank(cp_size, cp_rank, groups.cp_layout))
+        num_seqs = view.num_seqs
         if counts is None:
             needs_counts = any(
                 t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or (t.exclude_fully_masked_seqs and t.agg_mode.is_sequence_mean)
@@ -448,7 +428,6 @@ class DeferredLossHook:
                     "DeferredLossHook.sequence_token_counts(full_loss_mask[, packed_seqs]) computed "
                     "before the CP split."
                 )
-            counts = local_counts
         else:
             if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != num_seqs:
                 got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
@@ -460,51 +439,29 @@ class DeferredLossHook:
                 )
             counts = counts.to(device=device, dtype=torch.float64)
             # Whole-sequence counts hold at least this slice's tokens; without CP exactly them.
-            wrong = (counts < local_counts) if cp_size > 1 else (counts != local_counts)
+            wrong = (counts < view.counts) if cp_size > 1 else (counts != view.counts)
             checks.counts.append((where, "counts that do not match the mask's valid tokens per sequence",
                                   wrong.sum()))
-        view = agg.SequenceView(valid, seq_index, num_seqs, counts, lengths)
-        numerator = None
+            view = dataclasses.replace(view, counts=counts)
         report: Dict[str, torch.Tensor] = {}
-        for name, term in self.terms.items():
-            part = agg.masked_weighted_sum(losses[name], valid, agg.sequence_weights(term, view))
+        parts = {name: sm.numerator_part(losses[name], term, view) for name, term in self.terms.items()}
+        for name, part in parts.items():
             checks.record_loss(index, name, part, losses[name])
-            weighted = part * term.weight if term.weight != 1.0 else part
-            numerator = weighted if numerator is None else numerator + weighted
             if len(self.terms) > 1:
                 report[name] = part.detach()
-        assert numerator is not None
-        num_tokens = self._denominator_part(self._term, index, valid, counts, num_seqs)
+        numerator = sm.weighted_total(self.terms, parts)
+        first = index == 0 and group_rank(groups.dp_cp) == 0  # token-sum's D = 1 rides here
+        num_tokens = sm.denominator_part(self._term, view, cp_rank, first)
         count = num_tokens.to(torch.float32)
         out = {DEFAULT_TERM_NAME: torch.stack([numerator.detach().to(torch.float32), count])}
         for name, value in report.items():
             out[name] = torch.stack([value.to(torch.float32), count])
         with torch.no_grad():  # metrics: [Σ m·α·v, its own denominator's part], never backpropagated
             for name, metric in self.metrics.items():
-                part = agg.masked_weighted_sum(losses[name].detach(), valid, agg.sequence_weights(metric, view))
-                metric_count = self._denominator_part(metric, index, valid, counts, num_seqs).to(torch.float32)
+                part = sm.numerator_part(losses[name].detach(), metric, view)
+                metric_count = sm.denominator_part(metric, view, cp_rank, first).to(torch.float32)
                 out[name] = torch.stack([part.to(torch.float32), metric_count])
         return numerator, num_tokens, out
-
-    def _denominator_part(self, term: LossTerm, index: int, valid: torch.Tensor, counts: torch.Tensor,
-                          num_seqs: int) -> torch.Tensor:
-        """This micro-batch's part of ``term``'s denominator ``D`` on this rank (int32, 0-dim), so that
-        the parts of every micro-batch and data×context-parallel rank add up to ``D``: valid tokens of
-        this CP slice (``token-mean``); sequences, or the non-empty ones, on CP rank 0 only
-        (``seq-mean-*``); 1 on the step's first micro-batch of DP×CP rank 0, else 0 (``token-sum``)."""
-        device = valid.device
-        zero = torch.zeros((), dtype=torch.int, device=device)
-        if term.agg_mode is AggMode.TOKEN_MEAN:
-            return valid.sum(dtype=torch.int)
-        groups = self._groups
-        if term.agg_mode is AggMode.TOKEN_SUM:
-            first = index == 0 and group_rank(groups.dp_cp) == 0
-            return torch.ones((), dtype=torch.int, device=device) if first else zero
-        if groups.cp_rank != 0:
-            return zero
-        if term.exclude_fully_masked_seqs:
-            return (counts > 0).sum(dtype=torch.int)
-        return torch.tensor(num_seqs, dtype=torch.int, device=device)
 
     # -- the end of a step ------------------------------------------------------------------------
     def _end_of_step(self, model: Any) -> None:

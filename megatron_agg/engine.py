@@ -10,7 +10,7 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
 
 1. checks the step's masks (one list per mask name), ``packed_seqs`` and ``group_ids`` (shapes at
    once; mask values, packing boundaries and group-id ranges as device-side counts), counts this
-   rank's totals from whole sequences (:func:`megatron_agg.totals.local_totals_vector`: ``N``,
+   rank's totals from whole sequences (:func:`megatron_agg.step_math.plan_step`: ``N``,
    ``T_k`` and ``N⁺_k`` per mask, and for ``prompt-mean`` the per-group counts) and starts **one**
    all-reduce (SUM, float64) over the pure data-parallel group of ``[totals..., agreement
    triples..., two flags]`` (:func:`start_totals`). The first time a process uses a vector length
@@ -21,9 +21,10 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
    rank runs its schedule unread, at the step's end on every rank; otherwise the all-reduce is
    awaited at the first loss.
 2. precomputes per micro-batch the per-token weights ``m_k·α`` of every term and metric in this
-   rank's context-parallel layout, ``num_tokens``, and (at the first loss) every ``F``
-   vectorized; ``prompt-mean`` weights get their ``1/M_g`` there, gathered per token from the
-   all-reduced group counts.
+   rank's context-parallel layout (the same :func:`~megatron_agg.step_math.plan_step`),
+   ``num_tokens``, and (at the first loss) every ``F`` vectorized; the weights then get ``1/D_k``
+   and, for ``prompt-mean``, ``1/M_g`` gathered per token from the all-reduced group counts
+   (:func:`~megatron_agg.step_math.denominators`, :func:`~megatron_agg.step_math.scale_weights`).
 3. per micro-batch: ``S = Σ_k w_k · Σ where(m_k, l_k, 0)·(m_k·α_k) / D_k`` and ``S·F`` — three
    tensor ops per term plus one for the end-of-step check, and per metric the same share,
    detached (two ops, reported, never backpropagated) — no host sync, no collective.
@@ -40,17 +41,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import aggregation as agg
+from . import step_math as sm
 from .agreement import AGREEMENT_FIELDS, disagreements, fingerprints, flag_counts, step_block
 from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .groups import ParallelGroups
-from .layout import local_positions, to_cp_local
 from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
-from .totals import StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
+from .step_math import StepTotals, TotalsLayout
 from .validation import boundary_problems, mask_value_problems
 
 __all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "global_loss_of", "set_up_fingerprints",
@@ -104,6 +104,28 @@ class AgreementTracker:
 
     def length_verified(self, key: Any, layout: TotalsLayout) -> None:
         self._lengths.add((key, layout))
+
+    @classmethod
+    def of_group(cls, dp_group: Any) -> "AgreementTracker":
+        """The tracker that lives with the data-parallel process group ``dp_group`` (held weakly), for
+        an entry point rebuilt every step (:class:`~megatron_agg.StepShares`), which cannot keep one
+        itself. The DP group is what the caller keeps across steps (Megatron's ``parallel_state`` or
+        ``pg_collection``) and what must agree; not the model config, which a ``StepShares`` over
+        ``groups=`` need not have. A new group starts with no memory on all of its ranks at once (its
+        first step checks synchronously, as does any step whose set-up changed); the memory dies with
+        the group, so a later group at the same address inherits none. A group that cannot be weakly
+        referenced gets a fresh tracker (a synchronous check) every time."""
+        try:
+            tracker = _GROUP_TRACKERS.get(dp_group)
+            if tracker is None:
+                tracker = _GROUP_TRACKERS[dp_group] = cls()
+            return tracker
+        except TypeError:
+            return cls()
+
+
+#: The agreement memory of each data-parallel group (:meth:`AgreementTracker.of_group`).
+_GROUP_TRACKERS: "weakref.WeakKeyDictionary[Any, AgreementTracker]" = weakref.WeakKeyDictionary()
 
 
 def raise_if_disagree(block: torch.Tensor, names: FrontEndNames, where: str) -> None:
@@ -237,7 +259,7 @@ class StepSummary:
     is_last_stage: bool
     num_microbatches: int
     scaling: Optional[Scaling]
-    #: The all-reduced totals vector (:class:`~megatron_agg.totals.TotalsLayout`; with one mask and
+    #: The all-reduced totals vector (:class:`~megatron_agg.step_math.TotalsLayout`; with one mask and
     #: no groups ``[tokens, sequences, nonempty_sequences]``; last stage only).
     totals: Optional[torch.Tensor]
     #: This rank's share ``Σ_j S_j`` of each term's ``L_k`` (unweighted), of the total, and of
@@ -276,38 +298,6 @@ def global_loss_of(summary: Optional[StepSummary], failed: Optional[str]) -> Opt
     return {name: values[i] for i, name in enumerate(names)}
 
 
-@dataclass
-class _MicroBatchPlan:
-    """Per-token weights ``m_k·α`` of every term and metric for one micro-batch, in this rank's layout."""
-
-    shape: torch.Size  # the whole-sequence mask shape of loss_masks
-    local_shape: torch.Size  # the shape the loss function must receive on this CP rank
-    weights: Dict[str, torch.Tensor]  # per term and metric
-    valid: Dict[str, torch.Tensor]  # per mask: valid tokens of a sequence, in this rank's layout (bool)
-    member: Optional[torch.Tensor]  # tokens that belong to a sequence (None: all), this rank's layout
-
-
-@dataclass
-class _Block:
-    """Micro-batches whose set-up is computed together: the whole step when every micro-batch is
-    unpacked with one padded length (stacked into one ``[Σ b_j, s]`` buffer), else one each."""
-
-    masks: Dict[str, torch.Tensor]  # whole-sequence masks by name
-    packed: Optional[PackedSequences]
-    views: Dict[str, agg.SequenceView]
-    rows: List[int]  # rows of each micro-batch of the block
-    group_ids: Optional[torch.Tensor] = None  # checked ids, one per sequence
-
-
-def _local_positions(mask: torch.Tensor, packed: Optional[PackedSequences], groups: ParallelGroups) -> Optional[torch.Tensor]:
-    cu_padded = None if packed is None else packed.boundaries(mask.device)[1]
-    positions = local_positions(groups.cp_layout, mask.shape[-1], groups.cp_size, groups.cp_rank, cu_padded,
-                                device=mask.device)
-    if positions is not None and cu_padded is not None:
-        positions = positions.clamp(0, mask.shape[-1] - 1)  # bad boundaries are reported, never an index error
-    return positions
-
-
 def check_cp_lengths(loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[Sequence[Optional[PackedSequences]]],
                      groups: ParallelGroups, masks_name: str = "loss_masks") -> None:
     """``ValueError`` (before the step) for a row whose length the CP layout cannot cut. Packed rows
@@ -343,6 +333,12 @@ class PreparedStep:
     ``group_ids``: per micro-batch one id per sequence, when a term or metric is ``prompt-mean``
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
     refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`start_totals`).
+
+    The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), stack
+    the micro-batches (:func:`~megatron_agg.step_math.stack_microbatches`) and record the device-side
+    input checks (:meth:`_record_input_checks`), plan them (:func:`~megatron_agg.step_math.plan_step`),
+    start the totals' all-reduce (:meth:`_start_totals`).
+    The arithmetic is :mod:`megatron_agg.step_math`'s; this class orchestrates it.
     """
 
     def __init__(
@@ -374,17 +370,16 @@ class PreparedStep:
         self.engine_seconds = 0.0  # added to by the front end around each loss evaluation
         self.engine_cpu_seconds = 0.0
         self.totals: Optional[torch.Tensor] = None
-        self._step_totals: Optional[StepTotals] = None
+        self.plan: Optional[sm.StepPlan] = None
+        self.plans: List[sm.MicroBatchPlan] = []
+        self._denominators: Optional[sm.Denominators] = None
         self._work: Any = None
         self._reduced: Optional[torch.Tensor] = None
-        self._scales: Optional[Dict[str, torch.Tensor]] = None
-        self.plans: List[_MicroBatchPlan] = []
-        masks_by_name: Dict[str, List[torch.Tensor]] = (
+        masks: Dict[str, List[torch.Tensor]] = (
             {k: list(v) for k, v in loss_masks.items()} if isinstance(loss_masks, Mapping)
             else {DEFAULT_MASK_NAME: list(loss_masks)})
-        assert set(masks_by_name) == set(self.layout.masks), (sorted(masks_by_name), self.layout.masks)
-        mask_names = self.layout.masks
-        first = masks_by_name[mask_names[0]]
+        assert set(masks) == set(self.layout.masks), (sorted(masks), self.layout.masks)
+        first = masks[self.layout.masks[0]]
         self._device = first[0].device if len(first) else torch.device("cpu")
         prints = config_fingerprints(config, scaling)
         self.checks = StepChecks(names, config.allow_nonfinite_masked, fingerprints=prints)
@@ -395,107 +390,19 @@ class PreparedStep:
             self.checks.inputs = None if refused is None else str(refused)  # raised at the step's end
             return  # no loss is computed here: no totals, no collective (the end-of-step check spreads)
         check_cp_lengths(first, packed_seqs, groups, names.masks)
-        packed_seqs = list(packed_seqs or [None] * len(first))
-        device = self._device
-        sizes = [mask.shape[0] for mask in first]
-        labels = {k: (names.masks if k == DEFAULT_MASK_NAME and len(mask_names) == 1 else f"{names.masks}[{k!r}]")
-                  for k in mask_names}
-        # The common case, vectorized over the step: unpacked micro-batches of one padded length
-        # are stacked into one [Σ b_j, s] mask per name; views, weights and the CP layout are
-        # computed once and split back per micro-batch (views of one buffer, scaled in place at
-        # the first loss).
-        batched = all(p is None for p in packed_seqs) and len({m.shape[-1] for m in first}) == 1 and all(
-            len({m.dtype for m in masks_by_name[k]}) == 1 for k in mask_names)
-        self._batched = batched
-        self._row_to_mb = None
-        blocks: List[_Block] = []
-        if batched:
-            self._row_to_mb = torch.tensor([j for j, b in enumerate(sizes) for _ in range(b)], device=device)
-            wholes = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in masks_by_name.items()}
-            for k in mask_names:
-                if wholes[k].dtype != torch.bool:  # bool masks hold nothing but 0/1
-                    values = mask_value_problems(wholes[k], per_row=True)
-                    per_mb = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, self._row_to_mb, values)
-                    self.checks.mask_values.append(([f"{labels[k]}[{j}]" for j in range(len(sizes))], per_mb))
-            blocks.append(_Block(wholes, None, {k: agg.sequence_view(m) for k, m in wholes.items()}, sizes))
-        else:
-            for j, packed in enumerate(packed_seqs):
-                block_masks = {k: masks_by_name[k][j] for k in mask_names}
-                for k, mask in block_masks.items():
-                    if mask.dtype != torch.bool:
-                        self.checks.mask_values.append((f"{labels[k]}[{j}]", mask_value_problems(mask)))
-                if packed is not None:
-                    problems = boundary_problems(packed, first[j].shape[-1], groups.cp_size, device,
-                                                per_document=groups.cp_layout == "load-balanced")
-                    self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
-                views = {k: agg.sequence_view(m, packed) for k, m in block_masks.items()}
-                blocks.append(_Block(block_masks, packed, views, [first[j].shape[0]]))
-        ids_all = None
-        if config.uses_groups:
-            assert group_ids is not None and len(group_ids) == len(first)
-            ids_all, bad = checked_group_ids(torch.cat([g.to(device) for g in group_ids]), self.layout.num_groups)
-            self.checks.group_ids.append(("group_ids", bad))
-            split = [blocks[0].views[mask_names[0]].num_seqs] if batched else [b.views[mask_names[0]].num_seqs for b in blocks]
-            for block, ids in zip(blocks, ids_all.split(split)):
-                block.group_ids = ids
-        counts = {k: torch.cat([b.views[k].counts.to(device) for b in blocks]) for k in mask_names}
-        num_seqs = sum(b.views[mask_names[0]].num_seqs for b in blocks)
-        local = local_totals_vector(self.layout, counts, num_seqs, ids_all, device)
-        self._local_group_tokens = local.group_tokens
-        totals = local.vector
-        start = start_totals(groups, self.layout, totals, prints, names, tracker=tracker or AgreementTracker(),
-                             key=("dp", id(groups.dp)), async_ok=config.async_totals, refused=refused)
-        self.collectives += start.collectives
-        self.wait_seconds += start.wait_seconds
-        self._reduced, self._work = start.reduced, start.work
-        if start.reduced is not None:
-            totals = start.reduced[: self.layout.size]
-        if start.deferred is not None:
-            self.checks.inputs = start.deferred
-        self.totals = totals
-        cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        #: The buffers the per-token weights live in (scaled by 1/D_k in place at the first loss),
-        #: and per buffer the group of every token (prompt-mean: gathered 1/M_g, at the first loss).
-        self._weight_buffers: Dict[str, List[torch.Tensor]] = {name: [] for name in self.channels}
-        self._group_index: List[torch.Tensor] = []
-        self._valid_all: Dict[str, List[torch.Tensor]] = {k: [] for k in mask_names}
-        self._member_all: List[Optional[torch.Tensor]] = []
-        for block in blocks:
-            mask0 = block.masks[mask_names[0]]
-            positions = _local_positions(mask0, block.packed, groups)
-            rows = block.rows
-            weights = {}
-            for name, term in self.channels.items():
-                w = to_cp_local(agg.sequence_weights(term, block.views[term.mask]), cp_size, cp_rank, positions)
-                if not w.is_contiguous():
-                    w = w.contiguous()
-                self._weight_buffers[name].append(w)
-                weights[name] = w.split(rows) if len(rows) > 1 else (w,)
-            if block.group_ids is not None:
-                index = agg.group_index(block.views[mask_names[0]], block.group_ids, self.layout.num_groups)
-                self._group_index.append(to_cp_local(index, cp_size, cp_rank, positions).contiguous())
-            valids = {}
-            for k in mask_names:
-                valid = to_cp_local(block.views[k].valid, cp_size, cp_rank, positions)
-                self._valid_all[k].append(valid)
-                valids[k] = valid.split(rows) if len(rows) > 1 else (valid,)
-            membership = block.views[mask_names[0]].membership()
-            member = None if membership is None else to_cp_local(membership, cp_size, cp_rank, positions)
-            self._member_all.append(member)
-            members = member.split(rows) if (member is not None and len(rows) > 1) else (member,) * len(rows)
-            for i, b in enumerate(rows):
-                shape = torch.Size((b, mask0.shape[-1]))
-                local_shape = torch.Size((b, mask0.shape[-1] // cp_size))
-                self.plans.append(_MicroBatchPlan(shape, local_shape, {n: weights[n][i] for n in self.channels},
-                                                  {k: valids[k][i] for k in mask_names}, members[i]))
+        packed = list(packed_seqs or [None] * len(first))
+        blocks, row_to_mb = sm.stack_microbatches(masks, self.layout.masks, packed, self._device)
+        self._record_input_checks(blocks, row_to_mb, masks, packed)
+        cp = sm.CPRank(groups.cp_size, groups.cp_rank, groups.cp_layout)
+        self.plan = plan = sm.plan_step(self.channels, self.layout, blocks, row_to_mb, group_ids, cp, self._device)
+        self.plans = plan.microbatches
+        if plan.bad_group_ids is not None:
+            self.checks.group_ids.append(("group_ids", plan.bad_group_ids))
+        self._start_totals(plan, prints, tracker or AgreementTracker(), refused)
         # num_tokens of every micro-batch: this CP slice's valid tokens of the first mask; clamped to
         # >= 1 where only the schedule's division uses it (megatron-core < 0.15 divides unclamped; F
         # has the clamp).
-        if batched:
-            per_row = self._valid_all[mask_names[0]][0].sum(dim=-1, dtype=torch.int)
-            num_tokens = torch.zeros(len(sizes), dtype=torch.int, device=device).index_add_(0, self._row_to_mb, per_row)
-        else:
-            num_tokens = torch.stack([plan.valid[mask_names[0]].sum(dtype=torch.int) for plan in self.plans])
+        num_tokens = plan.num_tokens
         if not scaling.calculate_per_token_loss:
             num_tokens = torch.clamp(num_tokens, min=1)
         self._num_tokens_all = num_tokens
@@ -503,7 +410,47 @@ class PreparedStep:
         self._multipliers: Sequence[torch.Tensor] = ()
         self._given: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(self.plans)
         self._reports = {n: [] for n in (DEFAULT_TERM_NAME, *self.terms, *self.metrics)}
-        self.report_count = torch.tensor(scaling.report_count(), dtype=torch.float32, device=device)
+        self.report_count = torch.tensor(scaling.report_count(), dtype=torch.float32, device=self._device)
+
+    def _record_input_checks(self, blocks: List[sm.Block], row_to_mb: Optional[torch.Tensor],
+                             masks: Mapping[str, List[torch.Tensor]], packed: List[Optional[PackedSequences]]) -> None:
+        """Device-side counts of bad inputs, read by the end-of-step check: mask values other than
+        0/1 (vectorized over a stacked block) and packing boundaries (group ids: :func:`plan_step
+        <megatron_agg.step_math.plan_step>` counts those out of range)."""
+        mask_names, label_of = self.layout.masks, self.names.masks
+        labels = {k: (label_of if k == DEFAULT_MASK_NAME and len(mask_names) == 1 else f"{label_of}[{k!r}]")
+                  for k in mask_names}
+        num_mbs = len(masks[mask_names[0]])
+        if row_to_mb is not None:
+            wholes = blocks[0].masks
+            for k in mask_names:
+                if wholes[k].dtype != torch.bool:  # bool masks hold nothing but 0/1
+                    values = mask_value_problems(wholes[k], per_row=True)
+                    per_mb = torch.zeros(num_mbs, dtype=torch.int64, device=self._device).index_add_(
+                        0, row_to_mb, values)
+                    self.checks.mask_values.append(([f"{labels[k]}[{j}]" for j in range(num_mbs)], per_mb))
+        else:
+            for j in range(num_mbs):
+                for k in mask_names:
+                    if masks[k][j].dtype != torch.bool:
+                        self.checks.mask_values.append((f"{labels[k]}[{j}]", mask_value_problems(masks[k][j])))
+        for j, p in enumerate(packed):
+            if p is not None:
+                problems = boundary_problems(p, masks[mask_names[0]][j].shape[-1], self.groups.cp_size, self._device,
+                                             per_document=self.groups.cp_layout == "load-balanced")
+                self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
+
+    def _start_totals(self, plan: sm.StepPlan, prints: Sequence[Optional[float]], tracker: AgreementTracker,
+                      refused: Optional[Exception]) -> None:
+        """Start the step's one all-reduce of the local totals (:func:`start_totals`)."""
+        start = start_totals(self.groups, self.layout, plan.local.vector, prints, self.names, tracker=tracker,
+                             key=("dp", id(self.groups.dp)), async_ok=self.config.async_totals, refused=refused)
+        self.collectives += start.collectives
+        self.wait_seconds += start.wait_seconds
+        self._reduced, self._work = start.reduced, start.work
+        self.totals = plan.local.vector if start.reduced is None else start.reduced[: self.layout.size]
+        if start.deferred is not None:
+            self.checks.inputs = start.deferred
 
     def _wait(self) -> None:
         if self._work is not None:
@@ -515,35 +462,30 @@ class PreparedStep:
     @property
     def step_totals(self) -> StepTotals:
         """The all-reduced totals, read by name (waits for the all-reduce)."""
-        if self._step_totals is None:
+        return self.denominators().totals
+
+    def denominators(self) -> sm.Denominators:
+        """``1/D_k`` of every term and metric and ``1/M_g`` of every group, from the all-reduced
+        totals (waits for the all-reduce the first time; then folds them into the plan's weights,
+        once, and computes every ``F``)."""
+        if self._denominators is None:
             self._wait()
-            assert self.totals is not None
-            self._step_totals = StepTotals(self.layout, self.totals, self._local_group_tokens)
-        return self._step_totals
+            assert self.plan is not None and self.totals is not None
+            dens = sm.denominators(self.channels, self.layout, self.totals, self.plan.local.group_tokens)
+            sm.scale_weights(self.plan, dens)
+            # F from Σ num_tokens (valid tokens of the first mask). When that is 0 while other masks
+            # hold tokens, Megatron's finalize divides by nothing (or by max(0, 1)): F takes 1.
+            total = torch.clamp(dens.totals.tokens(self.layout.masks[0]), min=1)
+            self._multipliers = self.scaling.multipliers(self._num_tokens_all, total).expand(
+                self.num_microbatches).unbind()
+            self._denominators = dens
+        return self._denominators
 
     def scales(self) -> Dict[str, torch.Tensor]:
         """``1 / D_k`` of every term and metric (waits for the totals' all-reduce the first time)."""
-        if self._scales is None:
-            totals = self.step_totals
-            self._scales = {
-                name: agg.safe_reciprocal(totals.denominator(term)).to(torch.float32)
-                for name, term in self.channels.items()
-            }
-            inverse_group_tokens = {m: totals.group_reciprocals(m) for m in self.layout.group_masks}
-            for name, buffers in self._weight_buffers.items():  # α's global part and 1/D_k, once
-                term = self.channels[name]
-                for i, buffer in enumerate(buffers):
-                    if term.agg_mode.needs_groups:  # 1/M_g of each token's group, gathered
-                        buffer.mul_(torch.take(inverse_group_tokens[term.mask], self._group_index[i]))
-                    buffer.mul_(self._scales[name])
-            # F from Σ num_tokens (valid tokens of the first mask). When that is 0 while other masks
-            # hold tokens, Megatron's finalize divides by nothing (or by max(0, 1)): F takes 1.
-            total = torch.clamp(totals.tokens(self.layout.masks[0]), min=1)
-            self._multipliers = self.scaling.multipliers(self._num_tokens_all, total).expand(
-                self.num_microbatches).unbind()
-        return self._scales
+        return self.denominators().scales
 
-    def _given_masks(self, loss_mask: Any, index: int, plan: _MicroBatchPlan) -> Dict[str, torch.Tensor]:
+    def _given_masks(self, loss_mask: Any, index: int, plan: sm.MicroBatchPlan) -> Dict[str, torch.Tensor]:
         """The loss function's mask(s) by name, shapes checked: a tensor when the step has one mask,
         else a mapping with every mask name."""
         mask_names = self.layout.masks
@@ -610,9 +552,7 @@ class PreparedStep:
         mask_shape = plan.local_shape
         if self.config.check_masks:
             self._given[index] = given  # compared with loss_masks after the step, vectorized
-        self.scales()
-        total = None
-        shares: Dict[str, torch.Tensor] = {}
+        self.denominators()
         for name, value in losses.items():
             if isinstance(value, torch.Tensor) and value.device != self._device:
                 raise ValueError(
@@ -628,13 +568,9 @@ class PreparedStep:
                     f"its mask has shape {tuple(mask_shape)}; the loss function must return one {what[0]} per "
                     "token ([b, s])."
                 )
-        for name, term in self.terms.items():
-            # S_k = Σ where(m_k, l, 0) · (m_k·α/D_k): masked positions selected away, never multiplied.
-            share = agg.weighted_share(losses[name], plan.valid[term.mask], plan.weights[name])
-            shares[name] = share
-            weighted = share * term.weight if term.weight != 1.0 else share
-            total = weighted if total is None else total + weighted
-        assert total is not None
+        # S_k = Σ where(m_k, l, 0) · (m_k·α/D_k), and Σ_k w_k·S_k (step_math).
+        shares = {name: sm.microbatch_share(plan, name, term, losses[name]) for name, term in self.terms.items()}
+        total = sm.weighted_total(self.terms, shares)
         report: Dict[str, torch.Tensor] = {}
         with torch.no_grad():  # the step's checks, reports and metrics: outside autograd, one block
             for name, share in shares.items():
@@ -643,7 +579,7 @@ class PreparedStep:
                     self._report(name, share, report)
             self._report(DEFAULT_TERM_NAME, total, report)
             for name, metric in self.metrics.items():
-                value = agg.weighted_share(losses[name].detach(), plan.valid[metric.mask], plan.weights[name])
+                value = sm.microbatch_share(plan, name, metric, losses[name].detach())
                 self._report(name, value, report)
         loss = total * self._multipliers[index]
         num_tokens = self._num_tokens[index] if self.scaling.loss_return is LossReturn.THREE_TUPLE else None
@@ -671,19 +607,21 @@ class PreparedStep:
         if not self.config.check_masks or any(g is None for g in given) or not given:
             return
         named = len(self.layout.masks) > 1  # label the micro-batches with the mask's name
+        step = self.plan
+        assert step is not None
         with torch.no_grad():
             for k in self.layout.masks:
                 masks = [g[k] for g in given]
                 labels = [(k, j) if named else j for j in range(len(masks))]
-                if self._batched and len({g.shape[-1] for g in masks}) == 1:
+                if step.batched and len({g.shape[-1] for g in masks}) == 1:
                     whole = torch.cat(masks) if len(masks) > 1 else masks[0]
-                    per_row = (agg.valid_tokens(whole) != self._valid_all[k][0]).sum(dim=-1)
+                    per_row = (sm.valid_tokens(whole) != step.valid[k][0]).sum(dim=-1)
                     counts = torch.zeros(len(masks), dtype=per_row.dtype, device=per_row.device)
-                    counts = counts.index_add_(0, self._row_to_mb, per_row)
+                    counts = counts.index_add_(0, step.row_to_mb, per_row)
                     self.checks.mismatch.append((labels, counts))  # one vector, labelled
                     continue
                 for j, (g, plan) in enumerate(zip(masks, self.plans)):
-                    tokens = agg.valid_tokens(g)
+                    tokens = sm.valid_tokens(g)
                     if plan.member is not None:
                         tokens = tokens & plan.member
                     self.checks.mismatch.append((labels[j], (tokens != plan.valid[k]).sum()))
@@ -708,11 +646,12 @@ class PreparedStep:
 
     def state_bytes(self) -> int:
         tensors: List[torch.Tensor] = []
-        if self.is_last_stage:
-            tensors += [t for ts in self._weight_buffers.values() for t in ts]
-            tensors += [t for ts in self._valid_all.values() for t in ts] + self._group_index
-            tensors += [t for t in self._member_all if t is not None]
-            tensors += list(self._local_group_tokens.values())
+        if self.is_last_stage and self.plan is not None:
+            plan = self.plan
+            tensors += [t for ts in plan.weight_buffers.values() for t in ts]
+            tensors += [t for ts in plan.valid.values() for t in ts] + plan.group_index
+            tensors += [t for t in plan.member if t is not None]
+            tensors += list(plan.local.group_tokens.values())
             if self.totals is not None:
                 tensors += [self.totals if self._reduced is None else self._reduced]
         return sum(t.numel() * t.element_size() for t in tensors)

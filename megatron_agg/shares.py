@@ -17,7 +17,7 @@ denominators and turns its result into what Megatron's ``loss_func`` must return
     S_j = shares.share(loss_mat, loss_mask, "seq-mean-token-mean") + ...
     return shares.megatron_return(S_j, output)                           # (S_j·F, [nt_j,] output)
 
-Formula (:mod:`megatron_agg.aggregation`): ``share(l, m, mode) = Σ_{i,t} m·α_i·l / D`` with
+Formula (:mod:`megatron_agg.step_math`): ``share(l, m, mode) = Σ_{i,t} m·α_i·l / D`` with
 ``α_i`` from the sequence itself (``1``, ``1/n_i``, ``1/C_i``) or, for ``prompt-mean``, from its
 group's valid tokens over the step (``1/M_g``), and ``D`` from the step totals (``T``, ``N`` or
 the non-empty ``N``, 1 for ``token-sum``, ``P`` for ``prompt-mean``), so that the shares of all
@@ -30,9 +30,10 @@ averaging; after ``finalize_model_grads`` the gradients are exactly ``∂L``.
 
 Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per step, of
 ``[T, N, N_nonempty, (T_k, N⁺_k per further mask), Σ num_tokens, (group counts), agreement
-triples...]`` (:mod:`megatron_agg.totals`), on the last pipeline stage only (started at
+triples...]`` (:mod:`megatron_agg.step_math`), on the last pipeline stage only (started at
 construction, awaited by the first ``share``; awaited at once, with one host sync, the first time
-a set-up is seen in the process, so that disagreeing DP ranks raise before any gradient; the first
+a set-up is seen over the data-parallel group (the memory lives with the group:
+:meth:`AgreementTracker.of_group <megatron_agg.engine.AgreementTracker.of_group>`), so that disagreeing DP ranks raise before any gradient; the first
 time a totals layout — masks, ``num_groups`` — is seen, the ranks' agreement on it is checked in a
 small all-reduce of its own first, once); every CP rank does its own identical one, so nothing is
 counted once per CP rank.
@@ -52,7 +53,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import aggregation as agg
+from . import step_math as sm
 from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
@@ -62,7 +63,7 @@ from .integration import check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
-from .totals import GROUP_SCOPES, StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
+from .step_math import GROUP_SCOPES, TotalsLayout, checked_group_ids
 from .validation import as_bool, as_int, check_group_ids, check_loss_masks, check_same_shapes, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
@@ -74,10 +75,6 @@ _NAMES = FrontEndNames(entry="StepShares", loss_call="StepShares.share(...)", ma
                                      "verl's response masks), in micro-batch order: the denominators "
                                      "(valid-token counts) come from them"))
 _MISSING_MASKS = "StepShares(loss_masks=[...]) needs this rank's loss masks, one per micro-batch."
-#: Set-ups whose DP agreement was checked synchronously in this process (first step / changes).
-_TRACKER = AgreementTracker()
-
-
 def _dense(loss_masks: Any) -> Any:
     """Nested (jagged, one row per sequence) masks as padded ``[b, s]`` ones; the rest unchanged."""
     if isinstance(loss_masks, Mapping):
@@ -200,11 +197,11 @@ class StepShares:
         device = masks[0].device
         self._device = device
         self.checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)
-        views_by_mask = {k: [agg.sequence_view(mask) for mask in named[k]] for k in self.mask_names}
+        views_by_mask = {k: [sm.sequence_view(mask) for mask in named[k]] for k in self.mask_names}
         views = views_by_mask[self.mask_names[0]]
         self._counts = {k: [view.counts for view in v] for k, v in views_by_mask.items()}
         self._group_ids: Optional[List[torch.Tensor]] = None
-        self._totals: Optional[StepTotals] = None
+        self._dens: Optional[sm.Denominators] = None
         if num_tokens is None:
             nt = torch.stack([view.counts.sum() for view in views])
         else:
@@ -235,11 +232,9 @@ class StepShares:
             self.checks.group_ids_expected = f"Ids must be integers in [0, {num_groups}) (group_scope={group_scope!r})."
             self._group_ids = list(ids_all.split([mask.shape[0] for mask in masks]))
         prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
-        counts = {k: torch.cat(v) for k, v in self._counts.items()}
-        local = local_totals_vector(self.layout, counts, sum(v.num_seqs for v in views), ids_all, device,
-                                    extra=[nt.sum()])
+        local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
-        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=_TRACKER,
+        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=AgreementTracker.of_group(self.groups.dp),
                              key=("dp", id(self.groups.dp)), async_ok=async_totals, refused=refused,
                              where="checked when the step's StepShares was built")
         self.collectives += start.collectives
@@ -257,8 +252,8 @@ class StepShares:
             self._work = None
             self._ready = True
             assert self.totals is not None
-            self._totals = StepTotals(self.layout, self.totals[: self.layout.size], self._local_group_tokens)
-            self._multiplier = self.scaling.multipliers(self._num_tokens, self._totals.extra(0))
+            self._dens = sm.denominators({}, self.layout, self.totals[: self.layout.size], self._local_group_tokens)
+            self._multiplier = self.scaling.multipliers(self._num_tokens, self._dens.totals.extra(0))
 
     def share(
         self,
@@ -366,7 +361,7 @@ class StepShares:
         if cached is not None and cached[:3] == (index, mask_name, id(loss_mask)) and cached[3] is loss_mask:
             view = cached[4]  # the same mask again (verl: policy loss, entropy, KL): viewed and checked once
         else:
-            view = agg.sequence_view(loss_mask)
+            view = sm.sequence_view(loss_mask)
             if view.num_seqs == expected.numel():
                 self.checks.mismatch.append((index, (view.counts != expected.to(view.counts.device)).sum()))
             else:  # a flattened view: only the token total can be compared
@@ -380,16 +375,11 @@ class StepShares:
             )
         return term, key, index, view
 
-    def _weighted_share(self, values: torch.Tensor, term: LossTerm, view: agg.SequenceView, index: int) -> torch.Tensor:
+    def _weighted_share(self, values: torch.Tensor, term: LossTerm, view: sm.SequenceView, index: int) -> torch.Tensor:
         self._wait()
-        assert self._totals is not None
-        weights = agg.sequence_weights(term, view)
-        if term.agg_mode.needs_groups:
-            assert self._group_ids is not None
-            group_index = agg.group_index(view, self._group_ids[index], self.layout.num_groups)
-            weights = weights * torch.take(self._totals.group_reciprocals(term.mask).to(weights.device), group_index)
-        scale = agg.safe_reciprocal(self._totals.denominator(term)).to(torch.float32)
-        return agg.masked_weighted_sum(values, view.valid, weights) * scale
+        assert self._dens is not None
+        group_ids = self._group_ids[index] if self._group_ids is not None else None
+        return sm.share_of_view(values, term, view, self._dens, group_ids)
 
     def megatron_return(self, share: torch.Tensor, *extra: Any) -> tuple:
         """What ``loss_func`` returns for the next micro-batch: ``(share·F, *extra)`` for the 2-tuple

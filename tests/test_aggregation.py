@@ -298,3 +298,29 @@ def test_per_term_masks_count_their_own_denominators():
         share = agg.masked_weighted_sum(loss, agg.valid_tokens(correct), w) * agg.safe_reciprocal(totals.denominator(term))
         assert torch.allclose(share.double(), reference_loss([loss], [correct], term))
         assert not torch.allclose(share.double(), reference_loss([loss], [mask], term), rtol=1e-3)
+
+
+def test_step_math_is_pure_and_the_old_paths_are_its_names():
+    """#19: the step's arithmetic is one module with no torch.distributed, no Megatron and no state
+    of its own (module level: constants only); aggregation and totals re-export it, no copy."""
+    import ast
+    import inspect
+
+    from megatron_agg import step_math as sm
+    from megatron_agg import totals
+
+    tree = ast.parse(inspect.getsource(sm))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "distributed" in m or "megatron" in m], imported
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "distributed"]
+    for node in tree.body:  # module-level assignments: constants (tuples, dtypes, __all__) only
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            value = node.value
+            assert not isinstance(value, (ast.Dict, ast.List, ast.Set)) or (
+                isinstance(node, ast.Assign) and node.targets[0].id == "__all__"), ast.dump(node)
+    for name in ("sequence_view", "sequence_weights", "group_index", "masked_weighted_sum", "weighted_share",
+                 "safe_reciprocal", "valid_tokens", "SequenceView"):
+        assert getattr(agg, name) is getattr(sm, name)
+    for name in totals.__all__:
+        assert getattr(totals, name) is getattr(sm, name)

@@ -210,6 +210,20 @@ def shares_group_ids_on_rank_1(rank: int, step: int) -> None:
             shares.share(out, mb.loss_mask, "prompt-mean"), {})))
 
 
+def shares_agreement_on_change(rank: int) -> None:
+    """StepShares is rebuilt every step; its agreement memory lives with the DP group: a step whose
+    set-up the group checked last runs its totals' all-reduce asynchronously, a changed set-up's
+    step awaits it (the synchronous check), and the next step with that set-up does not."""
+    model, mbs = _model(False), _mbs()
+    synchronous = []
+    for loss_return in ("3-tuple", "3-tuple", "2-tuple", "2-tuple"):
+        shares = StepShares([mb.full_loss_mask for mb in mbs], model=model, loss_return=loss_return)
+        synchronous.append(shares._work is None)
+        _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+            shares.share(out, mb.loss_mask, "token-mean"), {})))
+    assert synchronous[1:] == [False, True, False], synchronous  # the first depends on earlier scenarios
+
+
 # -- DeferredLossHook -----------------------------------------------------------------------------
 def deferred_mode(rank: int) -> None:
     model, mbs = _model(True), _mbs()
@@ -273,6 +287,7 @@ SCENARIOS = {
     **{f"shares: group_ids refused on rank 1, step {step}": (
         (lambda n: lambda r: shares_group_ids_on_rank_1(r, n))(step), ValueError, "on every rank")
        for step in (1, 2)},
+    "shares: agreement checked on the first step and on changes only": (shares_agreement_on_change, None, None),
     "shares: num_groups": (shares_num_groups, ValueError, "disagree on: prompt groups (num_groups, group_scope)"),
     "deferred: mode": (deferred_mode, ValueError, "disagree on: terms and their modes"),
     "deferred: NaN on rank 1 only": (deferred_nan_on_rank_1, NonFiniteLossError, "NaN or Inf"),
