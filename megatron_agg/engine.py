@@ -106,7 +106,7 @@ class AgreementTracker:
         self._lengths.add((key, layout))
 
     @classmethod
-    def of_group(cls, dp_group: Any) -> "AgreementTracker":
+    def of_group(cls, dp_group: Any, policy: str = "on-change") -> "AgreementTracker":
         """The tracker that lives with the data-parallel process group ``dp_group`` (held weakly), for
         an entry point rebuilt every step (:class:`~megatron_agg.StepShares`), which cannot keep one
         itself. The DP group is what the caller keeps across steps (Megatron's ``parallel_state`` or
@@ -114,14 +114,16 @@ class AgreementTracker:
         ``groups=`` need not have. A new group starts with no memory on all of its ranks at once (its
         first step checks synchronously, as does any step whose set-up changed); the memory dies with
         the group, so a later group at the same address inherits none. A group that cannot be weakly
-        referenced gets a fresh tracker (a synchronous check) every time."""
+        referenced gets a fresh tracker (a synchronous check) every time. ``policy`` is the caller's
+        ``agreement`` option of this step (``"every-step"``: check synchronously all the same)."""
         try:
             tracker = _GROUP_TRACKERS.get(dp_group)
             if tracker is None:
                 tracker = _GROUP_TRACKERS[dp_group] = cls()
-            return tracker
         except TypeError:
-            return cls()
+            tracker = cls()
+        tracker.policy = policy
+        return tracker
 
 
 #: The agreement memory of each data-parallel group (:meth:`AgreementTracker.of_group`).

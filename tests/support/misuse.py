@@ -222,6 +222,12 @@ def shares_agreement_on_change(rank: int) -> None:
         _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
             shares.share(out, mb.loss_mask, "token-mean"), {})))
     assert synchronous[1:] == [False, True, False], synchronous  # the first depends on earlier scenarios
+    for _ in range(2):  # agreement="every-step": the synchronous check on every step, as at LossHook
+        shares = StepShares([mb.full_loss_mask for mb in mbs], model=model, loss_return="2-tuple",
+                            agreement="every-step")
+        assert shares._work is None
+        _run(model, mbs, lambda mb, chunk: (lambda out: shares.megatron_return(
+            shares.share(out, mb.loss_mask, "token-mean"), {})))
 
 
 # -- DeferredLossHook -----------------------------------------------------------------------------
