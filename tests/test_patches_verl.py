@@ -152,20 +152,29 @@ def test_patched_agg_loss_is_unchanged_without_megatron_agg(release, tmp_path, v
             assert torch.equal(new(loss, mask, mode, megatron_agg=None, **kw), old(loss, mask, mode, **kw))
 
 
-# -- the patched engine, run for real on 4 CPU ranks: one launch for every release ----------------
+# -- the patched engine, run for real on 4 CPU ranks: one launch for the selected releases --------
 @pytest.fixture(scope="module")
-def engine_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, float]:
+def engine_run(request, tmp_path_factory) -> tuple[subprocess.CompletedProcess, float]:
+    """One launch for the releases whose engine items this session selected: ``main`` in the full
+    tier, the pinned releases (per upstream release, like the Megatron-LM end-to-end runs) in the
+    e2e tier (``run_tests.sh --e2e``)."""
+    selected = [r for r in RELEASES if any(
+        item.originalname == "test_patched_verl_engine_gradients_equal_verls_definition"
+        and item.callspec.params.get("release") == r for item in request.session.items)]
     root = tmp_path_factory.mktemp("verl_trees")
     args = [str(REPO / "tests" / "support" / "verl_check.py")]
-    for release in RELEASES:
+    for release in selected:
         args += ["--tree", release, *map(str, verl_trees(release, root))]
-    args += ["--reduced", *(release for release, (_, full) in RELEASES.items() if not full)]
+    reduced = [release for release in selected if not RELEASES[release][1]]
+    if reduced:
+        args += ["--reduced", *reduced]
     t0 = time.perf_counter()
     proc = torchrun(4, args, timeout=1800)
     return proc, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("release", [r if RELEASES[r][1] else pytest.param(r, marks=pytest.mark.e2e)
+                                     for r in RELEASES])
 def test_patched_verl_engine_gradients_equal_verls_definition(release, engine_run):
     proc, seconds = engine_run
     lines = [line for line in proc.stdout.splitlines() if re.match(rf"(ok  |FAIL) {re.escape(release)} ", line)]

@@ -296,8 +296,7 @@ SUITES: Dict[str, Dict[int, List[Layout]]] = {
             Layout(tp=2),
             Layout(pp=2),
             Layout(pp=2, vpp=2),
-            Layout(tp=2, pp=2),
-            Layout(tp=2, pp=2, vpp=2),
+            Layout(tp=2, pp=2, vpp=2),  # TP x PP (dp 1); TP2xPP2 without VPP adds no pair
         ],
     },
     # Context parallelism and packed sequences; needs a core attention that supports both
@@ -344,14 +343,15 @@ CP_CONTROL_SUITES = {"cp", "release", "smoke"}
 # interactions that can go wrong are spec × (dp, cp, packing) and path × (dp, cp, layout) and
 # spec × path through the denominator kind, and each is a pair:
 #   - every path on every layout with a token mean and a sequence mean (the two denominator kinds);
-#   - every spec on every layout with one path, rotating over the paths from layout to layout;
+#   - every spec on every layout with one path, rotating over the paths from layout to layout
+#     (and packing to packing);
 #   - the full product spec × path on the layouts of FULL_PRODUCT (dp > 1, and cp > 1 packed).
 # tests/test_matrix.py checks that every spec meets every factor value and every path.
 PAIRWISE_SUITES = {"core", "cp", "release"}
 PAIRWISE_BASE_SPECS = ("token-mean", "seq-mean-token-mean")
-FULL_PRODUCT: Dict[str, Tuple[Tuple[int, str], ...]] = {
-    "core": ((1, "dp1-tp1-pp1"), (2, "dp2-tp1-pp1")),
-    "cp": ((2, "dp1-tp1-pp1-cp2"),),
+FULL_PRODUCT: Dict[str, Tuple[Tuple[Any, ...], ...]] = {  # (world, layout) or (world, layout, packing)
+    "core": ((2, "dp2-tp1-pp1"),),
+    "cp": ((2, "dp1-tp1-pp1-cp2", "packed"),),
     "release": ((4, "dp2-tp1-pp2-vpp2"),),
 }
 
@@ -367,18 +367,22 @@ def suite_layout_index(suite: str, world: int, layout: Layout) -> int:
     raise ValueError(f"{layout} is not a layout of suite {suite!r} at world {world}")
 
 
-def runs_on_layout(suite: Optional[str], world: int, layout: Layout, variant: Variant, spec: LossSpec) -> bool:
-    """Whether ``spec`` runs with ``variant`` on ``layout`` (the pairwise rule above for
-    :data:`PAIRWISE_SUITES`; every pair :func:`runs_in_suite` allows elsewhere)."""
+def runs_on_layout(suite: Optional[str], world: int, layout: Layout, variant: Variant, spec: LossSpec,
+                   packing: Optional[str] = None) -> bool:
+    """Whether ``spec`` runs with ``variant`` on ``layout`` (with ``packing``) (the pairwise rule
+    above for :data:`PAIRWISE_SUITES`, the path rotating over layouts and packings; every pair
+    :func:`runs_in_suite` allows elsewhere)."""
     if not runs_in_suite(suite, variant, spec, world):
         return False
-    if suite not in PAIRWISE_SUITES or (world, layout.name(world)) in FULL_PRODUCT.get(suite, ()):
+    full = FULL_PRODUCT.get(suite, ())
+    if suite not in PAIRWISE_SUITES or (world, layout.name(world)) in full or (world, layout.name(world), packing) in full:
         return True
     if spec.name in PAIRWISE_BASE_SPECS:
         return True
     paths = [v for v in VARIANTS if runs_in_suite(suite, v, spec, world)]
     spec_index = next(i for i, s in enumerate(LOSS_SPECS) if s.name == spec.name)
-    return variant == paths[(suite_layout_index(suite, world, layout) + spec_index) % len(paths)]
+    shift = PACKINGS.index(packing) if packing in PACKINGS else 0
+    return variant == paths[(suite_layout_index(suite, world, layout) + spec_index + shift) % len(paths)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,7 +843,7 @@ def packings_of(layout: Layout, packings: Sequence[str]) -> List[str]:
 def jobs_of(packing: str, variants: Sequence[Variant], specs: Sequence[LossSpec],
             controls: Sequence[Control], suite: Optional[str] = None,
             world: Optional[int] = None, layout: Optional[Layout] = None) -> List[Tuple[Variant, LossSpec, Optional[Control]]]:
-    keep = ((lambda v, s: runs_on_layout(suite, world, layout, v, s)) if layout is not None and world is not None
+    keep = ((lambda v, s: runs_on_layout(suite, world, layout, v, s, packing)) if layout is not None and world is not None
             else (lambda v, s: runs_in_suite(suite, v, s, world)))
     jobs: List[Tuple[Variant, LossSpec, Optional[Control]]] = [
         (v, s, None) for v in variants for s in specs if keep(v, s)]
