@@ -25,7 +25,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Union
 
-__all__ = ["AggMode", "AggModeLike"]
+__all__ = ["AggMode", "AggModeLike", "DEFAULT_MASK_NAME"]
+
+#: Name of the step's mask that a term uses unless it names another one (``LossTerm(mask=...)``);
+#: a plain list of ``loss_masks`` is this mask.
+DEFAULT_MASK_NAME = "default"
 
 
 class AggMode(str, Enum):

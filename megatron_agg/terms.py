@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from .modes import AggMode, AggModeLike
+from .modes import DEFAULT_MASK_NAME, AggMode, AggModeLike
 from .validation import as_bool
 
 __all__ = ["LossTerm", "DEFAULT_TERM_NAME", "DEFAULT_MASK_NAME", "PerTokenLossFn", "normalize_terms",
@@ -22,9 +22,6 @@ PerTokenLossFn = Callable[[torch.Tensor], Union[torch.Tensor, Mapping[str, torch
 
 #: Name of the term when a :class:`~megatron_agg.LossHook` is built from a single mode.
 DEFAULT_TERM_NAME = "loss"
-#: Name of the step's mask that a term uses unless it names another one (``LossTerm(mask=...)``);
-#: a plain list of ``loss_masks`` is this mask.
-DEFAULT_MASK_NAME = "default"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .modes import DEFAULT_MASK_NAME
 from .packing import PackedSequences
 
 __all__ = [
@@ -92,8 +93,6 @@ def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequen
     """The step's masks by name: a list is the ``"default"`` mask; with terms or metrics that name
     their own masks, a mapping ``{name: [mask_0, …]}`` with exactly those names, every name's
     masks of the same shapes (they select tokens of the same sequences)."""
-    from .terms import DEFAULT_MASK_NAME
-
     names = list(mask_names)
     if isinstance(loss_masks, Mapping):
         given = list(loss_masks)
