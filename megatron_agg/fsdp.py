@@ -3,7 +3,7 @@
 FSDP2 *averages* gradients over its mesh by default. :meth:`FSDPLossHook.prepare` sets the
 gradient divide factor of every FSDP module to 1 (sum), remembering the previous factors so that
 :meth:`FSDPLossHook.restore` undoes it. Each micro-batch's loss is then its exact share ``S`` of
-the global loss (:mod:`megatron_agg.aggregation`), and ``backward()`` on the shares of every
+the global loss (:mod:`megatron_agg.step_math`), and ``backward()`` on the shares of every
 micro-batch (gradient accumulation) sums to exactly ``∂L`` on every rank::
 
     hook = FSDPLossHook("seq-mean-token-mean", dp_group=mesh["dp"].get_group())

@@ -22,7 +22,7 @@ What one step does, on each rank of the last pipeline stage:
 2. The first loss evaluation waits for it and derives each term's ``1/D``.
 3. For micro-batch ``j`` Megatron calls the function made by ``hook.loss_func(mask)`` with the
    model output. It computes this micro-batch's exact share of the global loss,
-   ``S_j = Σ_k w_k · Σ_{i,t} m·α_{k,i}·l_k / D_k`` (:mod:`megatron_agg.aggregation`), and returns
+   ``S_j = Σ_k w_k · Σ_{i,t} m·α_{k,i}·l_k / D_k`` (:mod:`megatron_agg.step_math`), and returns
    ``S_j · F`` where ``F`` cancels Megatron's own averaging (:mod:`megatron_agg.averaging`), so
    that the gradients after ``finalize_model_grads`` are exactly ``∂L``. No host sync and no
    collective happen per micro-batch.
@@ -132,7 +132,7 @@ class LossHook:
         scaling: the :class:`~megatron_agg.scaling.Scaling` class whose ``for_step`` reads what
             Megatron does to the losses (default :class:`~megatron_agg.scaling.MegatronScaling`).
 
-    The formulas of every mode are in :mod:`megatron_agg.modes` and :mod:`.aggregation`.
+    The formulas of every mode are in :mod:`megatron_agg.step_math` (its table) and :mod:`megatron_agg.modes`.
     """
 
     def __init__(
