@@ -35,7 +35,7 @@ bridge_venv() {
     echo "$stamp" > "$VENV/.megatron_agg_stamp"
   fi
   # this checkout, editable (pip takes a minute on a loaded machine: skipped when already in place)
-  if [ -z "${MEGATRON_AGG_NO_EDITABLE:-}" ] && ! grep -qs "\"editable\": true}, \"url\": \"file://$ROOT\"" "$VENV"/lib/python3*/site-packages/megatron_agg-*.dist-info/direct_url.json; then
+  if ! grep -qs "\"editable\": true}, \"url\": \"file://$ROOT\"" "$VENV"/lib/python3*/site-packages/megatron_agg-*.dist-info/direct_url.json; then
     quiet_pip "$VENV" --no-deps -e "$ROOT"
   fi
 }

@@ -79,8 +79,6 @@ make_venv() {  # megatron-core version -> prints its venv (built or refreshed, t
     echo "$stamp" > "$venv/.megatron_agg_stamp"
   fi
   quiet_pip "$venv" einops  # Megatron-FSDP's import (the wrapper probe); a no-op once installed
-  # this checkout, every time (not with MEGATRON_AGG_NO_EDITABLE=1: .ci/run builds the venvs in the
-  # background while the full tier builds wheels from the checkout; the stages that use a venv install it)
-  [ -n "${MEGATRON_AGG_NO_EDITABLE:-}" ] || quiet_pip "$venv" --no-deps -e "$ROOT"
+  quiet_pip "$venv" --no-deps -e "$ROOT"  # this checkout, every time
   echo "$venv"
 }
