@@ -40,6 +40,14 @@ Per-sequence token counts ``n_i`` (``seq-mean-token-mean``, ``exclude_fully_mask
 whole sequences: with context parallelism pass ``sequence_token_counts`` computed before the CP
 split (:meth:`DeferredLossHook.sequence_token_counts`).
 
+Dynamic (hybrid) context parallelism (``hybrid_context_parallel`` and its later names,
+:data:`~megatron_agg.integration.DYNAMIC_CP_SWITCHES`): Megatron runs each sample on a partner group of
+its own CP size, chosen by its schedule. ``token-mean`` and ``token-sum`` stay exact — a rank's
+numerator and valid-token count cover the tokens it holds, whatever the cut — and are what the hook
+does there (the packing and whole-sequence counts a caller passes are not read as a fixed-CP slice);
+``seq-mean-*`` terms and metrics would need each sequence counted on one rank of its group, which
+only the schedule knows: refused at :meth:`DeferredLossHook.install`.
+
 Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg.checks`):
 
 - **before the first gradient**: :meth:`DeferredLossHook.install` (called by you, or by the first
@@ -74,7 +82,7 @@ from .engine import raise_if_disagree, set_up_fingerprints
 from .groups import group_rank
 from .averaging import wrapper_behaviour
 from .integration import (check_megatron_version, checked_cp_layout, minor_release, model_config,
-                          refuse_unsupported_layouts, refuse_wrapper_defects, resolve_groups, step_wrapper,
+                          dynamic_cp_switches, refuse_wrapper_defects, resolve_groups, step_wrapper,
                           token_scaled_auxiliary_losses)
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
@@ -188,6 +196,7 @@ class DeferredLossHook:
         self._index = 0
         self._groups: Any = None
         self._device = torch.device("cpu")
+        self._dynamic_cp = False  # set by install: Megatron's config has a dynamic-CP switch on
         check_megatron_version()
 
     @staticmethod
@@ -216,10 +225,35 @@ class DeferredLossHook:
                 "DeferredLossHook needs config.finalize_model_grads_func "
                 "(megatron.core.distributed.finalize_model_grads): it divides by the step's total."
             )
-        refuse_unsupported_layouts(config, "DeferredLossHook")
-        problem = self._auxiliary_loss_problem(config)
+        problem = self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config)
         if problem:
             raise ValueError(problem)
+
+    def _dynamic_cp_problem(self, config: Any) -> str:
+        """Why this hook cannot be exact under the config's dynamic context parallelism (``""``: it
+        can, or there is none). Under any of :data:`~megatron_agg.integration.DYNAMIC_CP_SWITCHES`
+        each sample runs on a context-parallel group of its own size, and where a sequence's tokens
+        and its CP rank 0 are is known only to Megatron's schedule. ``token-mean`` and ``token-sum``
+        need neither: every rank returns ``Σ m·l`` over the tokens it holds and its valid-token
+        count (token-sum: 1 once per step) — the pair Megatron's own loss returns — and Megatron's
+        per-token finalize divides the gradients summed over DP×CP by ``Σ num_tokens = T``. A
+        ``seq-mean-*`` term or metric must count each sequence once, on one rank of its partner
+        group, which the hook cannot see: refused."""
+        switched = dynamic_cp_switches(config)
+        if not switched:
+            return ""
+        other = {n: t.agg_mode.value for n, t in self.config.channels.items()
+                 if t.agg_mode not in (AggMode.TOKEN_MEAN, AggMode.TOKEN_SUM)}
+        if not other:
+            return ""
+        return (
+            f"DeferredLossHook cannot make {other} exact under dynamic (hybrid) context parallelism "
+            f"({', '.join(switched)}): each sample runs on a context-parallel group of its own size, chosen "
+            "by Megatron's schedule, so the hook cannot count each sequence once (on one rank of the "
+            "sample's group) and the sequence-mean denominators would be silently wrong. Under dynamic "
+            "context parallelism use mode='token-mean' or 'token-sum' (terms and metrics), or fixed context "
+            "parallelism (context_parallel_size) for the sequence means."
+        )
 
     def _auxiliary_loss_problem(self, config: Any) -> str:
         """Why the model's token-scaled auxiliary losses cannot ride on this hook's denominator
@@ -296,6 +330,7 @@ class DeferredLossHook:
             raise ValueError("This DeferredLossHook is installed on another model's config; build one hook per model.")
         self.check_config(config)
         self.check_wrapper(model_or_config, config=config)
+        self._dynamic_cp = bool(dynamic_cp_switches(config))
         current = config.finalize_model_grads_func
         owner = getattr(current, "__megatron_agg_hook__", None)
         if owner is not None and owner is not self:
@@ -410,6 +445,10 @@ class DeferredLossHook:
                 )
         device = loss_mask.device
         checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
+        if self._dynamic_cp:
+            # Dynamic CP (token-mean/token-sum only, check_config): the slice's tokens are all that
+            # count, wherever the schedule cut the sequence; packing and whole-sequence counts unused.
+            packed, counts, cp_size, cp_rank = None, None, 1, 0
         if packed is not None:
             checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(
                 packed, loss_mask.shape[-1] * cp_size, cp_size, device, per_document=groups.cp_layout == "load-balanced")))
@@ -482,8 +521,17 @@ class DeferredLossHook:
                 "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "
                 "mode needs it on every step."
             )
-        elif self._auxiliary_loss_problem(config):
-            checks.evaluations = "the config changed after DeferredLossHook.install: " + self._auxiliary_loss_problem(config)
+        elif self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config):
+            checks.evaluations = "the config changed after DeferredLossHook.install: " + (
+                self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config))
+        elif bool(dynamic_cp_switches(config)) != self._dynamic_cp:
+            checks.evaluations = (
+                "dynamic context parallelism was switched "
+                + ("on" if not self._dynamic_cp else "off")
+                + " after DeferredLossHook.install (this step's micro-batches were read "
+                + ("as fixed-CP slices" if not self._dynamic_cp else "as dynamic-CP slices")
+                + "); build the hook and install it after configuring Megatron."
+            )
         else:
             try:  # an install from a config alone could not see the wrapper; the step's model can
                 self.check_wrapper(model, num_microbatches, config=config)

@@ -41,6 +41,7 @@ __all__ = [
     "step_averaging",
     "model_config",
     "refuse_unsupported_layouts",
+    "dynamic_cp_switches",
     "token_scaled_auxiliary_losses",
     "wrapper_of",
     "step_wrapper",
@@ -338,23 +339,33 @@ def checked_cp_layout(cp_layout: Optional[str], groups: Optional[ParallelGroups]
 DYNAMIC_CP_SWITCHES = ("hybrid_context_parallel", "dynamic_context_parallel", "sequence_packing_scheduler")
 
 
+def dynamic_cp_switches(config: Any) -> List[str]:
+    """The :data:`DYNAMIC_CP_SWITCHES` set on Megatron's config, as ``"name=value"`` (empty: none).
+    Reads the config only: no collective."""
+    return [f"{name}={getattr(config, name)!r}" for name in DYNAMIC_CP_SWITCHES
+            if getattr(config, name, None) not in (None, False, "", "none", "None")]
+
+
 def refuse_unsupported_layouts(config: Any, entry: str) -> None:
-    """Raise ``ValueError`` for Megatron set-ups whose token layout megatron_agg cannot make exact.
+    """Raise ``ValueError`` for Megatron set-ups whose token layout the prepared entry points
+    cannot make exact.
 
     Dynamic (hybrid) context parallelism (any of :data:`DYNAMIC_CP_SWITCHES` set on the config)
     assigns the sub-samples of a packed batch over the DP×CP ranks with a context-parallel group
     size chosen per sample (``hybrid_cp_schedule.py``: its own schedule, data iterator and
     ``num_microbatches`` per rank), so neither the pure data-parallel totals nor the fixed ``2·cp``
-    chunk layout describe where a sequence's tokens are. Reads the config only: no collective."""
-    switched = [f"{name}={getattr(config, name)!r}" for name in DYNAMIC_CP_SWITCHES
-                if getattr(config, name, None) not in (None, False, "", "none", "None")]
+    chunk layout describe where a sequence's tokens are. (The deferred mode makes ``token-mean``
+    and ``token-sum`` exact there: :meth:`megatron_agg.DeferredLossHook.check_config`.) Reads the
+    config only: no collective."""
+    switched = dynamic_cp_switches(config)
     if switched:
         raise ValueError(
             f"{entry} does not support dynamic (hybrid) context parallelism ({', '.join(switched)}): "
             "each sample gets its own context-parallel group size and the samples move between the "
             "data×context-parallel ranks, so the step's totals and the per-sequence token layout "
             "megatron_agg relies on do not hold and the loss would not be exact. Use fixed context "
-            "parallelism (context_parallel_size) with megatron_agg."
+            "parallelism (context_parallel_size), or the deferred mode with token-mean or token-sum "
+            "(DeferredLossHook, exact under dynamic context parallelism)."
         )
 
 

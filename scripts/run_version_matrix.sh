@@ -2,12 +2,15 @@
 # The version matrix: for every supported megatron-core minor release, a cached virtual
 # environment and one launch of the gradient-equivalence "release" suite (4 CPU ranks; DP, TP,
 # PP, VPP and CP layouts; every loss spec and Megatron path; negative controls), then one of the
-# FSDP wrapper probe (tests/support/wrapper_probe.py --strict).
+# FSDP wrapper probe (tests/support/wrapper_probe.py --strict), and, where the release has Megatron's
+# hybrid-CP schedule (0.16+), one of the dynamic context parallelism proof
+# (tests/support/dynamic_cp_run.py).
 #
 #   bash scripts/run_version_matrix.sh                 # all releases
 #   MEGATRON_AGG_VERSIONS="0.13.1 0.19.2" bash scripts/run_version_matrix.sh
 #   bash scripts/run_version_matrix.sh --prepare       # only build (or refresh) the venvs
 #   MEGATRON_AGG_PROBE_ONLY="0.16.1" bash scripts/...    # those releases: the wrapper probe only
+#                                                        # (the test command runs their suite and dynamic CP)
 #
 # 0.20.0 is Megatron-LM main (d98e8a64), installed without a network from the source tarball in
 # shared/upstream/sources (MEGATRON_AGG_SHARED, default the shared/ folder beside this checkout).
@@ -75,7 +78,24 @@ for v in $VERSIONS; do
   wline="$(grep -E '^wrapper probe:' "$wlog" | tail -1 || true)"
   [ -n "$wline" ] || wline="wrapper probe did not finish (exit $wrc); see $wlog"
   if [ $wrc -ne 0 ]; then status=1; grep -E "SILENTLY|\(!\)|Error" "$wlog" | head -20 >&2 || true; fi
-  summary+=("megatron-core $v: $line; $wline; install ${installed}s, total $(( $(date +%s) - start ))s")
+  # dynamic (hybrid) context parallelism through Megatron's own schedule, where the release has it
+  # (0.16+; the test command runs it for its own release, MEGATRON_AGG_PROBE_ONLY)
+  dline="no hybrid-CP schedule"
+  if "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core.pipeline_parallel.hybrid_cp_schedule') is None)" 2>/dev/null; then
+    if [[ " ${MEGATRON_AGG_PROBE_ONLY:-} " == *" $v "* ]]; then
+      dline="dynamic cp: in the test command"
+    else
+      dlog="$OUT/dynamic-cp-$v.log"
+      set +e
+      launch "$venv" "$dlog" tests/support/dynamic_cp_run.py --json "$OUT/dynamic-cp-$v.json"
+      drc=$?
+      set -e
+      dline="$(grep -E '^dynamic cp: ([0-9]+ checks|not run)' "$dlog" | tail -1 || true)"
+      [ -n "$dline" ] || dline="dynamic cp did not finish (exit $drc); see $dlog"
+      if [ $drc -ne 0 ]; then status=1; grep -E "FAIL|MISSED|Error" "$dlog" | head -20 >&2 || true; fi
+    fi
+  fi
+  summary+=("megatron-core $v: $line; $wline; $dline; install ${installed}s, total $(( $(date +%s) - start ))s")
   echo "versions: ${summary[-1]}"
 done
 echo

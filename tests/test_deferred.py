@@ -146,14 +146,64 @@ def test_deferred_checks_run_before_megatron_reduces_the_gradients(megatron_cpu,
     assert config.finalize_model_grads_func([]) == "finalized"
 
 
-@pytest.mark.parametrize("switch,value", [("hybrid_context_parallel", True), ("dynamic_context_parallel", True),
-                                          ("sequence_packing_scheduler", "default_hybrid_cp")])
-def test_dynamic_context_parallelism_is_refused_before_the_first_loss(megatron_cpu, switch, value):
-    """Under every name Megatron gives it (0.16-0.20 and Megatron-LM's development branch)."""
+_DYNAMIC_CP = [("hybrid_context_parallel", True), ("dynamic_context_parallel", True),
+               ("sequence_packing_scheduler", "default_hybrid_cp")]
+
+
+@pytest.mark.parametrize("switch,value", _DYNAMIC_CP)
+@pytest.mark.parametrize("term,metrics", [(LossTerm("seq-mean-token-mean"), None),
+                                          (LossTerm("seq-mean-token-sum", exclude_fully_masked_seqs=True), None),
+                                          (LossTerm("token-mean"), {"kl": "seq-mean-token-sum-norm"})])
+def test_dynamic_context_parallelism_refuses_sequence_means_before_the_first_loss(megatron_cpu, switch, value,
+                                                                                  term, metrics):
+    """Under every name Megatron gives it (0.16-0.20 and Megatron-LM's development branch): a
+    sequence mean (term or metric) needs each sequence counted once, on a rank the hook cannot see."""
     config = _Config()
     setattr(config, switch, value)
-    with pytest.raises(ValueError, match=rf"does not support dynamic \(hybrid\) context parallelism \({switch}="):
-        DeferredLossHook("token-mean").install(config)
+    hook = DeferredLossHook(terms={"loss": term}, metrics=metrics)
+    with pytest.raises(ValueError, match=rf"cannot make .* exact under dynamic \(hybrid\) context parallelism "
+                                         rf"\({switch}=.*use mode='token-mean' or 'token-sum'"):
+        hook.install(config)
+    assert not hook.installed and config.finalize_model_grads_func([]) == "finalized"
+
+
+@pytest.mark.parametrize("switch,value", _DYNAMIC_CP)
+def test_dynamic_context_parallelism_token_modes_return_megatrons_own_pair(megatron_cpu, switch, value):
+    """token-mean and token-sum under dynamic CP: each rank's slice gives Σ m·l and its valid tokens
+    (token-mean) or 1 on the step's first micro-batch (token-sum), whatever packing or
+    whole-sequence counts the caller passes (a dynamic-CP slice's CP size is the sample's own). The
+    gradient proof through Megatron's hybrid-CP schedule: tests/test_dynamic_cp.py."""
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1]])
+    loss = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    # the whole sequence's packing and counts, as Megatron-LM's get_batch stashes them before the cut
+    kwargs = {"packed_seqs": PackedSequences([0, 7, 12], [0, 8, 12]),
+              "sequence_token_counts": torch.tensor([5.0, 3.0])}
+    for mode, numerator, tokens in [("token-mean", 13.0, 4), ("token-sum", 13.0, 1)]:
+        config = _Config()
+        setattr(config, switch, value)
+        hook = DeferredLossHook(mode, metrics={"m": "token-mean"})
+        hook.install(config)
+        both = lambda x: {"loss": x, "m": x}  # noqa: E731
+        out, num_tokens, report = hook.loss_func(mask, both, **kwargs)(loss)
+        assert float(out) == numerator and int(num_tokens) == tokens
+        assert report["m"].tolist() == [13.0, 4.0]
+        assert config.finalize_model_grads_func([]) == "finalized"  # the step's checks pass
+        out, num_tokens, _ = hook.loss_func(mask, both, **kwargs)(loss)  # the next step's first micro-batch
+        assert int(num_tokens) == tokens
+        setattr(config, switch, None if isinstance(value, str) else False)  # switched off after install
+        with pytest.raises(ValueError, match="dynamic context parallelism was switched off after"):
+            config.finalize_model_grads_func([])
+
+
+def test_prepared_entry_points_still_refuse_dynamic_context_parallelism():
+    from types import SimpleNamespace
+
+    from megatron_agg.integration import refuse_unsupported_layouts
+
+    with pytest.raises(ValueError, match=r"does not support dynamic \(hybrid\) context parallelism "
+                                         r"\(hybrid_context_parallel=True\).*deferred mode with token-mean"):
+        refuse_unsupported_layouts(SimpleNamespace(hybrid_context_parallel=True), "LossHook")
+    refuse_unsupported_layouts(SimpleNamespace(hybrid_context_parallel=False, sequence_packing_scheduler=None), "x")
 
 
 # -- MoE auxiliary losses and MTP: token-scaled by Megatron -------------------------------------

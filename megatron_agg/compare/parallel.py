@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch.distributed as dist
 
@@ -71,8 +71,9 @@ def _expert_sizes(layout: Layout) -> dict:
 
 
 @contextlib.contextmanager
-def model_parallel(layout: Layout) -> Iterator[None]:
-    """``initialize_model_parallel`` for ``layout``; on exit destroy it and all its groups."""
+def model_parallel(layout: Layout, **options: Any) -> Iterator[None]:
+    """``initialize_model_parallel`` for ``layout`` (``options``: further keyword arguments of it,
+    e.g. ``hybrid_context_parallel=True``); on exit destroy it and all its groups."""
     from megatron.core import parallel_state as ps
 
     created: List[object] = []
@@ -92,6 +93,7 @@ def model_parallel(layout: Layout) -> Iterator[None]:
             context_parallel_size=layout.cp,
             create_gloo_process_groups=False,
             **_expert_sizes(layout),
+            **options,
         )
     finally:
         dist.new_group = original

@@ -66,8 +66,14 @@ class ContextParallelPackedAttention(torch.nn.Module):
         thd = packed_seq_params is not None
         if thd:  # [t, np, hn] -> [t, 1, np, hn]
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
-        cp = dist.get_world_size(self.cp_group)
-        rank = dist.get_rank(self.cp_group)
+        # Dynamic (hybrid) CP: the sample's own partner group rides on its PackedSeqParams
+        # (``cp_group``; ``local_cp_size == 1`` without one: the sample is whole on this rank).
+        group = getattr(packed_seq_params, "cp_group", None) if thd else None
+        if group is None and thd and getattr(packed_seq_params, "local_cp_size", None) == 1:
+            cp, rank = 1, 0
+        else:
+            group = group if group is not None else self.cp_group
+            cp, rank = dist.get_world_size(group), dist.get_rank(group)
         local = query.shape[0]
         total = local * cp
         device = query.device
@@ -85,8 +91,8 @@ class ContextParallelPackedAttention(torch.nn.Module):
             segment = torch.zeros(total, dtype=torch.int64, device=device)
         if cp > 1:
             order = torch.argsort(torch.cat(positions))  # gathered (rank-major) -> sequence order
-            key = _AllGather.apply(key, self.cp_group).index_select(0, order)
-            value = _AllGather.apply(value, self.cp_group).index_select(0, order)
+            key = _AllGather.apply(key, group).index_select(0, order)
+            value = _AllGather.apply(value, group).index_select(0, order)
         q_pos = positions[rank]
         k_pos = torch.arange(total, device=device)
         allowed = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)) & (segment[k_pos].unsqueeze(0) == segment[q_pos].unsqueeze(1))
