@@ -13,8 +13,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .averaging import LossReturn
 from .modes import AggModeLike
+from .step_math import GROUP_SCOPES, TotalsLayout
 from .terms import DEFAULT_MASK_NAME, LossTerm, normalize_metrics, normalize_terms
-from .totals import GROUP_SCOPES, TotalsLayout
 from .validation import as_bool, as_int
 
 __all__ = ["AggConfig", "AGREEMENT_POLICIES"]
@@ -120,7 +120,7 @@ class AggConfig:
         return self.num_groups is not None
 
     def totals_layout(self, extra: int = 0) -> TotalsLayout:
-        """The layout of the step's totals vector (:mod:`megatron_agg.totals`)."""
+        """The layout of the step's totals vector (:mod:`megatron_agg.step_math`)."""
         group_masks = []
         for t in self.channels.values():
             if t.agg_mode.needs_groups and t.mask not in group_masks:
