@@ -9,20 +9,32 @@ config); the defaults are the same everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from .averaging import LossReturn
 from .modes import AggModeLike
+from .step_math import GROUP_SCOPES, TotalsLayout
 from .terms import DEFAULT_MASK_NAME, LossTerm, normalize_metrics, normalize_terms
-from .totals import GROUP_SCOPES, TotalsLayout
 from .validation import as_bool, as_int
 
-__all__ = ["AggConfig", "AGREEMENT_POLICIES"]
+__all__ = ["AggConfig", "AGREEMENT_POLICIES", "totals_layout"]
 
 #: When the data-parallel ranks' agreement on the set-up is checked *before* the step's gradients:
 #: ``"on-change"`` (the first step of an entry point and every step whose set-up changed: one host
 #: sync at that step's start; later steps check inside the end-of-step check), ``"every-step"``.
 AGREEMENT_POLICIES = ("on-change", "every-step")
+
+
+def totals_layout(masks: Sequence[str], group_masks: Iterable[str], num_groups: Optional[int],
+                  group_scope: Optional[str], extra: int = 0) -> TotalsLayout:
+    """The layout of a step's totals vector (:class:`~megatron_agg.step_math.TotalsLayout`), for
+    every entry point: the step's ``masks`` in order (the first is the one Megatron's ``num_tokens``
+    count); those of them in ``group_masks`` (the masks ``prompt-mean`` may use: a config's grouped
+    terms and metrics, or every mask of a :class:`~megatron_agg.StepShares` with group ids) carry
+    per-group counts, in the order of ``masks``; ``num_groups`` and ``group_scope`` as given
+    (``None`` without groups); ``extra`` fields of the caller's own."""
+    grouped = set(group_masks)
+    return TotalsLayout(tuple(masks), tuple(m for m in masks if m in grouped), num_groups or 0, group_scope, extra)
 
 
 @dataclass(frozen=True)
@@ -120,14 +132,10 @@ class AggConfig:
         return self.num_groups is not None
 
     def totals_layout(self, extra: int = 0) -> TotalsLayout:
-        """The layout of the step's totals vector (:mod:`megatron_agg.totals`)."""
-        group_masks = []
-        for t in self.channels.values():
-            if t.agg_mode.needs_groups and t.mask not in group_masks:
-                group_masks.append(t.mask)
-        masks = self.mask_names
-        group_masks = [m for m in masks if m in group_masks]
-        return TotalsLayout(masks, tuple(group_masks), self.num_groups or 0, self.group_scope, extra)
+        """The layout of the step's totals vector (:func:`totals_layout`): the masks a ``prompt-mean``
+        term or metric uses carry per-group counts."""
+        grouped = [t.mask for t in self.channels.values() if t.agg_mode.needs_groups]
+        return totals_layout(self.mask_names, grouped, self.num_groups, self.group_scope, extra)
 
     @classmethod
     def build(

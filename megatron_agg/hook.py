@@ -37,7 +37,7 @@ The all-reduced vector is ``[T, N, N_nonempty, (p, p·f, p·f²) × 11]`` (36 fl
 fingerprints and two flags, :func:`megatron_agg.agreement.step_block`) for one
 mask; each further mask adds ``T_k, N⁺_k`` (2 values), ``prompt-mean`` with ``group_scope="global"``
 adds the per-group counts ``S_g`` and ``M_{k,g}`` (``G·(1+K_g)`` values: 2,048 = 16 KiB at
-``G = 1,024`` and one mask) and with ``"per-rank"`` only ``P, P⁺_k`` (:mod:`megatron_agg.totals`);
+``G = 1,024`` and one mask) and with ``"per-rank"`` only ``P, P⁺_k`` (:mod:`megatron_agg.step_math`);
 metrics add nothing. With context parallelism every CP rank does its own (identical) all-reduce
 over its DP group, so nothing is counted once per CP rank, and TP/PP replicas never add to the
 totals. The first time a process uses a vector length over a DP group, the ranks' agreement on the

@@ -56,14 +56,14 @@ import torch
 from . import step_math as sm
 from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
-from .config import AggConfig
+from .config import AggConfig, totals_layout
 from .engine import AgreementTracker, set_up_fingerprints, start_totals
 from .groups import ParallelGroups
 from .integration import check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
-from .step_math import GROUP_SCOPES, TotalsLayout, checked_group_ids
+from .step_math import GROUP_SCOPES, checked_group_ids
 from .validation import as_bool, as_int, check_group_ids, check_loss_masks, check_same_shapes, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
@@ -192,8 +192,9 @@ class StepShares:
         self._metrics: Dict[str, List[torch.Tensor]] = {}  # detached metric shares, by name
         self.mask_names = tuple(mask_names)
         self._prompt_groups = (num_groups, group_scope) if grouped else None
-        self.layout = TotalsLayout(self.mask_names, self.mask_names if grouped else (), num_groups or 0,
-                                   group_scope if grouped else None, extra=1)
+        # Modes are chosen per call: with group ids every mask may carry prompt-mean. Extra: Σ num_tokens.
+        self.layout = totals_layout(self.mask_names, self.mask_names if grouped else (), num_groups, group_scope,
+                                    extra=1)
         device = masks[0].device
         self._device = device
         self.checks = StepChecks(_NAMES, self.config.allow_nonfinite_masked)

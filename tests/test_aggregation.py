@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megatron_agg import AggMode, LossTerm, reference_loss
-from megatron_agg import aggregation as agg
+from megatron_agg import step_math as sm
 from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging, loss_multiplier, report_count
 from megatron_agg.layout import cp_local_positions, to_cp_local
-from megatron_agg.totals import StepTotals, TotalsLayout, checked_group_ids, local_totals_vector
+from megatron_agg.step_math import StepTotals, TotalsLayout, checked_group_ids, count_totals, local_totals_vector
 
 TERMS = [
     LossTerm(mode, exclude_fully_masked_seqs=exclude)
@@ -20,6 +20,16 @@ TERMS = [
 #: fully masked sequences 2 and 5 (M_3 = 0); groups straddle every split below.
 GROUPS = [0, 1, 3, 1, 0, 3, 2, 0, 5, 2, 1, 5, 0]
 NUM_GROUPS = 6
+
+
+def one_mask_totals(views):
+    """The one-mask totals vector ``[T, N, N⁺]`` of the sequences of ``views`` (no all-reduce)."""
+    return count_totals(TotalsLayout(("default",)), {"default": list(views)}, None, torch.device("cpu")).vector
+
+
+def one_mask_denominator(term, totals):
+    """``D`` of ``term`` (not prompt-mean) from a one-mask totals vector."""
+    return StepTotals(TotalsLayout((term.mask,)), totals).denominator(term)
 
 
 def ragged_batch(seed: int, num_seqs: int = 13, seq_len: int = 8):
@@ -58,21 +68,21 @@ def shares(term, loss, mask, split, groups=GROUPS, scope="global"):
     for mbs in split:
         rows = [r for mb in mbs for r in mb]
         ids, _ = checked_group_ids(torch.tensor([groups[r] for r in rows]), NUM_GROUPS)
-        counts = torch.cat([agg.sequence_view(mask[mb]).counts for mb in mbs]) if mbs else torch.zeros(0)
+        counts = torch.cat([sm.sequence_view(mask[mb]).counts for mb in mbs]) if mbs else torch.zeros(0)
         local.append(local_totals_vector(layout, {"default": counts}, len(rows), ids if grouped else None,
                                          torch.device("cpu")))
     summed = sum(t.vector for t in local)  # the all-reduce
     out = []
     for t, mbs in zip(local, split):
         totals = StepTotals(layout, summed, t.group_tokens)
-        inv = agg.safe_reciprocal(totals.denominator(term))
+        inv = sm.safe_reciprocal(totals.denominator(term))
         for rows in mbs:
-            view = agg.sequence_view(mask[rows])
-            w = agg.sequence_weights(term, view).double()
+            view = sm.sequence_view(mask[rows])
+            w = sm.sequence_weights(term, view).double()
             if grouped:
-                index = agg.group_index(view, torch.tensor([groups[r] for r in rows]), NUM_GROUPS)
+                index = sm.group_index(view, torch.tensor([groups[r] for r in rows]), NUM_GROUPS)
                 w = w * torch.take(totals.group_reciprocals("default").double(), index)
-            out.append(agg.masked_weighted_sum(loss[rows], agg.valid_tokens(mask[rows]), w) * inv * term.weight)
+            out.append(sm.masked_weighted_sum(loss[rows], sm.valid_tokens(mask[rows]), w) * inv * term.weight)
     return out
 
 
@@ -143,7 +153,7 @@ def test_mask_dtypes_agree(dtype):
 
 def test_totals_count_tokens_sequences_and_nonempty_sequences():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
-    totals = agg.local_totals([agg.sequence_view(mask), agg.sequence_view(mask[:1])])
+    totals = one_mask_totals([sm.sequence_view(mask), sm.sequence_view(mask[:1])])
     assert totals.tolist() == [6.0, 4.0, 3.0]
     assert totals.dtype == torch.float64
 
@@ -155,7 +165,7 @@ def test_default_loss_scale_factor_is_the_padded_length_of_each_sequence():
     la, lb = torch.ones(1, 4), torch.ones(1, 6)
     # Σ_i Σ_t m·l / (N · C_i) = (4/4 + 6/6) / 2
     assert float(reference_loss([la, lb], [a, b], term)) == pytest.approx(1.0)
-    w = agg.sequence_weights(term, agg.sequence_view(b))
+    w = sm.sequence_weights(term, sm.sequence_view(b))
     assert torch.allclose(w, torch.full((1, 6), 1 / 6))
 
 
@@ -172,13 +182,13 @@ def test_cp_slices_with_whole_sequence_weights_sum_to_the_whole(cp):
     loss, mask = ragged_batch(5, seq_len=8)
     for term in [t for t in TERMS if not t.agg_mode.needs_groups]:  # prompt-mean under CP: the matrix
         whole = sum(shares(term, loss, mask, [[list(range(13))]]))
-        totals = agg.local_totals([agg.sequence_view(mask)])
-        inv = agg.safe_reciprocal(agg.denominator(term, totals))
-        weights = agg.sequence_weights(term, agg.sequence_view(mask)).double()
+        totals = one_mask_totals([sm.sequence_view(mask)])
+        inv = sm.safe_reciprocal(one_mask_denominator(term, totals))
+        weights = sm.sequence_weights(term, sm.sequence_view(mask)).double()
         parts = []
         for r in range(cp):
             local = lambda t: to_cp_local(t, cp, r)  # noqa: E731
-            parts.append(agg.masked_weighted_sum(local(loss), agg.valid_tokens(local(mask)), local(weights)) * inv * term.weight)
+            parts.append(sm.masked_weighted_sum(local(loss), sm.valid_tokens(local(mask)), local(weights)) * inv * term.weight)
         assert torch.allclose(sum(parts), whole)
 
 
@@ -275,7 +285,7 @@ def test_out_of_range_group_ids_are_counted_and_never_index_out_of_bounds():
 
 def test_totals_layout_and_its_size_at_1024_groups():
     one = TotalsLayout(("default",))
-    assert one.size == 3  # [T, N, N⁺]: the layout of agg.local_totals
+    assert one.size == 3  # [T, N, N⁺]: the layout of one_mask_totals
     two = TotalsLayout(("default", "correct"))
     assert two.size == 5 and two.tokens_index("correct") == 3 and two.nonempty_index("correct") == 4
     dense = TotalsLayout(("default",), ("default",), 1024, "global")
@@ -290,24 +300,23 @@ def test_per_term_masks_count_their_own_denominators():
     correct = mask.clone()
     correct[::3] = 0  # the "correct" subset
     layout = TotalsLayout(("default", "correct"))
-    counts = {"default": agg.sequence_view(mask).counts, "correct": agg.sequence_view(correct).counts}
+    counts = {"default": sm.sequence_view(mask).counts, "correct": sm.sequence_view(correct).counts}
     totals = StepTotals(layout, local_totals_vector(layout, counts, 13, None, torch.device("cpu")).vector)
     for mode in ("token-mean", "seq-mean-token-mean"):
         term = LossTerm(mode, mask="correct", exclude_fully_masked_seqs=True)
-        w = agg.sequence_weights(term, agg.sequence_view(correct)).double()
-        share = agg.masked_weighted_sum(loss, agg.valid_tokens(correct), w) * agg.safe_reciprocal(totals.denominator(term))
+        w = sm.sequence_weights(term, sm.sequence_view(correct)).double()
+        share = sm.masked_weighted_sum(loss, sm.valid_tokens(correct), w) * sm.safe_reciprocal(totals.denominator(term))
         assert torch.allclose(share.double(), reference_loss([loss], [correct], term))
         assert not torch.allclose(share.double(), reference_loss([loss], [mask], term), rtol=1e-3)
 
 
-def test_step_math_is_pure_and_the_old_paths_are_its_names():
+def test_step_math_is_pure_and_the_only_home_of_the_arithmetic():
     """#19: the step's arithmetic is one module with no torch.distributed, no Megatron and no state
-    of its own (module level: constants only); aggregation and totals re-export it, no copy."""
+    of its own (module level: constants only); the old re-export modules aggregation and totals are
+    gone (one import path per name)."""
     import ast
     import inspect
-
-    from megatron_agg import step_math as sm
-    from megatron_agg import totals
+    from pathlib import Path
 
     tree = ast.parse(inspect.getsource(sm))
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
@@ -319,8 +328,5 @@ def test_step_math_is_pure_and_the_old_paths_are_its_names():
             value = node.value
             assert not isinstance(value, (ast.Dict, ast.List, ast.Set)) or (
                 isinstance(node, ast.Assign) and node.targets[0].id == "__all__"), ast.dump(node)
-    for name in ("sequence_view", "sequence_weights", "group_index", "masked_weighted_sum", "weighted_share",
-                 "safe_reciprocal", "valid_tokens", "SequenceView"):
-        assert getattr(agg, name) is getattr(sm, name)
-    for name in totals.__all__:
-        assert getattr(totals, name) is getattr(sm, name)
+    package = Path(sm.__file__).parent  # the files, not find_spec: an editable install may map other checkouts
+    assert not [name for name in ("aggregation.py", "totals.py") if (package / name).exists()]

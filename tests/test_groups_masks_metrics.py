@@ -12,6 +12,7 @@ from megatron_agg import AggConfig, LossHook, LossTerm, reference_loss
 from megatron_agg.compare import data as data_mod
 from megatron_agg.compare.gpt import grad_error, reference_grads
 from megatron_agg.compare.reference_gpt import per_token_loss
+from megatron_agg.step_math import TotalsLayout
 from harness.sync_guard import forbid_host_sync
 
 from test_hook_single_process import SPEC, Setup
@@ -141,6 +142,9 @@ def test_configuration_mistakes():
     config = AggConfig(TERMS, metrics={"ent": "token-mean"})
     assert config.mask_names == ("default", "correct")
     assert config.totals_layout().size == 5
+    # the masks a prompt-mean term or metric uses carry per-group counts, in the order of the masks
+    grouped = AggConfig(TERMS, metrics=METRICS, **GROUPS).totals_layout(extra=1)
+    assert grouped == TotalsLayout(("default", "correct"), ("correct",), data_mod.NUM_GROUPS, "global", extra=1)
     assert AggConfig({"a": LossTerm("token-mean", mask="correct")}).mask_names == ("correct",)
 
 

@@ -6,12 +6,22 @@ import pytest
 import torch
 
 from megatron_agg import AggMode, LossTerm, PackedSequences, reference_loss
-from megatron_agg import aggregation as agg
+from megatron_agg import step_math as sm
 from megatron_agg.layout import cp_local_positions, thd_cp_local_positions, to_cp_local
 
 # prompt-mean's packed and CP arithmetic: tests/test_aggregation.py (group counts) and the matrix's cp suite
 TERMS = [LossTerm(m, exclude_fully_masked_seqs=e)
          for m, e in itertools.product([m for m in AggMode if not m.needs_groups], (False, True))]
+
+
+def one_mask_totals(views):
+    """The one-mask totals vector ``[T, N, N⁺]`` of the sequences of ``views`` (no all-reduce)."""
+    return sm.count_totals(sm.TotalsLayout(("default",)), {"default": list(views)}, None, torch.device("cpu")).vector
+
+
+def one_mask_denominator(term, totals):
+    """``D`` of ``term`` (not prompt-mean) from a one-mask totals vector."""
+    return sm.StepTotals(sm.TotalsLayout((term.mask,)), totals).denominator(term)
 
 
 def literal_thd_positions(cu_padded, total, cp, r):
@@ -71,10 +81,10 @@ def make_pack(seed=0, cp=2):
 
 def test_sequence_view_counts_sequences_not_rows_and_ignores_padding():
     _, _, _, mask, packed = make_pack()
-    view = agg.sequence_view(mask, packed)
+    view = sm.sequence_view(mask, packed)
     assert view.num_seqs == 4
     assert view.token_counts().tolist() == [4.0, 0.0, 6.0, 0.0]
-    assert agg.local_totals([view]).tolist() == [10.0, 4.0, 2.0]
+    assert one_mask_totals([view]).tolist() == [10.0, 4.0, 2.0]
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
@@ -82,23 +92,23 @@ def test_sequence_view_counts_sequences_not_rows_and_ignores_padding():
                          ids=lambda t: f"{t.agg_mode.value}-excl{t.exclude_fully_masked_seqs}-C{t.loss_scale_factor}")
 def test_packed_cp_slices_add_up_to_the_unpacked_definition(cp, term):
     losses_u, masks_u, loss, mask, packed = make_pack(cp=cp)
-    view = agg.sequence_view(mask, packed)
-    inv = agg.safe_reciprocal(agg.denominator(term, agg.local_totals([view])))
-    weights = agg.sequence_weights(term, view).double()
+    view = sm.sequence_view(mask, packed)
+    inv = sm.safe_reciprocal(one_mask_denominator(term, one_mask_totals([view])))
+    weights = sm.sequence_weights(term, view).double()
     _, cu_padded = packed.boundaries(mask.device)
     total = 0.0
     for r in range(cp):
         pos = thd_cp_local_positions(cu_padded, mask.shape[-1], cp, r)
         local = lambda t: to_cp_local(t, cp, r, pos)  # noqa: E731
-        total = total + agg.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
+        total = total + sm.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
     ref = reference_loss([losses_u], [masks_u], term)
     assert torch.allclose(torch.as_tensor(total, dtype=torch.float64), ref, rtol=1e-6)
 
 
 def test_default_c_of_a_packed_sequence_is_its_own_padded_length():
     mask = torch.ones(1, 8)
-    view = agg.sequence_view(mask, PackedSequences([0, 3, 5], [0, 4, 8]))
-    w = agg.sequence_weights(LossTerm("seq-mean-token-sum-norm"), view)
+    view = sm.sequence_view(mask, PackedSequences([0, 3, 5], [0, 4, 8]))
+    w = sm.sequence_weights(LossTerm("seq-mean-token-sum-norm"), view)
     assert w[0].tolist() == [0.25] * 3 + [0.0] + [0.25] * 2 + [0.0] * 2
 
 
@@ -159,18 +169,18 @@ def test_per_row_cp_slices_add_up_to_the_unpacked_definition_and_per_document_do
         mask[0, cu[i] : cu[i] + n] = masks_u[i, :n]
         loss[0, cu[i] : cu[i] + n] = losses_u[i, :n]
     packed = PackedSequences(cu, padded_length=8)
-    view = agg.sequence_view(mask, packed)
-    inv = agg.safe_reciprocal(agg.denominator(term, agg.local_totals([view])))
-    weights = agg.sequence_weights(term, view).double()
+    view = sm.sequence_view(mask, packed)
+    inv = sm.safe_reciprocal(one_mask_denominator(term, one_mask_totals([view])))
+    weights = sm.sequence_weights(term, view).double()
     cu_t = packed.boundaries(mask.device)[1]
     out = wrong = 0.0
     for r in range(cp):
         pos = local_positions("per-row", total, cp, r, cu_t)
         local = lambda t: to_cp_local(t, cp, r, pos)  # noqa: E731
-        out = out + agg.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
+        out = out + sm.masked_weighted_sum(local(loss), local(view.valid), local(weights)) * inv
         # the old patch's mistake: the same slice, its tokens mapped to documents per document
         told = local_positions("load-balanced", total, cp, r, cu_t).clamp(0, total - 1)
-        wrong = wrong + agg.masked_weighted_sum(local(loss), local(view.valid), to_cp_local(weights, cp, r, told)) * inv
+        wrong = wrong + sm.masked_weighted_sum(local(loss), local(view.valid), to_cp_local(weights, cp, r, told)) * inv
     ref = reference_loss([losses_u], [masks_u], term)
     assert torch.allclose(torch.as_tensor(out, dtype=torch.float64), ref, rtol=1e-9)
     if term.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN:

@@ -8,6 +8,7 @@ import torch
 from megatron_agg import AggMode, LossTerm, StepShares, reference_loss
 from megatron_agg.compare.gpt import TinyGPT, build_chunks, wrap_ddp
 from megatron_agg.compare.parallel import Layout
+from megatron_agg.step_math import TotalsLayout
 from harness.sync_guard import HostSyncError, count_collectives, forbid_host_sync
 
 MASKS = [
@@ -86,6 +87,17 @@ def test_named_masks_and_metrics(megatron_cpu):
         bad.megatron_return(bad.share(loss, mask, "prompt-mean"))
     with pytest.raises(ValueError, match=r"Group ids outside \[0, num_groups\): group_ids: 1 id"):
         bad.finish()
+
+
+def test_totals_layout_counts_every_named_mask(megatron_cpu):
+    """Modes are chosen per call: every mask of loss_masks is counted ("default" first) and, with
+    group ids, carries per-group counts; one extra field (Σ num_tokens)."""
+    correct = [m.clone() for m in MASKS]
+    plain = StepShares({"correct": correct, "default": MASKS}, model=model())
+    assert plain.layout == TotalsLayout(("default", "correct"), extra=1)
+    grouped = StepShares({"default": MASKS, "correct": correct}, model=model(), group_ids=GROUP_IDS, num_groups=5,
+                         group_scope="per-rank")
+    assert grouped.layout == TotalsLayout(("default", "correct"), ("default", "correct"), 5, "per-rank", extra=1)
 
 
 def test_token_sum_and_nested_masks(megatron_cpu):
