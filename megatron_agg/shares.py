@@ -109,7 +109,11 @@ class StepShares:
             ``parallel_state``).
         groups: a :class:`~megatron_agg.groups.ParallelGroups` instead of Megatron's.
         async_totals, allow_nonfinite_masked, raise_on_every_rank, agreement: as for
-            :class:`~megatron_agg.AggConfig`.
+            :class:`~megatron_agg.AggConfig` (the same defaults).
+        config: an :class:`~megatron_agg.AggConfig` instead of those four options (giving both is an
+            error), e.g. the one of the run's ``LossHook``. Its terms do not apply — ``share()``
+            names each mode — and a config with ``metrics``, ``num_groups`` or ``group_scope`` is
+            refused: pass ``metric()`` calls and ``group_ids``/``num_groups``/``group_scope`` here.
         group_ids, num_groups, group_scope: for ``share(..., "prompt-mean")``: per micro-batch one
             id per sequence (row), numbered as ``group_scope`` says (``"global"`` or ``"per-rank"``,
             see :class:`~megatron_agg.AggConfig`), in ``[0, num_groups)``; ``num_groups`` the same on
@@ -127,15 +131,27 @@ class StepShares:
         exclude_fully_masked_seqs: bool = False,
         pg_collection: Any = None,
         groups: Optional[ParallelGroups] = None,
-        async_totals: bool = True,
-        allow_nonfinite_masked: bool = False,
-        raise_on_every_rank: bool = True,
-        agreement: str = "on-change",
+        async_totals: Optional[bool] = None,
+        allow_nonfinite_masked: Optional[bool] = None,
+        raise_on_every_rank: Optional[bool] = None,
+        agreement: Optional[str] = None,
         group_ids: Optional[Sequence[Any]] = None,
         num_groups: Optional[int] = None,
         group_scope: Optional[str] = None,
+        config: Optional[AggConfig] = None,
     ) -> None:
         check_megatron_version()
+        # The options every entry point shares (terms are chosen per call here: none fixed).
+        self.config = AggConfig.build(
+            None if config is not None else "token-mean", config=config, async_totals=async_totals,
+            allow_nonfinite_masked=allow_nonfinite_masked, raise_on_every_rank=raise_on_every_rank,
+            agreement=agreement)
+        if config is not None and (config.metrics or config.num_groups is not None or config.group_scope is not None):
+            raise ValueError(
+                "StepShares(config=...) takes the config's check and collective options only; this config has "
+                f"metrics={dict(config.metrics or {})!r}, num_groups={config.num_groups!r}, "
+                f"group_scope={config.group_scope!r}. Report metrics with StepShares.metric(...) and pass "
+                "group_ids=, num_groups= and group_scope= to StepShares.")
         loss_masks = _dense(loss_masks)
         named_input = loss_masks if isinstance(loss_masks, Mapping) else {DEFAULT_MASK_NAME: loss_masks}
         if not named_input:
@@ -169,10 +185,6 @@ class StepShares:
                 raise
             ids, refused = [torch.full((mask.shape[0],), -1, dtype=torch.int64, device=mask.device) for mask in masks], exc
         self.exclude_fully_masked_seqs = as_bool(exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
-        # The options every entry point shares (terms are chosen per call here: none fixed).
-        self.config = AggConfig({"loss": LossTerm("token-mean")}, async_totals=async_totals,
-                                allow_nonfinite_masked=allow_nonfinite_masked,
-                                raise_on_every_rank=raise_on_every_rank, agreement=agreement)
         self.groups: ParallelGroups = groups if groups is not None else resolve_groups(pg_collection)
         convention = LossReturn.TWO_TUPLE if loss_return is None else LossReturn.parse(loss_return)
         self.scaling = MegatronScaling.for_step(model, convention, m, self.groups)
@@ -236,7 +248,7 @@ class StepShares:
         local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
         start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=AgreementTracker.of_group(self.groups.dp, self.config.agreement),
-                             key=("dp", id(self.groups.dp)), async_ok=async_totals, refused=refused,
+                             key=("dp", id(self.groups.dp)), async_ok=self.config.async_totals, refused=refused,
                              where="checked when the step's StepShares was built")
         self.collectives += start.collectives
         self._work = start.work

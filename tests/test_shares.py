@@ -195,3 +195,25 @@ def test_the_checks_run_inside_finalize_without_finish(megatron_cpu):
         good.megatron_return(good.share(loss, mask, "token-mean"))
     config.finalize_model_grads_func(chunks)
     assert len(reduced) == 1 and config.finalize_model_grads_func is original
+
+
+def test_config_gives_the_shared_options(megatron_cpu):
+    """One config object at every front end: StepShares takes an AggConfig's check and collective
+    options (its terms do not apply: share() names the mode); never both a config and those options,
+    never a config whose metrics or groups StepShares would silently ignore."""
+    from megatron_agg import AggConfig
+
+    config = AggConfig({"loss": LossTerm("token-mean")}, async_totals=False, allow_nonfinite_masked=True,
+                       agreement="every-step")
+    shares = StepShares(MASKS, model=model(), config=config)
+    assert shares.config is config and shares._work is None  # async_totals=False: reduced at once
+    loss = losses()[0]
+    loss[0, 3] = float("nan")  # a masked position: allowed by the config
+    for j, (l, m) in enumerate(zip([loss] + losses()[1:], MASKS)):
+        shares.megatron_return(shares.share(l, m, "token-mean"))
+    shares.finish()
+    with pytest.raises(ValueError, match=r"Give either config=AggConfig\(...\) or the options \['agreement'\]"):
+        StepShares(MASKS, model=model(), config=config, agreement="on-change")
+    with pytest.raises(ValueError, match=r"config's check and collective options only.*StepShares.metric"):
+        StepShares(MASKS, model=model(), config=config.replace(metrics={"kl": "token-mean"}))
+    assert StepShares(MASKS, model=model()).config.agreement == "on-change"  # the defaults as everywhere
