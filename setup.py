@@ -8,9 +8,9 @@ from setuptools import find_packages, setup
 HERE = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "megatron_agg" / "__init__.py").read_text()).group(1)
 
-# The megatron-core requirement; megatron_agg.integration.SUPPORTED_MEGATRON_CORE says the same
+# The megatron-core requirement; megatron_agg.megatron.releases.SUPPORTED_MEGATRON_CORE says the same
 # (tests/test_packaging.py keeps the two in agreement). No ceiling: at run time a release is
-# accepted by its probed loss arithmetic (integration.check_megatron_version), not by its number.
+# accepted by its probed loss arithmetic (megatron.releases.check_megatron_version), not by its number.
 MEGATRON_CORE = "megatron-core>=0.13.0"
 
 setup(

@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 import torch
 
 from megatron_agg import LossHook, PackedSequences
-from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging
+from megatron_agg.megatron.averaging import GradReduction, LossReturn, MegatronAveraging
 from megatron_agg.engine import PreparedStep
 from megatron_agg.groups import ParallelGroups
 from megatron_agg.scaling import MegatronScaling

@@ -19,12 +19,12 @@ The extension points (``Scaling``, ``MegatronScaling``, ``SumScaling``, ``Parall
 :mod:`megatron_agg.extend`; importing them from here still works, with a ``DeprecationWarning``.
 """
 
-from .averaging import LossReturn
 from .checks import NonFiniteLossError
 from .config import AggConfig
 from .deferred import DeferredLossHook
 from .definition import reference_loss
 from .hook import LossHook
+from .megatron import LossReturn
 from .modes import AggMode
 from .packing import PackedSequences
 from .shares import StepShares

@@ -55,7 +55,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .deferred import DeferredLossHook
-from .integration import model_config
+from .megatron import model_config
 from .modes import AggModeLike
 from .terms import DEFAULT_TERM_NAME
 

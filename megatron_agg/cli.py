@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _patch(args)
     if args.command == "version":
         from . import __version__
-        from .integration import SUPPORTED_MEGATRON_CORE, megatron_core_version
+        from .megatron import SUPPORTED_MEGATRON_CORE, megatron_core_version
 
         print(f"megatron_agg {__version__}; megatron-core {megatron_core_version()} installed; "
               f"supported {' '.join(SUPPORTED_MEGATRON_CORE)}")

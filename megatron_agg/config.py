@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from .averaging import LossReturn
+from .megatron import LossReturn
 from .modes import AggModeLike
 from .step_math import GROUP_SCOPES, TotalsLayout
 from .terms import DEFAULT_MASK_NAME, LossTerm, normalize_metrics, normalize_terms

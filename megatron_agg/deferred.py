@@ -41,7 +41,7 @@ whole sequences: with context parallelism pass ``sequence_token_counts`` compute
 split (:meth:`DeferredLossHook.sequence_token_counts`).
 
 Dynamic (hybrid) context parallelism (``hybrid_context_parallel`` and its later names,
-:data:`~megatron_agg.integration.DYNAMIC_CP_SWITCHES`): Megatron runs each sample on a partner group of
+:data:`~megatron_agg.megatron.model_setup.DYNAMIC_CP_SWITCHES`): Megatron runs each sample on a partner group of
 its own CP size, chosen by its schedule. ``token-mean`` and ``token-sum`` stay exact — a rank's
 numerator and valid-token count cover the tokens it holds, whatever the cut — and are what the hook
 does there (the packing and whole-sequence counts a caller passes are not read as a fixed-CP slice);
@@ -55,7 +55,7 @@ Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg
   ``calculate_per_token_loss=True`` or without ``finalize_model_grads_func`` — Megatron would
   divide each micro-batch by its own ``num_tokens`` and the result would be silently wrong — or
   a ``seq-mean-*`` term with a model that adds token-scaled losses of its own (MoE load-balancing
-  loss or z-loss, MTP: :func:`~megatron_agg.integration.token_scaled_auxiliary_losses`; Megatron
+  loss or z-loss, MTP: :func:`~megatron_agg.megatron.model_setup.token_scaled_auxiliary_losses`; Megatron
   scales them for a division by tokens, this mode's ``num_tokens`` carries sequences) — and
   checks synchronously (one all-reduce over the data-parallel group, one host sync, once) that
   every DP rank built the same hook;
@@ -80,14 +80,12 @@ from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
 from .groups import group_rank
-from .averaging import wrapper_behaviour
-from .integration import (check_megatron_version, checked_cp_layout, minor_release, model_config,
-                          dynamic_cp_switches, refuse_wrapper_defects, resolve_groups, step_wrapper,
-                          token_scaled_auxiliary_losses)
+from .megatron import (LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, minor_release,
+                       model_config, refuse_wrapper_defects, resolve_groups, step_wrapper,
+                       token_scaled_auxiliary_losses, wrapper_behaviour)
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
-from .averaging import LossReturn
 from .terms import (DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
                     per_token_losses, split_term_losses)
 from .validation import boundary_problems, coerce_packed, mask_value_problems
@@ -231,7 +229,7 @@ class DeferredLossHook:
 
     def _dynamic_cp_problem(self, config: Any) -> str:
         """Why this hook cannot be exact under the config's dynamic context parallelism (``""``: it
-        can, or there is none). Under any of :data:`~megatron_agg.integration.DYNAMIC_CP_SWITCHES`
+        can, or there is none). Under any of :data:`~megatron_agg.megatron.model_setup.DYNAMIC_CP_SWITCHES`
         each sample runs on a context-parallel group of its own size, and where a sequence's tokens
         and its CP rank 0 are is known only to Megatron's schedule. ``token-mean`` and ``token-sum``
         need neither: every rank returns ``Σ m·l`` over the tokens it holds and its valid-token
@@ -286,7 +284,7 @@ class DeferredLossHook:
         ``finalize_model_grads``' division by ``Σ num_tokens`` (the deferred mode's denominator)
         and has no known defect for this step. Megatron's ``TorchFullyShardedDataParallel`` does
         not (its ``scale_gradients`` does nothing, in every release); the set-ups of
-        :data:`~megatron_agg.wrapper_defects.WRAPPER_DEFECTS` are refused too. ``model``: the
+        :data:`~megatron_agg.megatron.wrapper_defects.WRAPPER_DEFECTS` are refused too. ``model``: the
         chunks (a config alone says nothing about the wrapper: nothing is checked); ``config``:
         their ``TransformerConfig`` (read from the chunks when omitted)."""
         chunks = model if isinstance(model, (list, tuple)) else [model]

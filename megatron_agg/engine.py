@@ -43,10 +43,10 @@ import torch
 
 from . import step_math as sm
 from .agreement import AGREEMENT_FIELDS, disagreements, fingerprints, flag_counts, step_block
-from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .groups import ParallelGroups
+from .megatron import LossReturn
 from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm

@@ -8,7 +8,7 @@ and ``mp`` (the model-parallel group, tensor × pipeline). It issues the engine'
 that a different reduction (e.g. a deliberately broken one in a negative control) is injected
 through this object, the same one a user passes, and never by patching a function.
 
-Integration code builds it: :func:`megatron_agg.integration.resolve_groups` from Megatron's
+Integration code builds it: :func:`megatron_agg.megatron.model_setup.resolve_groups` from Megatron's
 ``pg_collection`` / ``parallel_state``, :class:`megatron_agg.fsdp.FSDPLossHook` from its arguments.
 """
 

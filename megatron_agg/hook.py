@@ -23,7 +23,7 @@ What one step does, on each rank of the last pipeline stage:
 3. For micro-batch ``j`` Megatron calls the function made by ``hook.loss_func(mask)`` with the
    model output. It computes this micro-batch's exact share of the global loss,
    ``S_j = Σ_k w_k · Σ_{i,t} m·α_{k,i}·l_k / D_k`` (:mod:`megatron_agg.step_math`), and returns
-   ``S_j · F`` where ``F`` cancels Megatron's own averaging (:mod:`megatron_agg.averaging`), so
+   ``S_j · F`` where ``F`` cancels Megatron's own averaging (:mod:`megatron_agg.megatron.averaging`), so
    that the gradients after ``finalize_model_grads`` are exactly ``∂L``. No host sync and no
    collective happen per micro-batch.
 4. After Megatron's schedule returns, one host sync reads the step's checks
@@ -61,12 +61,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from .averaging import LossReturn
 from .checks import FrontEndNames, NonFiniteLossError
 from .config import AggConfig
 from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
 from .groups import ParallelGroups
-from .integration import check_megatron_version, checked_cp_layout, resolve_groups
+from .megatron import LossReturn, check_megatron_version, checked_cp_layout, resolve_groups
 from .modes import AggModeLike
 from .scaling import MegatronScaling
 from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses

@@ -6,7 +6,7 @@ the training framework then does to a returned loss and to the gradients differs
 
 - Megatron-Core averages (÷ num_microbatches, ×cp, a mean over DP×CP, or the
   ``calculate_per_token_loss`` division): :class:`MegatronScaling` returns ``S · F`` with the ``F``
-  of :func:`megatron_agg.averaging.loss_multiplier` that cancels it, plus Megatron's ``num_tokens``.
+  of :func:`megatron_agg.megatron.averaging.loss_multiplier` that cancels it, plus Megatron's ``num_tokens``.
 - FSDP2 told to sum (gradient divide factor 1): :class:`SumScaling` returns ``S`` itself.
 
 A :class:`Scaling` is built per step by a factory the front end is given (``scaling=`` of
@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from .averaging import LossReturn, MegatronAveraging, loss_multiplier, report_count
 from .groups import ParallelGroups
+from .megatron import LossReturn, MegatronAveraging, loss_multiplier, report_count
 
 __all__ = ["Scaling", "MegatronScaling", "SumScaling"]
 
@@ -56,7 +56,7 @@ class Scaling:
 
 
 class MegatronScaling(Scaling):
-    """Megatron-Core's averaging of a step (the rules table of :mod:`megatron_agg.averaging`)."""
+    """Megatron-Core's averaging of a step (the rules table of :mod:`megatron_agg.megatron.averaging`)."""
 
     def __init__(self, averaging: MegatronAveraging) -> None:
         self.averaging = averaging
@@ -68,8 +68,8 @@ class MegatronScaling(Scaling):
     def for_step(cls, model: Any, loss_return: LossReturn, num_microbatches: int,
                  groups: ParallelGroups) -> "MegatronScaling":
         """Read the step's facts from the model chunks' configs (Megatron glue in
-        :func:`megatron_agg.integration.step_averaging`)."""
-        from .integration import step_averaging
+        :func:`megatron_agg.megatron.model_setup.step_averaging`)."""
+        from .megatron import step_averaging
 
         return cls(step_averaging(model, loss_return, num_microbatches, groups))
 

@@ -25,7 +25,7 @@ micro-batches on all data-parallel ranks add up to the global-batch loss ``L``. 
 (``loss_masks={"default": [...], "correct": [...]}``) each get their own totals, chosen per call
 with ``share(..., mask_name="correct")``; ``metric(...)`` aggregates a detached per-token metric the
 same way and :meth:`StepShares.global_metrics` reports it (one all-reduce, on demand). ``megatron_return`` multiplies by
-the factor ``F`` of :func:`megatron_agg.averaging.loss_multiplier`, which cancels Megatron's
+the factor ``F`` of :func:`megatron_agg.megatron.averaging.loss_multiplier`, which cancels Megatron's
 averaging; after ``finalize_model_grads`` the gradients are exactly ``∂L``.
 
 Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per step, of
@@ -54,12 +54,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from . import step_math as sm
-from .averaging import LossReturn
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig, totals_layout
 from .engine import AgreementTracker, set_up_fingerprints, start_totals
 from .groups import ParallelGroups
-from .integration import check_megatron_version, model_config, resolve_groups
+from .megatron import LossReturn, check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm

@@ -8,7 +8,8 @@ import torch
 
 from megatron_agg import AggMode, LossTerm, reference_loss
 from megatron_agg import step_math as sm
-from megatron_agg.averaging import GradReduction, LossReturn, MegatronAveraging, loss_multiplier, report_count
+from megatron_agg.megatron.averaging import (GradReduction, LossReturn, MegatronAveraging, loss_multiplier,
+                                             report_count)
 from megatron_agg.layout import cp_local_positions, to_cp_local
 from megatron_agg.step_math import StepTotals, TotalsLayout, checked_group_ids, count_totals, local_totals_vector
 

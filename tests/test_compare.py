@@ -97,7 +97,7 @@ def test_compare_fails_on_a_wrong_scaling_under_torch_fsdp2(tmp_path):
 
 
 def test_a_refusal_by_the_hook_is_one_line_and_exit_2(capsys, monkeypatch):
-    from megatron_agg.averaging import LossReturn
+    from megatron_agg.megatron.averaging import LossReturn
     from megatron_agg.compare import _refused_by_megatron_agg
 
     monkeypatch.setenv("LOCAL_RANK", "0")

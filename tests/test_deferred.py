@@ -198,7 +198,7 @@ def test_dynamic_context_parallelism_token_modes_return_megatrons_own_pair(megat
 def test_prepared_entry_points_still_refuse_dynamic_context_parallelism():
     from types import SimpleNamespace
 
-    from megatron_agg.integration import refuse_unsupported_layouts
+    from megatron_agg.megatron.model_setup import refuse_unsupported_layouts
 
     with pytest.raises(ValueError, match=r"does not support dynamic \(hybrid\) context parallelism "
                                          r"\(hybrid_context_parallel=True\).*deferred mode with token-mean"):
@@ -210,7 +210,7 @@ def test_prepared_entry_points_still_refuse_dynamic_context_parallelism():
 def test_token_scaled_auxiliary_losses_are_read_from_the_config():
     from types import SimpleNamespace
 
-    from megatron_agg.integration import token_scaled_auxiliary_losses as aux
+    from megatron_agg.megatron.model_setup import token_scaled_auxiliary_losses as aux
 
     dense = SimpleNamespace(num_moe_experts=None, moe_aux_loss_coeff=0.01, mtp_num_layers=None)
     assert aux(dense) == []  # no experts: no router

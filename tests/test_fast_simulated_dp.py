@@ -9,7 +9,7 @@ what it returns. The hook's collectives go through :class:`SimulatedGroups`, a
 ``torch.distributed``). After the step the ranks' gradients are combined as Megatron's DDP does
 (the mean over dp_cp, or the sum with ``calculate_per_token_loss``) and divided as
 ``finalize_model_grads`` does (by ``Σ num_tokens`` on the per-token 3-tuple path): the DDP and
-finalize columns of :mod:`megatron_agg.averaging`, which the multi-rank launches (the smoke launch
+finalize columns of :mod:`megatron_agg.megatron.averaging`, which the multi-rank launches (the smoke launch
 of this tier, the matrix of the full suite) prove against Megatron's real DDP and finalize.
 
 Masks, sequence counts and token counts differ between micro-batches and ranks (fully masked rows
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from megatron_agg import AggMode, LossHook, LossReturn, LossTerm, reference_loss
-from megatron_agg.averaging import GradReduction, MegatronAveraging
+from megatron_agg.megatron.averaging import GradReduction, MegatronAveraging
 from megatron_agg.groups import ParallelGroups
 from megatron_agg.scaling import MegatronScaling
 

@@ -153,7 +153,7 @@ def test_moe_aux_loss_left_as_megatron_leaves_it():
 def test_every_wrapper_is_exact_or_refused_with_megatron_itself_wrong():
     """FSDP2 and every Megatron-FSDP strategy, with and without overlapped reduction (Megatron-LM's
     pairing with no_sync_func): exact where the release's wrapper is consistent; where it has an
-    upstream defect (megatron_agg.wrapper_defects) the hook refused on every rank, naming it, and
+    upstream defect (megatron_agg.megatron.wrapper_defects) the hook refused on every rank, naming it, and
     Megatron's own per-token loss, exact under DDP, misses there."""
     from harness.features import PLAIN_PER_TOKEN
 

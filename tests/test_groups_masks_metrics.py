@@ -200,7 +200,7 @@ def test_the_loss_functions_masks_are_checked_per_name(setup):
 
 def test_step_preparation_with_groups_and_masks_makes_no_host_sync(setup):
     from megatron_agg.engine import PreparedStep
-    from megatron_agg.integration import resolve_groups
+    from megatron_agg.megatron.model_setup import resolve_groups
     from megatron_agg.scaling import MegatronScaling
 
     hook = LossHook(terms=TERMS, metrics=METRICS, **GROUPS)

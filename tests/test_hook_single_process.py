@@ -121,7 +121,7 @@ def test_the_sync_guard_can_fail():
 def test_step_preparation_makes_no_host_sync(setup):
     """The once-per-step work (totals, per-token weights) is sync-free as well."""
     from megatron_agg.engine import PreparedStep
-    from megatron_agg.integration import resolve_groups
+    from megatron_agg.megatron.model_setup import resolve_groups
     from megatron_agg.scaling import MegatronScaling
 
     hook = LossHook(terms={"a": LossTerm("seq-mean-token-mean"), "b": LossTerm("seq-mean-token-sum-norm")})
@@ -239,9 +239,9 @@ def test_per_token_loss_with_calculate_per_token_loss_needs_finalize(megatron_cp
 
 
 def test_unwrapped_model_with_several_dp_ranks_is_refused(megatron_cpu):
-    from megatron_agg.averaging import LossReturn
     from megatron_agg.groups import ParallelGroups
-    from megatron_agg.integration import step_averaging
+    from megatron_agg.megatron.averaging import LossReturn
+    from megatron_agg.megatron.model_setup import step_averaging
 
     (chunk,) = build_chunks(SPEC, Layout())
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import megatron_agg
-from megatron_agg.integration import SUPPORTED_MEGATRON_CORE, check_megatron_version, megatron_core_version
+from megatron_agg.megatron.releases import SUPPORTED_MEGATRON_CORE, check_megatron_version, megatron_core_version
 
 
 def test_setup_py_declares_the_same_range():

@@ -202,7 +202,7 @@ def test_cp_layout_is_checked_and_told_once():
 
     from megatron_agg.engine import check_cp_lengths
     from megatron_agg.groups import ParallelGroups
-    from megatron_agg.integration import checked_cp_layout
+    from megatron_agg.megatron.model_setup import checked_cp_layout
 
     assert checked_cp_layout(None) == "load-balanced"
     assert checked_cp_layout("per-row") == "per-row"

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from megatron_agg.averaging import RELEASES
-from megatron_agg.integration import (
+from megatron_agg.megatron.averaging import RELEASES
+from megatron_agg.megatron.model_setup import resolve_groups
+from megatron_agg.megatron.releases import (
     TESTED_MEGATRON_CORE,
     _check_release_behaviour,
     check_megatron_version,
@@ -13,7 +14,6 @@ from megatron_agg.integration import (
     detect_release_behaviour,
     known_release_behaviour,
     megatron_core_version,
-    resolve_groups,
 )
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_agg.averaging import (WRAPPERS, GradReduction, LossReturn, MegatronAveraging, Wrapper,
-                                    loss_multiplier, wrapper_behaviour)
-from megatron_agg.integration import step_wrapper, wrapper_of
+from megatron_agg.megatron.averaging import (WRAPPERS, GradReduction, LossReturn, MegatronAveraging, Wrapper,
+                                             loss_multiplier, wrapper_behaviour)
+from megatron_agg.megatron.model_setup import step_wrapper, wrapper_of
 
 
 def _chunk_class(module: str, name: str, ddp_config=True):
@@ -89,8 +89,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from megatron_agg import integration
-from megatron_agg.wrapper_defects import WRAPPER_DEFECTS, WrapperSetup, find_wrapper_defect
+from megatron_agg.megatron import model_setup
+from megatron_agg.megatron.wrapper_defects import WRAPPER_DEFECTS, WrapperSetup, find_wrapper_defect
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 MATRIX_RELEASES = ("0.13", "0.14", "0.15", "0.16", "0.17", "0.18", "0.19", "0.20")
@@ -111,8 +111,8 @@ def _mfsdp(strategy, **ddp):
 
 
 def _release(monkeypatch, release):
-    monkeypatch.setattr(integration, "megatron_core_version", lambda: release + ".1")
-    monkeypatch.setattr(integration, "minor_release", lambda: release)
+    monkeypatch.setattr(model_setup, "megatron_core_version", lambda: release + ".1")
+    monkeypatch.setattr(model_setup, "minor_release", lambda: release)
 
 
 def test_the_defect_table_matches_the_per_release_prediction_of_every_probed_set_up():
@@ -168,11 +168,11 @@ def test_a_step_with_a_defective_megatron_fsdp_set_up_is_refused_before_it_runs(
                              bf16=False, fp8=None)
     chunks = [_mfsdp(strategy, overlap_grad_reduce=overlap)]
     if refused is None:
-        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+        model_setup.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
         return
     with pytest.raises(ValueError, match=f"megatron-fsdp with data_parallel_sharding_strategy='{strategy}' in "
                                          f"megatron-core {release}.1 .*{refused}.*upstream defect.*Instead: "):
-        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+        model_setup.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
 
 
 def test_bf16_gradients_count_as_an_unfused_division_in_0_15(monkeypatch):
@@ -180,12 +180,12 @@ def test_bf16_gradients_count_as_an_unfused_division_in_0_15(monkeypatch):
     chunks = [_mfsdp("optim_grads", grad_reduce_in_fp32=False)]
     config = SimpleNamespace(calculate_per_token_loss=False, no_sync_func=None, bf16=True, fp8=None)
     with pytest.raises(ValueError, match="instead of the bucket"):
-        integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+        model_setup.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
     chunks[0].ddp_config.grad_reduce_in_fp32 = True  # fp32 buffer: fused PREMUL_SUM, exact
-    integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+    model_setup.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
     config.calculate_per_token_loss = True  # no 1/dp at all
     chunks[0].ddp_config.grad_reduce_in_fp32 = False
-    integration.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
+    model_setup.refuse_wrapper_defects(Wrapper.MEGATRON_FSDP, chunks, config)
 
 
 def test_the_deferred_mode_refuses_the_same_defects(monkeypatch):
@@ -194,7 +194,7 @@ def test_the_deferred_mode_refuses_the_same_defects(monkeypatch):
     _release(monkeypatch, "0.16")
     chunk = _mfsdp("no_shard")
     config = SimpleNamespace(calculate_per_token_loss=True, no_sync_func=None, bf16=False, fp8=None)
-    monkeypatch.setattr(integration, "model_config", lambda m: config)
+    monkeypatch.setattr(model_setup, "model_config", lambda m: config)
     import megatron_agg.deferred as deferred
 
     monkeypatch.setattr(deferred, "model_config", lambda m: config)

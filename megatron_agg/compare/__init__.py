@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     from .parallel import Layout, model_parallel
     from .reference_gpt import TorchGPT, init_full_weights
     from .wrappers import build_chunks_for, check_coverage, gather_main_grads, shard_error, wrap_model
-    from ..averaging import LossReturn
+    from ..megatron import LossReturn
 
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
     world = dist.get_world_size()
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         plain, plain_opt = megatron_path()
         # --inject-bug: the broken variant goes in through the hook's public groups= argument
         # (totals = local × dp instead of their all-reduce), never by patching megatron_agg.
-        from ..integration import resolve_groups
+        from ..megatron import resolve_groups
 
         broken = ({"groups": groups_like(resolve_groups(), LocalTimesDpGroups)}
                   if args.inject_bug == "local-denominator" else {})

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..averaging import LossReturn
 from ..groups import ParallelGroups
+from ..megatron import LossReturn
 from . import data as data_mod
 
 __all__ = ["plain_masked_mean", "LocalTimesDpGroups", "groups_like", "microbatch_plans"]

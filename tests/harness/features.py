@@ -53,7 +53,7 @@ per release), with equal micro-batch counts (FSDP's collectives run in every bac
 where the wrapper keeps it (:func:`wrapper_shard_error`: FSDP2's local shard, Megatron-FSDP's buffer
 shard, ``main_grad``) and the shards are shown to cover every element as often as the wrapper holds
 it. A configuration with an upstream defect of the installed release
-(:data:`megatron_agg.wrapper_defects.WRAPPER_DEFECTS`, e.g. ``no_shard`` without overlap in
+(:data:`megatron_agg.megatron.wrapper_defects.WRAPPER_DEFECTS`, e.g. ``no_shard`` without overlap in
 0.14-0.17) is not compared: the hook must refuse it on every rank, naming the defect (a
 ``refused:cannot-be-exact`` row; so is the deferred mode under FSDP2), and Megatron's own per-token 3-tuple, exact under DDP, must miss
 there (the ``plain-per-token-3-tuple`` control; under FSDP2 it misses by ``T/dp`` in every
@@ -78,7 +78,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_agg.averaging import LossReturn
+from megatron_agg.megatron.averaging import LossReturn
 from megatron_agg.groups import ParallelGroups
 from megatron_agg.compare import data as data_mod
 from megatron_agg.compare.cpu import cpu_shim
@@ -398,7 +398,7 @@ class Feature:
             :func:`.gpt.build_chunks`/``wrap_ddp(**ddp)``, the FSDP wrappers with
             :func:`.wrappers.build_chunks_for`/:func:`.wrappers.wrap_model` (``wrap`` its options,
             Megatron-LM's pairing: ``config.no_sync_func`` set exactly with ``overlap_grad_reduce``).
-            A configuration whose set-up is in :data:`megatron_agg.wrapper_defects.WRAPPER_DEFECTS`
+            A configuration whose set-up is in :data:`megatron_agg.megatron.wrapper_defects.WRAPPER_DEFECTS`
             for the installed release is not compared: the hook must refuse it on every rank
             (a ``refused:`` row) and Megatron's plain loss must miss there (a ``plain-...`` control).
         wrap: :func:`.wrappers.wrap_model` options (``strategy``, ``overlap_grad_reduce``, ...).
@@ -421,13 +421,13 @@ class Feature:
     wrap: Mapping[str, Any] = field(default_factory=dict)
 
     def defect(self, variant: Variant) -> Optional[Any]:
-        """The upstream defect (:mod:`megatron_agg.wrapper_defects`) of this feature's wrapper
+        """The upstream defect (:mod:`megatron_agg.megatron.wrapper_defects`) of this feature's wrapper
         set-up on ``variant`` in the installed release, or ``None``."""
         if self.wrapper == "ddp":
             return None
-        from megatron_agg.averaging import Wrapper
-        from megatron_agg.integration import minor_release
-        from megatron_agg.wrapper_defects import WrapperSetup, find_wrapper_defect
+        from megatron_agg.megatron.averaging import Wrapper
+        from megatron_agg.megatron.releases import minor_release
+        from megatron_agg.megatron.wrapper_defects import WrapperSetup, find_wrapper_defect
 
         overlap = bool(self.wrap.get("overlap_grad_reduce", False))
         setup = WrapperSetup.of(self.wrap.get("strategy"), no_sync=overlap and self.wrapper != "torch-fsdp2",

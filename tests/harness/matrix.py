@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 import torch.distributed as dist
 
-from megatron_agg.averaging import LossReturn
+from megatron_agg.megatron.averaging import LossReturn
 from megatron_agg.groups import ParallelGroups
 from megatron_agg.scaling import MegatronScaling
 from megatron_agg.definition import reference_loss
@@ -609,7 +609,7 @@ class Harness:
             model = wrap_ddp(chunks, average_in_collective=variant.average_in_collective, **dict(ddp_options or {}))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        from megatron_agg.integration import resolve_groups
+        from megatron_agg.megatron.model_setup import resolve_groups
 
         broken = control.breaker(resolve_groups()) if control and control.breaker else {}
         local_masks = bool(broken.pop("local_masks", False))

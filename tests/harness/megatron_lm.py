@@ -96,7 +96,7 @@ RELEASE_LINES = {"0.19": ("core_r0.19.0", "releases/Megatron-LM-core_r0.19.0"), 
 def installed_line() -> str:
     """The key of :data:`RELEASE_LINES` for the installed megatron-core (0.19 when it is neither)."""
     try:
-        from megatron_agg.integration import minor_release
+        from megatron_agg.megatron.releases import minor_release
 
         minor = minor_release()
     except Exception:  # noqa: BLE001 - no megatron-core here: the default line

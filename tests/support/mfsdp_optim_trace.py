@@ -36,7 +36,7 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-from megatron_agg.averaging import LossReturn
+from megatron_agg.megatron.averaging import LossReturn
 from megatron_agg.compare import data as data_mod
 from megatron_agg.compare.cpu import cpu_shim
 from megatron_agg.compare.gpt import TinyGPT, reference_grads
@@ -147,7 +147,7 @@ def run(no_sync: bool, overlap: bool, full: Dict[str, torch.Tensor], batch: data
 
 
 def main() -> int:
-    from megatron_agg.integration import megatron_core_version
+    from megatron_agg.megatron.releases import megatron_core_version
 
     dist.init_process_group("gloo")
     assert dist.get_world_size() == 4, "run with --nproc-per-node 4"

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_agg import LossHook
-from megatron_agg.averaging import LossReturn
+from megatron_agg.megatron.averaging import LossReturn
 from megatron_agg.compare import data as data_mod
 from megatron_agg.compare.cpu import cpu_shim
 from megatron_agg.compare.gpt import TinyGPT, reference_grads
@@ -206,11 +206,11 @@ def expected_factor(release: str, wrapper: str, path: Variant, dp: int, m: int, 
 
 def compensated_factor(wrapper: str, path: Variant, dp: int, total_tokens: int) -> float:
     """The part of :func:`expected_factor` that megatron_agg's scaling already cancels for this
-    wrapper (its table ``megatron_agg.averaging.WRAPPERS``, where the installed megatron_agg has
+    wrapper (its table ``megatron_agg.megatron.averaging.WRAPPERS``, where the installed megatron_agg has
     one; else 1): the hook's expected factor is ``expected / compensated``."""
     try:
-        from megatron_agg.averaging import GradReduction, wrapper_behaviour
-        from megatron_agg.integration import minor_release
+        from megatron_agg.megatron.averaging import GradReduction, wrapper_behaviour
+        from megatron_agg.megatron.releases import minor_release
     except ImportError:
         return 1.0
     behaviour = wrapper_behaviour(wrapper.split("/")[0], minor_release())
@@ -367,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "nor refused (the version matrix runs it so)")
     args = parser.parse_args(argv)
 
-    from megatron_agg.integration import megatron_core_version
+    from megatron_agg.megatron.releases import megatron_core_version
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -4,8 +4,8 @@ No loss scaling can repair these: the wrapper reduces a gradient twice, adds a r
 an unreduced one, never reduces, or scales the wrong tensor, and what comes out depends on the
 values (or is a factor only a full reduction could undo). A plain Megatron run without
 megatron_agg is wrong the same way. megatron_agg refuses such a step before any gradient is
-touched (:func:`megatron_agg.integration.refuse_wrapper_defects`, on every rank: the set-up is
-read from each rank's own config), naming the release, the defect and the way out.
+touched (:func:`megatron_agg.megatron.model_setup.refuse_wrapper_defects`, on every rank: the
+set-up is read from each rank's own config), naming the release, the defect and the way out.
 
 Read from the released wheels' Megatron-FSDP packages (``megatron/core/distributed/custom_fsdp``
 in 0.13, ``megatron/core/distributed/fsdp/src/megatron_fsdp`` from 0.14) and measured on the CPU

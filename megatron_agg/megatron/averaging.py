@@ -156,7 +156,7 @@ class WrapperBehaviour:
 #: Per wrapper: the same in every supported release unless a release key overrides it
 #: (``(wrapper, "0.13")``). Read from the released wheels' ``distributed/`` packages and measured
 #: on CPU with gloo (tests/support/wrapper_probe.py); see docs/RELEASES.md. The set-ups in which a
-#: wrapper is wrong by itself, whatever the loss, are in :mod:`megatron_agg.wrapper_defects`.
+#: wrapper is wrong by itself, whatever the loss, are in :mod:`megatron_agg.megatron.wrapper_defects`.
 WRAPPERS = {
     Wrapper.DDP: WrapperBehaviour(
         GradReduction.MEAN, GradReduction.SUM, True,
@@ -210,7 +210,8 @@ def schedule_factor(loss_return: LossReturn, calculate_per_token_loss: bool, cp_
                     num_microbatches: int, num_tokens: int, clamps_num_tokens: bool = True) -> float:
     """The schedule column of the module table: what ``forward_step_calc_loss`` multiplies a
     returned loss by (``× cp / M``; ``÷ clamp(nt, 1) / M``; ``1``). The version policy
-    (:func:`megatron_agg.integration.check_megatron_version`) holds the installed schedule to it.
+    (:func:`megatron_agg.megatron.releases.check_megatron_version`) holds the installed schedule
+    to it.
     A release that does not clamp (:attr:`ReleaseBehaviour.schedule_clamps_num_tokens` false,
     0.13–0.14) divides by ``nt`` itself: ``inf`` at ``nt = 0`` (the hook never returns 0 there)."""
     if loss_return is LossReturn.TWO_TUPLE:
