@@ -206,13 +206,11 @@ def expected_factor(release: str, wrapper: str, path: Variant, dp: int, m: int, 
 
 def compensated_factor(wrapper: str, path: Variant, dp: int, total_tokens: int) -> float:
     """The part of :func:`expected_factor` that megatron_agg's scaling already cancels for this
-    wrapper (its table ``megatron_agg.megatron.averaging.WRAPPERS``, where the installed megatron_agg has
-    one; else 1): the hook's expected factor is ``expected / compensated``."""
-    try:
-        from megatron_agg.megatron.averaging import GradReduction, wrapper_behaviour
-        from megatron_agg.megatron.releases import minor_release
-    except ImportError:
-        return 1.0
+    wrapper (its table ``megatron_agg.megatron.averaging.WRAPPERS``): the hook's expected factor is
+    ``expected / compensated``."""
+    from megatron_agg.megatron.averaging import GradReduction, wrapper_behaviour
+    from megatron_agg.megatron.releases import minor_release
+
     behaviour = wrapper_behaviour(wrapper.split("/")[0], minor_release())
     reduction = behaviour.per_token_reduction if path.per_token else behaviour.reduction
     ddp = GradReduction.SUM if path.per_token else GradReduction.MEAN
