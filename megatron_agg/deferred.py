@@ -80,9 +80,8 @@ from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .engine import raise_if_disagree, set_up_fingerprints
 from .groups import group_rank
-from .megatron import (LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, minor_release,
-                       model_config, refuse_wrapper_defects, resolve_groups, step_wrapper,
-                       token_scaled_auxiliary_losses, wrapper_behaviour)
+from .megatron import LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, model_config, resolve_groups
+from .megatron import deferred_rules as rules
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
@@ -93,16 +92,6 @@ from .validation import boundary_problems, coerce_packed, mask_value_problems
 __all__ = ["DeferredLossHook"]
 
 _NAMES = FrontEndNames(entry="DeferredLossHook", loss_call="hook.loss_func(...)", masks="loss_mask")
-
-
-def _denominator_kind(term: LossTerm) -> str:
-    if term.agg_mode is AggMode.TOKEN_MEAN:
-        return "valid tokens (T)"
-    if term.agg_mode is AggMode.TOKEN_SUM:
-        return "no denominator (token-sum: 1)"
-    if term.agg_mode is AggMode.PROMPT_MEAN:
-        return "groups (P)"
-    return "non-empty sequences" if term.exclude_fully_masked_seqs else "sequences (N)"
 
 
 def _uses_prompt_mean(mode: Any, terms: Any, metrics: Any, config: Optional[AggConfig]) -> bool:
@@ -177,7 +166,7 @@ class DeferredLossHook:
                 "Use the prepared LossHook(terms=...).wrap(get_forward_backward_func()) with "
                 "loss_masks={name: [...]}, which counts every mask's denominator in its one all-reduce."
             )
-        kinds = {name: _denominator_kind(t) for name, t in self.terms.items()}
+        kinds = {name: rules.denominator_kind(t) for name, t in self.terms.items()}
         if len(set(kinds.values())) > 1:
             detail = ", ".join(f"{n!r}: {k}" for n, k in kinds.items())
             raise ValueError(
@@ -210,103 +199,21 @@ class DeferredLossHook:
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
-        """Raise ``ValueError`` unless Megatron's config routes ``num_tokens`` as needed."""
-        if not getattr(config, "calculate_per_token_loss", False):
-            raise ValueError(
-                "DeferredLossHook needs TransformerConfig(calculate_per_token_loss=True) "
-                "(Megatron-LM: --calculate-per-token-loss): its denominator travels in num_tokens; "
-                "without it Megatron divides every micro-batch by its own num_tokens and the "
-                "gradients would be silently wrong. Set it, or use the prepared LossHook."
-            )
-        if getattr(config, "finalize_model_grads_func", None) is None:
-            raise ValueError(
-                "DeferredLossHook needs config.finalize_model_grads_func "
-                "(megatron.core.distributed.finalize_model_grads): it divides by the step's total."
-            )
-        problem = self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config)
+        """Raise ``ValueError`` unless Megatron's config routes ``num_tokens`` as this hook needs
+        (:mod:`megatron_agg.megatron.deferred_rules`: the per-token path, dynamic CP, auxiliary losses)."""
+        problem = (rules.per_token_path_problem(config) or rules.dynamic_cp_problem(config, self.config.channels)
+                   or self._auxiliary_loss_problem(config))
         if problem:
             raise ValueError(problem)
 
-    def _dynamic_cp_problem(self, config: Any) -> str:
-        """Why this hook cannot be exact under the config's dynamic context parallelism (``""``: it
-        can, or there is none). Under any of :data:`~megatron_agg.megatron.model_setup.DYNAMIC_CP_SWITCHES`
-        each sample runs on a context-parallel group of its own size, and where a sequence's tokens
-        and its CP rank 0 are is known only to Megatron's schedule. ``token-mean`` and ``token-sum``
-        need neither: every rank returns ``Σ m·l`` over the tokens it holds and its valid-token
-        count (token-sum: 1 once per step) — the pair Megatron's own loss returns — and Megatron's
-        per-token finalize divides the gradients summed over DP×CP by ``Σ num_tokens = T``. A
-        ``seq-mean-*`` term or metric must count each sequence once, on one rank of its partner
-        group, which the hook cannot see: refused."""
-        switched = dynamic_cp_switches(config)
-        if not switched:
-            return ""
-        other = {n: t.agg_mode.value for n, t in self.config.channels.items()
-                 if t.agg_mode not in (AggMode.TOKEN_MEAN, AggMode.TOKEN_SUM)}
-        if not other:
-            return ""
-        return (
-            f"DeferredLossHook cannot make {other} exact under dynamic (hybrid) context parallelism "
-            f"({', '.join(switched)}): each sample runs on a context-parallel group of its own size, chosen "
-            "by Megatron's schedule, so the hook cannot count each sequence once (on one rank of the "
-            "sample's group) and the sequence-mean denominators would be silently wrong. Under dynamic "
-            "context parallelism use mode='token-mean' or 'token-sum' (terms and metrics), or fixed context "
-            "parallelism (context_parallel_size) for the sequence means."
-        )
-
     def _auxiliary_loss_problem(self, config: Any) -> str:
-        """Why the model's token-scaled auxiliary losses cannot ride on this hook's denominator
-        (``""``: they can). Megatron scales the MoE load-balancing loss, the router z-loss and the
-        MTP loss for a division by the step's *valid tokens*; a ``seq-mean-*`` term sends the
-        step's *sequence* count through ``num_tokens`` instead, so their weight would grow by
-        tokens per sequence (``token-sum`` sends a total of 1: by ``T``). Compensating would take
-        ``T / N`` of the step before its backward passes, which the deferred mode (no collective)
-        does not have."""
-        if self._term.agg_mode is AggMode.TOKEN_MEAN:
-            return ""
-        active = token_scaled_auxiliary_losses(config)
-        if not active:
-            return ""
-        return (
-            f"DeferredLossHook with {self._term.agg_mode.value!r} sends "
-            + ("a total of 1 (token-sum has no denominator)" if self._term.agg_mode is AggMode.TOKEN_SUM
-               else f"the step's {_denominator_kind(self._term)}")
-            + f" through Megatron's num_tokens, but this model also adds {'; '.join(active)}, which Megatron "
-            "scales for a division by the step's valid-token count (calculate_per_token_loss): their "
-            "gradients would be multiplied by valid tokens per sequence, with no error. Use the prepared "
-            "LossHook (LossHook(...).wrap(get_forward_backward_func()) with loss_masks=...), which returns "
-            "Megatron's own token counts and keeps those losses' weight; or mode='token-mean'; or set "
-            "their coefficients to 0."
-        )
+        return rules.auxiliary_loss_problem(config, self._term)
 
     @staticmethod
     def check_wrapper(model: Any, num_microbatches: int = 1, config: Any = None) -> None:
-        """Raise ``ValueError`` unless the model chunks' data-parallel wrapper applies
-        ``finalize_model_grads``' division by ``Σ num_tokens`` (the deferred mode's denominator)
-        and has no known defect for this step. Megatron's ``TorchFullyShardedDataParallel`` does
-        not (its ``scale_gradients`` does nothing, in every release); the set-ups of
-        :data:`~megatron_agg.megatron.wrapper_defects.WRAPPER_DEFECTS` are refused too. ``model``: the
-        chunks (a config alone says nothing about the wrapper: nothing is checked); ``config``:
-        their ``TransformerConfig`` (read from the chunks when omitted)."""
-        chunks = model if isinstance(model, (list, tuple)) else [model]
-        if not chunks or not all(isinstance(c, torch.nn.Module) for c in chunks):
-            return
-        wrapper = step_wrapper(chunks)
-        if wrapper is None:
-            return
-        if not wrapper_behaviour(wrapper, minor_release()).finalize_divides:
-            raise ValueError(
-                f"DeferredLossHook needs finalize_model_grads to divide the gradients by the step's "
-                f"num_tokens, but the model chunks are wrapped in {type(chunks[0]).__name__} ({wrapper.value}), "
-                "whose scale_gradients does nothing: the gradients would be off by the whole denominator, "
-                "with no error. Use the prepared LossHook (it returns the exact share for this wrapper) or "
-                "Megatron's DistributedDataParallel / Megatron-FSDP."
-            )
-        if config is None:
-            try:
-                config = model_config(chunks[0])
-            except (RuntimeError, ValueError):  # a chunk without a TransformerConfig: nothing more to read
-                return
-        refuse_wrapper_defects(wrapper, chunks, config)
+        """Raise ``ValueError`` unless the chunks' data-parallel wrapper divides by ``Σ num_tokens`` in
+        finalize and has no known defect (:func:`megatron_agg.megatron.deferred_rules.check_wrapper`)."""
+        rules.check_wrapper(model, config)
 
     @property
     def installed(self) -> bool:
@@ -519,9 +426,9 @@ class DeferredLossHook:
                 "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "
                 "mode needs it on every step."
             )
-        elif self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config):
+        elif rules.dynamic_cp_problem(config, self.config.channels) or self._auxiliary_loss_problem(config):
             checks.evaluations = "the config changed after DeferredLossHook.install: " + (
-                self._dynamic_cp_problem(config) or self._auxiliary_loss_problem(config))
+                rules.dynamic_cp_problem(config, self.config.channels) or self._auxiliary_loss_problem(config))
         elif bool(dynamic_cp_switches(config)) != self._dynamic_cp:
             checks.evaluations = (
                 "dynamic context parallelism was switched "

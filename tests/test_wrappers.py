@@ -195,8 +195,9 @@ def test_the_deferred_mode_refuses_the_same_defects(monkeypatch):
     chunk = _mfsdp("no_shard")
     config = SimpleNamespace(calculate_per_token_loss=True, no_sync_func=None, bf16=False, fp8=None)
     monkeypatch.setattr(model_setup, "model_config", lambda m: config)
-    import megatron_agg.deferred as deferred
+    from megatron_agg.megatron import deferred_rules
 
-    monkeypatch.setattr(deferred, "model_config", lambda m: config)
+    monkeypatch.setattr(deferred_rules, "model_config", lambda m: config)
+    monkeypatch.setattr(deferred_rules, "minor_release", lambda: "0.16")
     with pytest.raises(ValueError, match="never reduces the gradients"):
         DeferredLossHook.check_wrapper([chunk])

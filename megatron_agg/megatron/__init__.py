@@ -10,6 +10,9 @@
 - :mod:`.model_setup` — a model's set-up as Megatron holds it: the step's process groups, the
   context-parallel layout, dynamic CP, auxiliary losses, the model config and its data-parallel
   wrapper, and :func:`~.model_setup.step_averaging` (what Megatron will do to this step).
+- :mod:`.deferred_rules` — what the deferred mode needs of that set-up (Megatron's per-token
+  division, no sequence mean under dynamic CP, no token-scaled auxiliary loss on another denominator,
+  a wrapper whose finalize divides), each as the reason it would not be exact.
 
 Everything is read from Megatron's config objects and code on this rank: no collective. The rest
 of the package imports these names from here.
