@@ -53,7 +53,7 @@ from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
 from .step_math import StepTotals, TotalsLayout
 from .validation import boundary_problems, mask_value_problems
 
-__all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "global_loss_of", "set_up_fingerprints",
+__all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints",
            "config_fingerprints", "group_ids_expected"]
 
 
@@ -284,6 +284,25 @@ class StepSummary:
         return getattr(self.scaling, "averaging", None)
 
 
+class StepTimer:
+    """Wall-clock and CPU seconds a front end spends in megatron_agg's own code during one step
+    (:attr:`StepSummary.engine_seconds`, :attr:`StepSummary.engine_cpu_seconds`): ``with
+    step.timer:`` around the step's set-up, each loss evaluation and the end-of-step check, so
+    that timing stays out of the arithmetic. Host clocks only: no device sync."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __enter__(self) -> "StepTimer":
+        self._start = (time.perf_counter(), time.thread_time())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds += time.perf_counter() - self._start[0]
+        self.cpu_seconds += time.thread_time() - self._start[1]
+
+
 def global_loss_of(summary: Optional[StepSummary], failed: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
     """``{"loss": L, <term>: L_k, <metric>: value}`` of a completed step: one all-reduce (SUM) over
     data×context of every rank's shares (the metrics ride in it: no collective of their own)."""
@@ -355,6 +374,7 @@ class PreparedStep:
         tracker: Optional[AgreementTracker] = None,
         group_ids: Optional[Sequence[torch.Tensor]] = None,
         refused: Optional[Exception] = None,
+        timer: Optional[StepTimer] = None,
     ) -> None:
         self.config = config
         self.terms = config.terms
@@ -369,8 +389,7 @@ class PreparedStep:
         self.next_microbatch = 0
         self.collectives = 0
         self.wait_seconds = 0.0
-        self.engine_seconds = 0.0  # added to by the front end around each loss evaluation
-        self.engine_cpu_seconds = 0.0
+        self.timer = timer if timer is not None else StepTimer()  # the front end's, around its calls
         self.totals: Optional[torch.Tensor] = None
         self.plan: Optional[sm.StepPlan] = None
         self.plans: List[sm.MicroBatchPlan] = []
@@ -658,7 +677,7 @@ class PreparedStep:
                 tensors += [self.totals if self._reduced is None else self._reduced]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def summary(self, engine_seconds: float = 0.0, engine_cpu_seconds: float = 0.0) -> StepSummary:
+    def summary(self) -> StepSummary:
         return StepSummary(
             is_last_stage=self.is_last_stage,
             num_microbatches=self.num_microbatches,
@@ -668,7 +687,7 @@ class PreparedStep:
             collectives=self.collectives,
             groups=self.groups,
             state_bytes=self.state_bytes(),
-            engine_seconds=engine_seconds,
-            engine_cpu_seconds=engine_cpu_seconds,
+            engine_seconds=self.timer.seconds,
+            engine_cpu_seconds=self.timer.cpu_seconds,
             wait_seconds=self.wait_seconds,
         )

@@ -29,14 +29,13 @@ host sync per micro-batch, the same checks after the step as the Megatron hook.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
 from .checks import FrontEndNames
 from .config import AggConfig
-from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
+from .engine import AgreementTracker, PreparedStep, StepSummary, StepTimer, global_loss_of
 from .groups import ParallelGroups
 from .modes import AggModeLike
 from .scaling import SumScaling
@@ -74,13 +73,10 @@ class _FSDPStep:
         when terms or metrics name their own masks; ``per_token_loss_fn`` returns one entry per
         term and metric, as for :meth:`~megatron_agg.LossHook.loss_func`."""
         step = self._step
-        t0, c0 = time.perf_counter(), time.thread_time()
-        per_token = per_token_losses(per_token_loss_fn, output)
-        losses = split_term_losses(step.terms, per_token, step.next_microbatch, step.metrics)
-        loss = step.microbatch_loss(losses, loss_mask)[0]
-        step.engine_seconds += time.perf_counter() - t0
-        step.engine_cpu_seconds += time.thread_time() - c0
-        return loss
+        with step.timer:
+            per_token = per_token_losses(per_token_loss_fn, output)
+            losses = split_term_losses(step.terms, per_token, step.next_microbatch, step.metrics)
+            return step.microbatch_loss(losses, loss_mask)[0]
 
     @property
     def num_microbatches(self) -> int:
@@ -195,34 +191,31 @@ class FSDPLossHook:
                 "over its mesh unless told to sum them."
             )
         self._last, self._failed = None, "the step did not finish"
-        t0, c0 = time.perf_counter(), time.thread_time()
-        some = next(iter(loss_masks.values()), None) if isinstance(loss_masks, Mapping) else loss_masks
-        count = len(some) if isinstance(some, (list, tuple)) else 0
-        named, packed, ids, refused = checked_inputs(self.config, loss_masks, as_int(max(count, 1), "len(loss_masks)"),
-                                                     packed_seqs, group_ids, _MISSING_MASKS)
-        masks = next(iter(named.values()))
-        groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,
-                                cp_layout=self._sp_layout)
-        scaling = SumScaling(len(masks), groups.dp_cp_size)
-        if groups.cp_size > 1 and any(m.shape[-1] % groups.cp_size for m in masks):
-            raise ValueError(
-                f"Sequence parallelism over {groups.cp_size} ranks needs padded lengths divisible by "
-                f"{groups.cp_size}; got {[m.shape[-1] for m in masks]}."
-            )
-        step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
-                            group_ids=ids, refused=refused)
-        step.engine_seconds += time.perf_counter() - t0
-        step.engine_cpu_seconds += time.thread_time() - c0
+        with StepTimer() as timer:  # the step's set-up
+            some = next(iter(loss_masks.values()), None) if isinstance(loss_masks, Mapping) else loss_masks
+            count = len(some) if isinstance(some, (list, tuple)) else 0
+            named, packed, ids, refused = checked_inputs(self.config, loss_masks, as_int(max(count, 1), "len(loss_masks)"),
+                                                         packed_seqs, group_ids, _MISSING_MASKS)
+            masks = next(iter(named.values()))
+            groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,
+                                    cp_layout=self._sp_layout)
+            scaling = SumScaling(len(masks), groups.dp_cp_size)
+            if groups.cp_size > 1 and any(m.shape[-1] % groups.cp_size for m in masks):
+                raise ValueError(
+                    f"Sequence parallelism over {groups.cp_size} ranks needs padded lengths divisible by "
+                    f"{groups.cp_size}; got {[m.shape[-1] for m in masks]}."
+                )
+            step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
+                                group_ids=ids, refused=refused, timer=timer)
         try:
             yield _FSDPStep(step)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            step.finish()
+            with timer:
+                step.finish()
         except BaseException as exc:
             self._failed = f"{type(exc).__name__}: {exc}"
             raise
         self._failed = None
-        self._last = step.summary(step.engine_seconds + time.perf_counter() - t0,
-                                  step.engine_cpu_seconds + time.thread_time() - c0)
+        self._last = step.summary()
 
     @property
     def last_step(self) -> Optional[StepSummary]:

@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from .checks import FrontEndNames, NonFiniteLossError
 from .config import AggConfig
-from .engine import AgreementTracker, PreparedStep, StepSummary, global_loss_of
+from .engine import AgreementTracker, PreparedStep, StepSummary, StepTimer, global_loss_of
 from .groups import ParallelGroups
 from .megatron import LossReturn, check_megatron_version, checked_cp_layout, resolve_groups
 from .modes import AggModeLike
@@ -236,34 +235,30 @@ class LossHook:
                 "forward_backward calls need one LossHook each."
             )
         self._last, self._failed = None, "the step did not finish"
-        t0, c0 = time.perf_counter(), time.thread_time()
-        num_microbatches = kwargs.get("num_microbatches")
-        named, packed, ids, refused = checked_inputs(
-            self.config, None if loss_masks is _MISSING else loss_masks, num_microbatches, packed_seqs, group_ids,
-            _MISSING_MASKS)
-        masks = next(iter(named.values()))
-        groups = self._groups or resolve_groups(
-            kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),
-            cp_layout=self._cp_layout,
-        )
-        scaling = self._scaling.for_step(kwargs.get("model"), self.loss_return, len(masks), groups)
-        step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
-                            group_ids=ids, refused=refused)
+        with StepTimer() as timer:  # the step's set-up
+            named, packed, ids, refused = checked_inputs(
+                self.config, None if loss_masks is _MISSING else loss_masks, kwargs.get("num_microbatches"),
+                packed_seqs, group_ids, _MISSING_MASKS)
+            masks = next(iter(named.values()))
+            groups = self._groups or resolve_groups(
+                kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),
+                cp_layout=self._cp_layout,
+            )
+            scaling = self._scaling.for_step(kwargs.get("model"), self.loss_return, len(masks), groups)
+            step = PreparedStep(self.config, named, groups, scaling, packed, names=_NAMES, tracker=self._tracker,
+                                group_ids=ids, refused=refused, timer=timer)
         self._step = step
-        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
         try:
             result = func(*args, **kwargs)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            step.finish(evaluated_all=not bool(kwargs.get("collect_non_loss_data", False)))
+            with timer:
+                step.finish(evaluated_all=not bool(kwargs.get("collect_non_loss_data", False)))
         except BaseException as exc:
             self._failed = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self._step = None
         self._failed = None
-        seconds += time.perf_counter() - t0 + step.engine_seconds
-        cpu += time.thread_time() - c0 + step.engine_cpu_seconds
-        self._last = step.summary(seconds, cpu)
+        self._last = step.summary()
         return result
 
     def loss_func(
@@ -300,11 +295,9 @@ class LossHook:
                     "hook.loss_func(...) was evaluated outside a step of this hook; call the "
                     "function returned by hook.wrap(get_forward_backward_func()) with loss_masks=..."
                 )
-            t0, c0 = time.perf_counter(), time.thread_time()
-            losses = split_term_losses(self.config.terms, per_token, step.next_microbatch, self.config.metrics)
-            loss, num_tokens, report = step.microbatch_loss(losses, loss_mask)
-            step.engine_seconds += time.perf_counter() - t0
-            step.engine_cpu_seconds += time.thread_time() - c0
+            with step.timer:
+                losses = split_term_losses(self.config.terms, per_token, step.next_microbatch, self.config.metrics)
+                loss, num_tokens, report = step.microbatch_loss(losses, loss_mask)
             if num_tokens is None:
                 return loss, report
             return loss, num_tokens, report
