@@ -335,12 +335,10 @@ class DeferredLossHook:
 
     def _loss(self, losses: Dict[str, torch.Tensor], loss_mask: torch.Tensor,
               counts: Optional[torch.Tensor], packed: Optional[PackedSequences]) -> tuple:
+        """One micro-batch: ``(numerator, num_tokens, {name: [numerator, its count]})`` (module docstring)."""
         checks = self._step_checks()
         index = self._index
         self._index += 1
-        groups = self._groups
-        cp_size, cp_rank = groups.cp_size, groups.cp_rank
-        where = f"micro-batch {index}"
         for name, loss in losses.items():
             if not isinstance(loss, torch.Tensor) or loss.shape != loss_mask.shape:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -348,18 +346,41 @@ class DeferredLossHook:
                     f"The per-token loss of term {name!r} has shape {shape} but the mask "
                     f"has {tuple(loss_mask.shape)}; the loss function must return one loss per token."
                 )
+        view, cp_rank = self._microbatch_view(loss_mask, counts, packed, f"micro-batch {index}", checks)
+        parts = {name: sm.numerator_part(losses[name], term, view) for name, term in self.terms.items()}
+        for name, part in parts.items():
+            checks.record_loss(index, name, part, losses[name])
+        numerator = sm.weighted_total(self.terms, parts)
+        first = index == 0 and group_rank(self._groups.dp_cp) == 0  # token-sum's D = 1 rides here
+        num_tokens = sm.denominator_part(self._term, view, cp_rank, first)
+        count = num_tokens.to(torch.float32)
+        out = {DEFAULT_TERM_NAME: torch.stack([numerator.detach().to(torch.float32), count])}
+        if len(self.terms) > 1:
+            out.update({name: torch.stack([part.detach().to(torch.float32), count]) for name, part in parts.items()})
+        with torch.no_grad():  # metrics: [Σ m·α·v, its own denominator's part], never backpropagated
+            for name, metric in self.metrics.items():
+                part = sm.numerator_part(losses[name].detach(), metric, view)
+                metric_count = sm.denominator_part(metric, view, cp_rank, first).to(torch.float32)
+                out[name] = torch.stack([part.to(torch.float32), metric_count])
+        return numerator, num_tokens, out
+
+    def _microbatch_view(self, loss_mask: torch.Tensor, counts: Optional[torch.Tensor],
+                         packed: Optional[PackedSequences], where: str, checks: StepChecks) -> tuple:
+        """The micro-batch's sequences as this rank holds them (:func:`~megatron_agg.step_math.cp_local_view`,
+        whole-sequence ``counts`` in place of the slice's when given) and this rank's CP rank; records
+        the inputs' device-side checks (mask values, packing boundaries, counts that do not fit),
+        read at the step's end. Under dynamic CP (token modes only) the slice is a bag of tokens."""
+        groups = self._groups
+        cp_size, cp_rank = (1, 0) if self._dynamic_cp else (groups.cp_size, groups.cp_rank)
+        if self._dynamic_cp:  # the sample's own cut: packing and whole-sequence counts are not this slice's
+            packed, counts = None, None
         device = loss_mask.device
         checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
-        if self._dynamic_cp:
-            # Dynamic CP (token-mean/token-sum only, check_config): the slice's tokens are all that
-            # count, wherever the schedule cut the sequence; packing and whole-sequence counts unused.
-            packed, counts, cp_size, cp_rank = None, None, 1, 0
         if packed is not None:
             checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(
                 packed, loss_mask.shape[-1] * cp_size, cp_size, device, per_document=groups.cp_layout == "load-balanced")))
         # This slice's sequences: valid tokens, sequence index, default C_i; counts of this slice only.
         view = sm.cp_local_view(loss_mask, packed, sm.CPRank(cp_size, cp_rank, groups.cp_layout))
-        num_seqs = view.num_seqs
         if counts is None:
             needs_counts = any(
                 t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or (t.exclude_fully_masked_seqs and t.agg_mode.is_sequence_mean)
@@ -372,40 +393,20 @@ class DeferredLossHook:
                     "DeferredLossHook.sequence_token_counts(full_loss_mask[, packed_seqs]) computed "
                     "before the CP split."
                 )
-        else:
-            if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != num_seqs:
-                got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
-                layout = "packed row (packed_seqs)" if packed is not None else f"[{loss_mask.shape[0]}, s] mask (one sequence per row)"
-                raise ValueError(
-                    f"sequence_token_counts of {where} has shape {got}, but the {layout} holds {num_seqs} "
-                    "sequence(s). Pass DeferredLossHook.sequence_token_counts(full_loss_mask, packed_seqs) "
-                    "with the same packed_seqs as loss_func (a packed row needs packed_seqs in both)."
-                )
-            counts = counts.to(device=device, dtype=torch.float64)
-            # Whole-sequence counts hold at least this slice's tokens; without CP exactly them.
-            wrong = (counts < view.counts) if cp_size > 1 else (counts != view.counts)
-            checks.counts.append((where, "counts that do not match the mask's valid tokens per sequence",
-                                  wrong.sum()))
-            view = dataclasses.replace(view, counts=counts)
-        report: Dict[str, torch.Tensor] = {}
-        parts = {name: sm.numerator_part(losses[name], term, view) for name, term in self.terms.items()}
-        for name, part in parts.items():
-            checks.record_loss(index, name, part, losses[name])
-            if len(self.terms) > 1:
-                report[name] = part.detach()
-        numerator = sm.weighted_total(self.terms, parts)
-        first = index == 0 and group_rank(groups.dp_cp) == 0  # token-sum's D = 1 rides here
-        num_tokens = sm.denominator_part(self._term, view, cp_rank, first)
-        count = num_tokens.to(torch.float32)
-        out = {DEFAULT_TERM_NAME: torch.stack([numerator.detach().to(torch.float32), count])}
-        for name, value in report.items():
-            out[name] = torch.stack([value.to(torch.float32), count])
-        with torch.no_grad():  # metrics: [Σ m·α·v, its own denominator's part], never backpropagated
-            for name, metric in self.metrics.items():
-                part = sm.numerator_part(losses[name].detach(), metric, view)
-                metric_count = sm.denominator_part(metric, view, cp_rank, first).to(torch.float32)
-                out[name] = torch.stack([part.to(torch.float32), metric_count])
-        return numerator, num_tokens, out
+            return view, cp_rank
+        if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != view.num_seqs:
+            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            layout = "packed row (packed_seqs)" if packed is not None else f"[{loss_mask.shape[0]}, s] mask (one sequence per row)"
+            raise ValueError(
+                f"sequence_token_counts of {where} has shape {got}, but the {layout} holds {view.num_seqs} "
+                "sequence(s). Pass DeferredLossHook.sequence_token_counts(full_loss_mask, packed_seqs) "
+                "with the same packed_seqs as loss_func (a packed row needs packed_seqs in both)."
+            )
+        counts = counts.to(device=device, dtype=torch.float64)
+        # Whole-sequence counts hold at least this slice's tokens; without CP exactly them.
+        wrong = (counts < view.counts) if cp_size > 1 else (counts != view.counts)
+        checks.counts.append((where, "counts that do not match the mask's valid tokens per sequence", wrong.sum()))
+        return dataclasses.replace(view, counts=counts), cp_rank
 
     # -- the end of a step ------------------------------------------------------------------------
     def _end_of_step(self, model: Any) -> None:
