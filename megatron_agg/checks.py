@@ -78,7 +78,7 @@ class StepChecks:
     #: (where, what is wrong, count) for per-sequence counts (deferred mode).
     counts: List[Tuple[str, str, torch.Tensor]] = field(default_factory=list)
     #: Problems known on the host already: inputs this rank refused while the step ran on (stand-ins
-    #: took their place, see :func:`megatron_agg.engine.start_totals`), the number of loss evaluations.
+    #: took their place, see :func:`megatron_agg.collective.start_totals`), the number of loss evaluations.
     inputs: Optional[str] = None
     evaluations: Optional[str] = None
     #: This rank's fingerprints of the set-up (None entries: no say), for the agreement check.

@@ -78,7 +78,8 @@ from . import step_math as sm
 from .agreement import agreement_block
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
-from .engine import raise_if_disagree, set_up_fingerprints
+from .collective import raise_if_disagree
+from .engine import set_up_fingerprints
 from .groups import group_rank
 from .megatron import LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, model_config, resolve_groups
 from .megatron import deferred_rules as rules
@@ -246,7 +247,7 @@ class DeferredLossHook:
         if groups.dp_size > 1:
             block = agreement_block(prints, self._device)
             groups.sum_over_dp(block, async_op=False)
-            raise_if_disagree(block, _NAMES, "checked at install")
+            raise_if_disagree(block, _NAMES.entry, "checked at install")
         original = current
 
         def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:

@@ -13,9 +13,10 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
    rank's totals from whole sequences (:func:`megatron_agg.step_math.plan_step`: ``N``,
    ``T_k`` and ``N⁺_k`` per mask, and for ``prompt-mean`` the per-group counts) and starts **one**
    all-reduce (SUM, float64) over the pure data-parallel group of ``[totals..., agreement
-   triples..., two flags]`` (:func:`start_totals`). The first time a process uses a vector length
+   triples..., two flags]`` (:func:`~megatron_agg.collective.start_totals`). The first time a process uses a vector length
    over a DP group, the ranks' agreement on the set-up (which fixes the length) is checked first
-   in a small all-reduce of its own; on any step whose set-up changed (:class:`AgreementTracker`)
+   in a small all-reduce of its own; on any step whose set-up changed
+   (:class:`~megatron_agg.collective.AgreementTracker`)
    or whose inputs this rank refused, the totals are awaited at once and a disagreement raises on
    every DP rank, *before* the schedule runs (one host sync, at that step's start) — or, when some
    rank runs its schedule unread, at the step's end on every rank; otherwise the all-reduce is
@@ -35,26 +36,26 @@ A *prepared* step (:class:`PreparedStep`), on each rank of the last pipeline sta
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from . import step_math as sm
-from .agreement import AGREEMENT_FIELDS, disagreements, fingerprints, flag_counts, step_block
 from .checks import FrontEndNames, StepChecks
+from .agreement import fingerprints
+from .collective import AgreementTracker, raise_if_disagree, start_totals
 from .config import AggConfig
 from .groups import ParallelGroups
 from .megatron import LossReturn
 from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
-from .step_math import StepTotals, TotalsLayout
+from .step_math import StepTotals
 from .validation import boundary_problems, mask_value_problems
 
-__all__ = ["AgreementTracker", "PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints",
-           "config_fingerprints", "group_ids_expected"]
+__all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints", "group_ids_expected",
+           "check_cp_lengths"]
 
 
 def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Optional[Scaling],
@@ -79,179 +80,6 @@ def group_ids_expected(config: AggConfig) -> str:
                 f"{config.num_groups - 1} (num_groups={config.num_groups}).")
     return (f"With group_scope='global' ids name the step's prompts 0 … {config.num_groups - 1} on every rank "
             f"(num_groups={config.num_groups}).")
-
-
-class AgreementTracker:
-    """Remembers the last set-up whose agreement over the DP ranks was checked synchronously, so
-    that only the first step and steps whose set-up changed pay for the synchronous check."""
-
-    def __init__(self, policy: str = "on-change") -> None:
-        self.policy = policy
-        self._verified: Dict[Any, Tuple] = {}
-        self._lengths: set = set()
-
-    def needs_sync(self, key: Any, prints: Sequence[Optional[float]]) -> bool:
-        return self.policy == "every-step" or self._verified.get(key) != tuple(prints)
-
-    def verified(self, key: Any, prints: Sequence[Optional[float]]) -> None:
-        self._verified[key] = tuple(prints)
-
-    def needs_length_check(self, key: Any, layout: TotalsLayout) -> bool:
-        """Whether this entry point has yet to check the ranks' agreement on a set-up of this totals
-        layout over this group in a small all-reduce of its own (its first step, and the first step
-        of each layout): afterwards the agreement rides in the totals (:func:`start_totals`)."""
-        return (key, layout) not in self._lengths
-
-    def length_verified(self, key: Any, layout: TotalsLayout) -> None:
-        self._lengths.add((key, layout))
-
-    @classmethod
-    def of_group(cls, dp_group: Any, policy: str = "on-change") -> "AgreementTracker":
-        """The tracker that lives with the data-parallel process group ``dp_group`` (held weakly), for
-        an entry point rebuilt every step (:class:`~megatron_agg.StepShares`), which cannot keep one
-        itself. The DP group is what the caller keeps across steps (Megatron's ``parallel_state`` or
-        ``pg_collection``) and what must agree; not the model config, which a ``StepShares`` over
-        ``groups=`` need not have. A new group starts with no memory on all of its ranks at once (its
-        first step checks synchronously, as does any step whose set-up changed); the memory dies with
-        the group, so a later group at the same address inherits none. A group that cannot be weakly
-        referenced gets a fresh tracker (a synchronous check) every time. ``policy`` is the caller's
-        ``agreement`` option of this step (``"every-step"``: check synchronously all the same)."""
-        try:
-            tracker = _GROUP_TRACKERS.get(dp_group)
-            if tracker is None:
-                tracker = _GROUP_TRACKERS[dp_group] = cls()
-        except TypeError:
-            tracker = cls()
-        tracker.policy = policy
-        return tracker
-
-
-#: The agreement memory of each data-parallel group (:meth:`AgreementTracker.of_group`).
-_GROUP_TRACKERS: "weakref.WeakKeyDictionary[Any, AgreementTracker]" = weakref.WeakKeyDictionary()
-
-
-def raise_if_disagree(block: torch.Tensor, names: FrontEndNames, where: str) -> None:
-    """Read a summed agreement block (one host sync) and raise ``ValueError`` naming the options."""
-    problem = _disagreement(block, names, where)
-    if problem:
-        raise ValueError(problem)
-
-
-def _disagreement(block: torch.Tensor, names: FrontEndNames, where: str) -> Optional[str]:
-    differing = [f for f, d in zip(AGREEMENT_FIELDS, disagreements(block).tolist()) if d]
-    if differing:
-        return (
-            f"The data-parallel ranks of this step disagree on: {', '.join(differing)} ({where}). Every "
-            f"rank must build the same {names.entry} (terms, modes, options, loss_return) and the same "
-            "Megatron config; nothing was computed. Raised on every rank of the group."
-        )
-    if block.numel() > 3 * len(AGREEMENT_FIELDS) and flag_counts(block)[0]:
-        return ("A data-parallel rank of this step refused its inputs (its error says which); nothing was "
-                "computed. Raised on every rank of the group.")
-    return None
-
-
-#: The totals layout each data-parallel group (the process group object: a new group starts
-#: empty on every rank) last all-reduced in this process. It is set only after a collective every
-#: rank of the group took part in, so all of them hold the same entry: a rank whose set-up (and so
-#: its totals' length) changed alone pairs its first collective with the others' through it
-#: (:func:`start_totals`).
-_LAST_LAYOUT: "weakref.WeakKeyDictionary[Any, TotalsLayout]" = weakref.WeakKeyDictionary()
-
-
-def _remember(group: Any, layout: Optional[TotalsLayout] = None) -> Optional[TotalsLayout]:
-    """The layout ``group`` last all-reduced (``None``: none, or a group that cannot be
-    weak-referenced, which is then new at every step); with ``layout``, remember it."""
-    try:
-        if layout is not None:
-            _LAST_LAYOUT[group] = layout
-        return _LAST_LAYOUT.get(group)
-    except TypeError:
-        return None
-
-
-@dataclass
-class StepStart:
-    """What :func:`start_totals` started."""
-
-    #: ``[totals, step block]`` being all-reduced (``None``: no all-reduce of this rank's totals).
-    reduced: Optional[torch.Tensor] = None
-    work: Any = None
-    collectives: int = 0
-    wait_seconds: float = 0.0
-    #: A problem to raise at the end of the step, on every rank (``StepChecks.inputs``): the step
-    #: runs on, with stand-ins, because another rank runs its schedule without reading the block.
-    deferred: Optional[str] = None
-
-
-def start_totals(groups: ParallelGroups, layout: TotalsLayout, totals: torch.Tensor,
-                 prints: Sequence[Optional[float]], names: FrontEndNames, *, tracker: AgreementTracker,
-                 key: Any, async_ok: bool, refused: Optional[Exception] = None,
-                 where: str = "checked before the step") -> StepStart:
-    """Start the step's one all-reduce (SUM) over the data-parallel group of ``[totals, step block]``
-    (:func:`~megatron_agg.agreement.step_block`: the set-up's fingerprints, whether this rank
-    ``refused`` its inputs, whether it reads the block before the schedule).
-
-    This rank reads the block before the schedule (one host sync) on the first step and whenever
-    its set-up changed or it refused its inputs. A disagreement or a refusal then raises at once on
-    every rank if every rank read the block; if some rank runs its schedule unread (its set-up did
-    not change), this rank runs the step too (``deferred``; on stand-in inputs) and every rank raises
-    at the step's end (:class:`~megatron_agg.checks.StepChecks`), before the optimizer step — never
-    a rank left alone in a collective. A rank whose totals' length changed first sends a block of
-    the length the group last used (:data:`_LAST_LAYOUT`; the first time, no totals), so that it
-    pairs with the ranks that did not change; a new length is used only once every rank agreed.
-    An entry point's first step (of each layout) sends that block too (:class:`AgreementTracker`).
-    """
-    start = StepStart()
-    if groups.dp_size == 1:
-        if refused is not None:
-            raise refused
-        return start
-    device = totals.device
-
-    def all_reduce(vector: torch.Tensor, async_op: bool) -> Any:
-        t0 = time.perf_counter()
-        work = groups.sum_over_dp(vector, async_op=async_op)
-        if not async_op:  # a blocking all-reduce is a wait as well
-            start.wait_seconds += time.perf_counter() - t0
-        start.collectives += 1
-        return work
-
-    def outcome(block: torch.Tensor) -> Optional[str]:
-        block = block.cpu()  # the one host sync
-        problem = _disagreement(block, names, where)
-        if problem is None:
-            return None
-        if refused is not None:
-            problem = (f"{refused} (Refused on this rank; raised on every rank of the data-parallel group, "
-                       "before the step.)")
-        if flag_counts(block)[1] == 0:  # every rank read this block: all raise now, before the schedule
-            raise ValueError(problem) from refused
-        return problem
-
-    last = _remember(groups.dp)
-    sync = refused is not None or tracker.needs_sync(key, prints)
-    if last != layout or tracker.needs_length_check(key, layout):
-        length = 0 if last is None else last.size
-        block = torch.cat([torch.zeros(length, dtype=torch.float64, device=device),
-                           step_block(prints, refused is not None, True, device)])
-        all_reduce(block, False)
-        start.deferred = outcome(block[length:])
-        if start.deferred is not None:
-            return start  # this rank's totals are not the step's: it runs on its own, and raises at the end
-        sync = False  # every rank read this block and agreed: the set-up is verified
-    start.reduced = torch.cat([totals, step_block(prints, refused is not None, sync, device)])
-    start.work = all_reduce(start.reduced, async_ok and not sync)
-    if sync:
-        if start.work is not None:
-            start.work.wait()
-            start.work = None
-        start.deferred = outcome(start.reduced[layout.size:])
-    _remember(groups.dp, layout)
-    if start.deferred is None:
-        tracker.verified(key, prints)
-        tracker.length_verified(key, layout)
-    return start
 
 
 @dataclass
@@ -353,7 +181,7 @@ class PreparedStep:
     name (validated by the front end: :func:`~megatron_agg.validation.check_named_masks`).
     ``group_ids``: per micro-batch one id per sequence, when a term or metric is ``prompt-mean``
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
-    refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`start_totals`).
+    refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`~megatron_agg.collective.start_totals`).
 
     The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), stack
     the micro-batches (:func:`~megatron_agg.step_math.stack_microbatches`) and record the device-side
@@ -463,8 +291,8 @@ class PreparedStep:
 
     def _start_totals(self, plan: sm.StepPlan, prints: Sequence[Optional[float]], tracker: AgreementTracker,
                       refused: Optional[Exception]) -> None:
-        """Start the step's one all-reduce of the local totals (:func:`start_totals`)."""
-        start = start_totals(self.groups, self.layout, plan.local.vector, prints, self.names, tracker=tracker,
+        """Start the step's one all-reduce of the local totals (:func:`~megatron_agg.collective.start_totals`)."""
+        start = start_totals(self.groups, self.layout, plan.local.vector, prints, self.names.entry, tracker=tracker,
                              key=("dp", id(self.groups.dp)), async_ok=self.config.async_totals, refused=refused)
         self.collectives += start.collectives
         self.wait_seconds += start.wait_seconds
@@ -662,7 +490,7 @@ class PreparedStep:
         if self._reduced is not None:
             self._wait()
             if not self.config.raise_on_every_rank:  # the totals' block is the DP-wide agreement
-                raise_if_disagree(self._reduced[self.layout.size:], self.names, "checked after the step")
+                raise_if_disagree(self._reduced[self.layout.size:], self.names.entry, "checked after the step")
         self.collectives += self.checks.finish(self.groups, self.config.raise_on_every_rank, self._device)
 
     def state_bytes(self) -> int:

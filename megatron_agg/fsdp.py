@@ -35,7 +35,8 @@ import torch
 
 from .checks import FrontEndNames
 from .config import AggConfig
-from .engine import AgreementTracker, PreparedStep, StepSummary, StepTimer, global_loss_of
+from .collective import AgreementTracker
+from .engine import PreparedStep, StepSummary, StepTimer, global_loss_of
 from .groups import ParallelGroups
 from .modes import AggModeLike
 from .scaling import SumScaling

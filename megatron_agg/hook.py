@@ -44,7 +44,7 @@ totals. The first time a process uses a vector length over a DP group, the ranks
 set-up (which fixes the length) is checked in a small all-reduce of its own before the totals; a
 step whose set-up changed awaits the totals at once; a disagreement then raises on every DP rank
 before the schedule starts, or — when some rank's set-up did not change and it runs the schedule
-unread — on every rank at the step's end (:func:`megatron_agg.engine.start_totals`). The engine
+unread — on every rank at the step's end (:func:`megatron_agg.collective.start_totals`). The engine
 itself is :mod:`megatron_agg.engine`.
 
 The loss the hook reports per micro-batch is a Megatron-LM style ``{name: [sum, count]}`` dict
@@ -62,7 +62,8 @@ import torch
 
 from .checks import FrontEndNames, NonFiniteLossError
 from .config import AggConfig
-from .engine import AgreementTracker, PreparedStep, StepSummary, StepTimer, global_loss_of
+from .collective import AgreementTracker
+from .engine import PreparedStep, StepSummary, StepTimer, global_loss_of
 from .groups import ParallelGroups
 from .megatron import LossReturn, check_megatron_version, checked_cp_layout, resolve_groups
 from .modes import AggModeLike

@@ -33,7 +33,7 @@ Collectives: one all-reduce (SUM, float64) over the pure data-parallel group per
 triples...]`` (:mod:`megatron_agg.step_math`), on the last pipeline stage only (started at
 construction, awaited by the first ``share``; awaited at once, with one host sync, the first time
 a set-up is seen over the data-parallel group (the memory lives with the group:
-:meth:`AgreementTracker.of_group <megatron_agg.engine.AgreementTracker.of_group>`), so that disagreeing DP ranks raise before any gradient; the first
+:meth:`AgreementTracker.of_group <megatron_agg.collective.AgreementTracker.of_group>`), so that disagreeing DP ranks raise before any gradient; the first
 time a totals layout — masks, ``num_groups`` — is seen, the ranks' agreement on it is checked in a
 small all-reduce of its own first, once); every CP rank does its own identical one, so nothing is
 counted once per CP rank.
@@ -56,7 +56,8 @@ import torch
 from . import step_math as sm
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig, totals_layout
-from .engine import AgreementTracker, set_up_fingerprints, start_totals
+from .collective import AgreementTracker, start_totals
+from .engine import set_up_fingerprints
 from .groups import ParallelGroups
 from .megatron import LossReturn, check_megatron_version, model_config, resolve_groups
 from .modes import AggMode, AggModeLike
@@ -179,7 +180,7 @@ class StepShares:
         refused: Optional[Exception] = None
         try:
             ids = check_group_ids(group_ids, masks, None, grouped)
-        except ValueError as exc:  # raised on every rank (engine.start_totals); ids -1 stand in meanwhile
+        except ValueError as exc:  # raised on every rank (collective.start_totals); ids -1 stand in meanwhile
             if not grouped or not isinstance(group_ids, Sequence):
                 raise
             ids, refused = [torch.full((mask.shape[0],), -1, dtype=torch.int64, device=mask.device) for mask in masks], exc
@@ -246,7 +247,7 @@ class StepShares:
         prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
         local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
-        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES, tracker=AgreementTracker.of_group(self.groups.dp, self.config.agreement),
+        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES.entry, tracker=AgreementTracker.of_group(self.groups.dp, self.config.agreement),
                              key=("dp", id(self.groups.dp)), async_ok=self.config.async_totals, refused=refused,
                              where="checked when the step's StepShares was built")
         self.collectives += start.collectives

@@ -68,7 +68,7 @@ the rank, only ``P`` and ``P⁺_k`` are summed). Every count is a sum of small i
 (exact up to 2**53); weights are float32.
 
 What this module does NOT do: no collective and no ``torch.distributed`` (the caller all-reduces
-the totals vector: :mod:`megatron_agg.groups`, :func:`megatron_agg.engine.start_totals`), no
+the totals vector: :mod:`megatron_agg.groups`, :func:`megatron_agg.collective.start_totals`), no
 Megatron import and no factor ``F`` that cancels Megatron's averaging (:mod:`megatron_agg.megatron.averaging`),
 no check of user input and no error reporting (:mod:`megatron_agg.validation`,
 :mod:`megatron_agg.checks`), no state kept between calls. No function here reads a tensor on the

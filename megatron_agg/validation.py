@@ -125,7 +125,7 @@ def checked_inputs(config: Any, loss_masks: Any, num_microbatches: Any, packed_s
     ids are wrong and stand-ins can be made — zero masks for a missing name (given at least one of
     the names), ids ``-1`` (left out of every group) — they take their place and ``refused`` is the
     error: the engine raises it on every rank instead of this rank alone
-    (:func:`megatron_agg.engine.start_totals`). Anything else raises here."""
+    (:func:`megatron_agg.collective.start_totals`). Anything else raises here."""
     refused: Optional[Exception] = None
     try:
         named = check_named_masks(loss_masks, num_microbatches, config.mask_names, missing_hint=missing_hint)
