@@ -195,7 +195,8 @@ class FSDPLossHook:
         with StepTimer() as timer:  # the step's set-up
             some = next(iter(loss_masks.values()), None) if isinstance(loss_masks, Mapping) else loss_masks
             count = len(some) if isinstance(some, (list, tuple)) else 0
-            named, packed, ids, refused = checked_inputs(self.config, loss_masks, as_int(max(count, 1), "len(loss_masks)"),
+            named, packed, ids, refused = checked_inputs(self.config.mask_names, self.config.uses_groups, loss_masks,
+                                                         as_int(max(count, 1), "len(loss_masks)"),
                                                          packed_seqs, group_ids, _MISSING_MASKS)
             masks = next(iter(named.values()))
             groups = ParallelGroups(dp=self._dp_group, cp=self._sp_group, dp_cp=self._grad_group, pp=None,

@@ -64,7 +64,7 @@ from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
 from .step_math import GROUP_SCOPES, checked_group_ids
-from .validation import as_bool, as_int, check_group_ids, check_loss_masks, check_same_shapes, mask_value_problems
+from .validation import as_bool, as_int, checked_inputs, mask_value_problems
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
@@ -153,22 +153,15 @@ class StepShares:
                 f"group_scope={config.group_scope!r}. Report metrics with StepShares.metric(...) and pass "
                 "group_ids=, num_groups= and group_scope= to StepShares.")
         loss_masks = _dense(loss_masks)
-        named_input = loss_masks if isinstance(loss_masks, Mapping) else {DEFAULT_MASK_NAME: loss_masks}
-        if not named_input:
-            raise ValueError(_MISSING_MASKS)
-        first_input = next(iter(named_input.values()))
+        given = list(loss_masks) if isinstance(loss_masks, Mapping) else [DEFAULT_MASK_NAME]
+        bad = [n for n in given if not isinstance(n, str) or not n]
+        if bad or not given:
+            raise ValueError(f"loss_masks names must be non-empty strings, got {bad[0]!r}." if bad else _MISSING_MASKS)
+        # every mask given is counted ("default" first: the one Megatron's num_tokens count)
+        mask_names = sorted(given, key=lambda n: n != DEFAULT_MASK_NAME)
+        first_input = loss_masks[mask_names[0]] if isinstance(loss_masks, Mapping) else loss_masks
         m = as_int(num_microbatches, "num_microbatches", minimum=1) if num_microbatches is not None else (
             len(first_input) if isinstance(first_input, Sequence) and not isinstance(first_input, torch.Tensor) else 0)
-        named = {}
-        for name, value in named_input.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"loss_masks names must be non-empty strings, got {name!r}.")
-            label = "loss_masks" if not isinstance(loss_masks, Mapping) else f"loss_masks[{name!r}]"
-            named[name] = check_loss_masks(value, m, missing_hint=_MISSING_MASKS, label=label)
-        mask_names = [DEFAULT_MASK_NAME] if DEFAULT_MASK_NAME in named else []
-        mask_names += [n for n in named if n != DEFAULT_MASK_NAME]
-        check_same_shapes(named, mask_names)
-        masks = named[mask_names[0]]
         grouped = group_ids is not None or num_groups is not None or group_scope is not None
         if grouped:
             if num_groups is None or group_scope not in GROUP_SCOPES:
@@ -177,13 +170,10 @@ class StepShares:
                     f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
                 )
             num_groups = as_int(num_groups, "num_groups", minimum=1)
-        refused: Optional[Exception] = None
-        try:
-            ids = check_group_ids(group_ids, masks, None, grouped)
-        except ValueError as exc:  # raised on every rank (collective.start_totals); ids -1 stand in meanwhile
-            if not grouped or not isinstance(group_ids, Sequence):
-                raise
-            ids, refused = [torch.full((mask.shape[0],), -1, dtype=torch.int64, device=mask.device) for mask in masks], exc
+        # Shapes at once; a rank's bad masks of one name or bad group ids are replaced by stand-ins and
+        # raised on every rank (collective.start_totals), never on this rank alone.
+        named, _, ids, refused = checked_inputs(mask_names, grouped, loss_masks, m, None, group_ids, _MISSING_MASKS)
+        masks = named[mask_names[0]]
         self.exclude_fully_masked_seqs = as_bool(exclude_fully_masked_seqs, "exclude_fully_masked_seqs")
         self.groups: ParallelGroups = groups if groups is not None else resolve_groups(pg_collection)
         convention = LossReturn.TWO_TUPLE if loss_return is None else LossReturn.parse(loss_return)

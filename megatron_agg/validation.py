@@ -118,9 +118,10 @@ def check_named_masks(loss_masks: Any, num_microbatches: Any, mask_names: Sequen
     return {DEFAULT_MASK_NAME: check_loss_masks(loss_masks, num_microbatches, missing_hint=missing_hint)}
 
 
-def checked_inputs(config: Any, loss_masks: Any, num_microbatches: Any, packed_seqs: Any, group_ids: Any,
-                   missing_hint: str) -> tuple:
-    """``(masks by name, packed, group ids, refused)`` of a prepared step (:func:`check_named_masks`,
+def checked_inputs(mask_names: Sequence[str], uses_groups: bool, loss_masks: Any, num_microbatches: Any,
+                   packed_seqs: Any, group_ids: Any, missing_hint: str) -> tuple:
+    """``(masks by name, packed, group ids, refused)`` of a prepared step whose masks are ``mask_names``
+    and whose terms or metrics use prompt groups or not (``uses_groups``) (:func:`check_named_masks`,
     :func:`check_packed_seqs`, :func:`check_group_ids`). Where only this rank's named masks or group
     ids are wrong and stand-ins can be made — zero masks for a missing name (given at least one of
     the names), ids ``-1`` (left out of every group) — they take their place and ``refused`` is the
@@ -128,19 +129,19 @@ def checked_inputs(config: Any, loss_masks: Any, num_microbatches: Any, packed_s
     (:func:`megatron_agg.collective.start_totals`). Anything else raises here."""
     refused: Optional[Exception] = None
     try:
-        named = check_named_masks(loss_masks, num_microbatches, config.mask_names, missing_hint=missing_hint)
+        named = check_named_masks(loss_masks, num_microbatches, mask_names, missing_hint=missing_hint)
     except ValueError as exc:
-        named = _stand_in_masks(loss_masks, num_microbatches, config.mask_names)
+        named = _stand_in_masks(loss_masks, num_microbatches, mask_names)
         if named is None:
             raise
         refused = exc
     masks = next(iter(named.values()))
     packed = check_packed_seqs(packed_seqs, masks)
     try:
-        ids = check_group_ids(group_ids, masks, packed, config.uses_groups)
+        ids = check_group_ids(group_ids, masks, packed, uses_groups)
     except ValueError as exc:
         ids = [torch.full((p.num_sequences if p is not None else m.shape[0],), -1, dtype=torch.int64, device=m.device)
-               for m, p in zip(masks, packed or [None] * len(masks))] if config.uses_groups else None
+               for m, p in zip(masks, packed or [None] * len(masks))] if uses_groups else None
         refused = refused or exc
     return named, packed, ids, refused
 
