@@ -372,9 +372,9 @@ class DeferredLossHook:
         the inputs' device-side checks (mask values, packing boundaries, counts that do not fit),
         read at the step's end. Under dynamic CP (token modes only) the slice is a bag of tokens."""
         groups = self._groups
-        cp_size, cp_rank = (1, 0) if self._dynamic_cp else (groups.cp_size, groups.cp_rank)
+        cp_size, cp_rank = groups.cp_size, groups.cp_rank
         if self._dynamic_cp:  # the sample's own cut: packing and whole-sequence counts are not this slice's
-            packed, counts = None, None
+            cp_size, cp_rank, packed, counts = 1, 0, None, None
         device = loss_mask.device
         checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
         if packed is not None:
@@ -428,9 +428,8 @@ class DeferredLossHook:
                 "calculate_per_token_loss was switched off after DeferredLossHook.install; the deferred "
                 "mode needs it on every step."
             )
-        elif rules.dynamic_cp_problem(config, self.config.channels) or self._auxiliary_loss_problem(config):
-            checks.evaluations = "the config changed after DeferredLossHook.install: " + (
-                rules.dynamic_cp_problem(config, self.config.channels) or self._auxiliary_loss_problem(config))
+        elif changed := rules.dynamic_cp_problem(config, self.config.channels) or self._auxiliary_loss_problem(config):
+            checks.evaluations = "the config changed after DeferredLossHook.install: " + changed
         elif bool(dynamic_cp_switches(config)) != self._dynamic_cp:
             checks.evaluations = (
                 "dynamic context parallelism was switched "

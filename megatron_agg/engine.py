@@ -54,8 +54,8 @@ from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
 from .step_math import StepTotals
 from .validation import boundary_problems, mask_value_problems
 
-__all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints", "group_ids_expected",
-           "check_cp_lengths"]
+__all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints",
+           "group_ids_expected", "check_cp_lengths"]
 
 
 def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Optional[Scaling],

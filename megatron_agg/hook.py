@@ -238,8 +238,8 @@ class LossHook:
         self._last, self._failed = None, "the step did not finish"
         with StepTimer() as timer:  # the step's set-up
             named, packed, ids, refused = checked_inputs(
-                self.config.mask_names, self.config.uses_groups, None if loss_masks is _MISSING else loss_masks, kwargs.get("num_microbatches"),
-                packed_seqs, group_ids, _MISSING_MASKS)
+                self.config.mask_names, self.config.uses_groups, None if loss_masks is _MISSING else loss_masks,
+                kwargs.get("num_microbatches"), packed_seqs, group_ids, _MISSING_MASKS)
             masks = next(iter(named.values()))
             groups = self._groups or resolve_groups(
                 kwargs.get("pg_collection", None) or self._pg_collection, kwargs.get("grad_finalize_pgs", None),

@@ -237,7 +237,8 @@ class StepShares:
         prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
         local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])
         self._local_group_tokens = local.group_tokens
-        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES.entry, tracker=AgreementTracker.of_group(self.groups.dp, self.config.agreement),
+        start = start_totals(self.groups, self.layout, local.vector, prints, _NAMES.entry,
+                             tracker=AgreementTracker.of_group(self.groups.dp, self.config.agreement),
                              key=("dp", id(self.groups.dp)), async_ok=self.config.async_totals, refused=refused,
                              where="checked when the step's StepShares was built")
         self.collectives += start.collectives
