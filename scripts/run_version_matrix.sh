@@ -46,6 +46,13 @@ launch() {  # venv log torchrun-args... : 4 CPU ranks from the checkout, output 
       --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29533}" "$@" >"$log" 2>&1)
 }
 
+failed() {  # log pattern : the lines that say what failed, then the end of the log (a crashed rank's
+  # signal and torchrun's failure summary say the rest; CI keeps only what is printed)
+  local log="$1" pattern="$2"
+  { echo "--- $log: lines matching $pattern"; grep -E "$pattern" "$log" | head -20 || true
+    echo "--- $log: last 40 lines"; tail -40 "$log"; echo "---"; } >&2
+}
+
 status=0
 summary=()
 for v in $VERSIONS; do
@@ -64,7 +71,7 @@ for v in $VERSIONS; do
     set -e
     line="$(grep -E '^world [0-9]+: ran' "$log" | tail -1 || true)"
     [ -n "$line" ] || line="did not finish (exit $rc); see $log"
-    if [ $rc -ne 0 ]; then status=1; grep -E "FAIL|Error" "$log" | head -20 >&2 || true; fi
+    if [ $rc -ne 0 ]; then status=1; failed "$log" "FAIL|Error"; fi
   fi
   # The FSDP wrappers of this release (torch-fsdp2, Megatron-FSDP x strategy x no_sync/overlap, DP4,
   # 3 micro-batches, the mean and the per-token sum paths): the hook exact or refusing an upstream
@@ -77,7 +84,7 @@ for v in $VERSIONS; do
   set -e
   wline="$(grep -E '^wrapper probe:' "$wlog" | tail -1 || true)"
   [ -n "$wline" ] || wline="wrapper probe did not finish (exit $wrc); see $wlog"
-  if [ $wrc -ne 0 ]; then status=1; grep -E "SILENTLY|\(!\)|Error" "$wlog" | head -20 >&2 || true; fi
+  if [ $wrc -ne 0 ]; then status=1; failed "$wlog" "SILENTLY|\(!\)"; fi
   # dynamic (hybrid) context parallelism through Megatron's own schedule, where the release has it
   # (0.16+; the test command runs it for its own release, MEGATRON_AGG_PROBE_ONLY)
   dline="no hybrid-CP schedule"
@@ -92,7 +99,7 @@ for v in $VERSIONS; do
       set -e
       dline="$(grep -E '^dynamic cp: ([0-9]+ checks|not run)' "$dlog" | tail -1 || true)"
       [ -n "$dline" ] || dline="dynamic cp did not finish (exit $drc); see $dlog"
-      if [ $drc -ne 0 ]; then status=1; grep -E "FAIL|MISSED|Error" "$dlog" | head -20 >&2 || true; fi
+      if [ $drc -ne 0 ]; then status=1; failed "$dlog" "FAIL|MISSED"; fi
     fi
   fi
   summary+=("megatron-core $v: $line; $wline; $dline; install ${installed}s, total $(( $(date +%s) - start ))s")
