@@ -81,28 +81,19 @@ from .config import AggConfig
 from .collective import raise_if_disagree
 from .engine import set_up_fingerprints
 from .groups import group_rank
-from .megatron import LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, model_config, resolve_groups
+from .megatron import (LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, finalize_owner,
+                       model_config, resolve_groups, unwrap_finalize, wrap_finalize)
 from .megatron import deferred_rules as rules
 from .modes import AggMode, AggModeLike
 from .packing import PackedSequences
 from .scaling import Scaling
-from .terms import (DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
+from .terms import (DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
                     per_token_losses, split_term_losses)
-from .validation import boundary_problems, coerce_packed, mask_value_problems
+from .validation import boundary_problems, check_sequence_counts, coerce_packed, mask_value_problems
 
 __all__ = ["DeferredLossHook"]
 
 _NAMES = FrontEndNames(entry="DeferredLossHook", loss_call="hook.loss_func(...)", masks="loss_mask")
-
-
-def _uses_prompt_mean(mode: Any, terms: Any, metrics: Any, config: Optional[AggConfig]) -> bool:
-    if config is not None:
-        return any(t.agg_mode.needs_groups for t in config.channels.values())
-    modes = [mode] if mode is not None else []
-    for group in (terms, metrics):
-        if isinstance(group, Mapping):
-            modes += [t.mode if isinstance(t, LossTerm) else t for t in group.values()]
-    return any(isinstance(m, (str, AggMode)) and m in (AggMode.PROMPT_MEAN, AggMode.PROMPT_MEAN.value) for m in modes)
 
 
 class _ChannelScaling(Scaling):
@@ -148,34 +139,21 @@ class DeferredLossHook:
         cp_layout: Optional[str] = None,
     ) -> None:
         self._cp_layout = checked_cp_layout(cp_layout)
-        if _uses_prompt_mean(mode, terms, metrics, config):  # before AggConfig asks for num_groups
-            raise ValueError(self._prompt_mean_refusal())
+        if rules.uses_prompt_mean(mode, terms, metrics, config):  # before AggConfig asks for num_groups
+            raise ValueError(rules.PROMPT_MEAN_REFUSAL)
         self.config = AggConfig.build(
             mode, exclude_fully_masked_seqs=exclude_fully_masked_seqs, loss_scale_factor=loss_scale_factor,
             terms=terms, config=config, allow_nonfinite_masked=allow_nonfinite_masked,
             raise_on_every_rank=raise_on_every_rank, metrics=metrics,
         )
+        problem = rules.terms_problem(self.config)
+        if problem:
+            raise ValueError(problem)
         self.terms: Dict[str, LossTerm] = dict(self.config.terms)
         self.metrics: Dict[str, LossTerm] = dict(self.config.metrics or {})
-        if self.config.uses_groups:
-            raise ValueError(self._prompt_mean_refusal())
-        own_masks = {n: t.mask for n, t in self.config.channels.items() if t.mask != DEFAULT_MASK_NAME}
-        if own_masks:
-            raise ValueError(
-                f"DeferredLossHook takes one mask per micro-batch (its loss_func's), but {own_masks} name masks of "
-                "their own (LossTerm(mask=...)): their tokens and denominators would need the step's other masks. "
-                "Use the prepared LossHook(terms=...).wrap(get_forward_backward_func()) with "
-                "loss_masks={name: [...]}, which counts every mask's denominator in its one all-reduce."
-            )
-        kinds = {name: rules.denominator_kind(t) for name, t in self.terms.items()}
-        if len(set(kinds.values())) > 1:
-            detail = ", ".join(f"{n!r}: {k}" for n, k in kinds.items())
-            raise ValueError(
-                f"The deferred mode carries one denominator per step (Megatron's num_tokens), but "
-                f"these terms divide by different ones ({detail}). Use the prepared mode, "
-                "LossHook(terms=...).wrap(get_forward_backward_func()) with loss_masks=..., which "
-                "counts every denominator in its one all-reduce."
-            )
+        self._needs_whole_counts = any(  # n_i of whole sequences, which a CP slice does not show
+            t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or (t.exclude_fully_masked_seqs and t.agg_mode.is_sequence_mean)
+            for t in self.config.channels.values())
         self._term = next(iter(self.terms.values()))
         self._pg_collection = pg_collection
         self._megatron_config: Any = None
@@ -186,17 +164,6 @@ class DeferredLossHook:
         self._device = torch.device("cpu")
         self._dynamic_cp = False  # set by install: Megatron's config has a dynamic-CP switch on
         check_megatron_version()
-
-    @staticmethod
-    def _prompt_mean_refusal() -> str:
-        return (
-            "DeferredLossHook cannot make prompt-mean exact: its per-token weights 1/M_g need every group's "
-            "valid tokens over the whole step (groups straddle micro-batches and ranks) before the first "
-            "backward pass, and the deferred mode sees one micro-batch at a time with no collective of its own; "
-            "Megatron's num_tokens carries one denominator, not one per group. Use the prepared mode: "
-            "LossHook('prompt-mean', num_groups=G, group_scope=...).wrap(get_forward_backward_func()) called "
-            "with loss_masks=[...] and group_ids=[...] (or FSDPLossHook / StepShares)."
-        )
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
@@ -230,17 +197,17 @@ class DeferredLossHook:
         reduces the gradients. Call it on every rank that computes losses (the last pipeline
         stage), or let ``loss_func(..., model=model)`` call it. :meth:`uninstall` undoes it."""
         config = model_config(model_or_config)
-        if self._megatron_config is config and getattr(config.finalize_model_grads_func, "__megatron_agg_hook__", None) is self:
+        if self._megatron_config is config and finalize_owner(config.finalize_model_grads_func) is self:
             return
         if self._megatron_config is not None and self._megatron_config is not config:
             raise ValueError("This DeferredLossHook is installed on another model's config; build one hook per model.")
         self.check_config(config)
         self.check_wrapper(model_or_config, config=config)
         self._dynamic_cp = bool(dynamic_cp_switches(config))
-        current = config.finalize_model_grads_func
-        owner = getattr(current, "__megatron_agg_hook__", None)
+        owner = finalize_owner(config.finalize_model_grads_func)
         if owner is not None and owner is not self:
-            raise ValueError("config.finalize_model_grads_func is already wrapped by another DeferredLossHook.")
+            raise ValueError(f"config.finalize_model_grads_func is already wrapped by another {type(owner).__name__}; "
+                             "build one DeferredLossHook per model config and install that one.")
         groups = resolve_groups(self._pg_collection, cp_layout=self._cp_layout)
         prints = set_up_fingerprints(self.terms, _ChannelScaling(True), self.metrics)
         self._device = _device_of(model_or_config)
@@ -248,23 +215,12 @@ class DeferredLossHook:
             block = agreement_block(prints, self._device)
             groups.sum_over_dp(block, async_op=False)
             raise_if_disagree(block, _NAMES.entry, "checked at install")
-        original = current
-
-        def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
-            self._end_of_step(args[0] if args else kwargs.get("model"))
-            return original(*args, **kwargs)
-
-        finalize_model_grads_with_checks.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
-        finalize_model_grads_with_checks.__wrapped__ = original  # type: ignore[attr-defined]
-        config.finalize_model_grads_func = finalize_model_grads_with_checks
+        self._original_finalize = wrap_finalize(config, self._end_of_step, owner=self)
         self._megatron_config = config
-        self._original_finalize = original
 
     def uninstall(self) -> None:
         """Put back the ``finalize_model_grads_func`` that :meth:`install` wrapped."""
-        config = self._megatron_config
-        if config is not None and getattr(config.finalize_model_grads_func, "__megatron_agg_hook__", None) is self:
-            config.finalize_model_grads_func = self._original_finalize
+        unwrap_finalize(self._megatron_config, self, self._original_finalize)
         self._megatron_config = None
         self._original_finalize = None
         self._checks = None
@@ -383,11 +339,7 @@ class DeferredLossHook:
         # This slice's sequences: valid tokens, sequence index, default C_i; counts of this slice only.
         view = sm.cp_local_view(loss_mask, packed, sm.CPRank(cp_size, cp_rank, groups.cp_layout))
         if counts is None:
-            needs_counts = any(
-                t.agg_mode is AggMode.SEQ_MEAN_TOKEN_MEAN or (t.exclude_fully_masked_seqs and t.agg_mode.is_sequence_mean)
-                for t in self.config.channels.values()
-            )
-            if needs_counts and cp_size > 1:
+            if self._needs_whole_counts and cp_size > 1:
                 raise ValueError(
                     "Under context parallelism, seq-mean-token-mean and exclude_fully_masked_seqs need "
                     "each sequence's token count over the whole sequence; pass sequence_token_counts="
@@ -395,14 +347,7 @@ class DeferredLossHook:
                     "before the CP split."
                 )
             return view, cp_rank
-        if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != view.num_seqs:
-            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
-            layout = "packed row (packed_seqs)" if packed is not None else f"[{loss_mask.shape[0]}, s] mask (one sequence per row)"
-            raise ValueError(
-                f"sequence_token_counts of {where} has shape {got}, but the {layout} holds {view.num_seqs} "
-                "sequence(s). Pass DeferredLossHook.sequence_token_counts(full_loss_mask, packed_seqs) "
-                "with the same packed_seqs as loss_func (a packed row needs packed_seqs in both)."
-            )
+        check_sequence_counts(counts, view.num_seqs, packed is not None, loss_mask.shape[0], where)
         counts = counts.to(device=device, dtype=torch.float64)
         # Whole-sequence counts hold at least this slice's tokens; without CP exactly them.
         wrong = (counts < view.counts) if cp_size > 1 else (counts != view.counts)

@@ -25,11 +25,15 @@ from __future__ import annotations
 from enum import Enum
 from typing import Union
 
-__all__ = ["AggMode", "AggModeLike", "DEFAULT_MASK_NAME"]
+__all__ = ["AggMode", "AggModeLike", "DEFAULT_MASK_NAME", "GROUP_SCOPES"]
 
 #: Name of the step's mask that a term uses unless it names another one (``LossTerm(mask=...)``);
 #: a plain list of ``loss_masks`` is this mask.
 DEFAULT_MASK_NAME = "default"
+
+#: How ``prompt-mean`` group ids are numbered: ``"global"`` (an id names the same prompt on every
+#: rank) or ``"per-rank"`` (ids count this rank's prompts); see :mod:`megatron_agg.step_math`.
+GROUP_SCOPES = ("global", "per-rank")
 
 
 class AggMode(str, Enum):

@@ -59,12 +59,14 @@ from .config import AggConfig, totals_layout
 from .collective import AgreementTracker, start_totals
 from .engine import set_up_fingerprints
 from .groups import ParallelGroups
-from .megatron import LossReturn, check_megatron_version, model_config, resolve_groups
+from .megatron import (LossReturn, check_megatron_version, finalize_owner, model_config, resolve_groups,
+                       unwrap_finalize, wrap_finalize)
 from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
-from .step_math import GROUP_SCOPES, checked_group_ids
-from .validation import as_bool, as_int, checked_inputs, mask_value_problems
+from .step_math import checked_group_ids
+from .validation import (as_bool, as_int, check_share_call, checked_group_options, checked_inputs, checked_num_tokens, mask_names_of,
+                         mask_value_problems)
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
@@ -153,23 +155,11 @@ class StepShares:
                 f"group_scope={config.group_scope!r}. Report metrics with StepShares.metric(...) and pass "
                 "group_ids=, num_groups= and group_scope= to StepShares.")
         loss_masks = _dense(loss_masks)
-        given = list(loss_masks) if isinstance(loss_masks, Mapping) else [DEFAULT_MASK_NAME]
-        bad = [n for n in given if not isinstance(n, str) or not n]
-        if bad or not given:
-            raise ValueError(f"loss_masks names must be non-empty strings, got {bad[0]!r}." if bad else _MISSING_MASKS)
-        # every mask given is counted ("default" first: the one Megatron's num_tokens count)
-        mask_names = sorted(given, key=lambda n: n != DEFAULT_MASK_NAME)
+        mask_names = mask_names_of(loss_masks, _MISSING_MASKS)  # every mask given is counted
         first_input = loss_masks[mask_names[0]] if isinstance(loss_masks, Mapping) else loss_masks
         m = as_int(num_microbatches, "num_microbatches", minimum=1) if num_microbatches is not None else (
             len(first_input) if isinstance(first_input, Sequence) and not isinstance(first_input, torch.Tensor) else 0)
-        grouped = group_ids is not None or num_groups is not None or group_scope is not None
-        if grouped:
-            if num_groups is None or group_scope not in GROUP_SCOPES:
-                raise ValueError(
-                    "StepShares with group_ids needs num_groups=G (the same on every rank) and group_scope='global' "
-                    f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
-                )
-            num_groups = as_int(num_groups, "num_groups", minimum=1)
+        grouped, num_groups = checked_group_options(group_ids, num_groups, group_scope)
         # Shapes at once; a rank's bad masks of one name or bad group ids are replaced by stand-ins and
         # raised on every rank (collective.start_totals), never on this rank alone.
         named, _, ids, refused = checked_inputs(mask_names, grouped, loss_masks, m, None, group_ids, _MISSING_MASKS)
@@ -182,7 +172,7 @@ class StepShares:
             self.scaling = MegatronScaling.for_step(model, LossReturn.THREE_TUPLE, m, self.groups)
         self.averaging = self.scaling.averaging
         self._finished = False
-        self._finalize: Any = None  # (config, wrapper, original) while the wrapper is installed
+        self._finalize: Any = None  # (config, original) while the wrapper is installed
         self.num_microbatches = m
         self.is_last_stage = self.groups.is_last_pipeline_stage
         self.collectives = 0
@@ -205,16 +195,9 @@ class StepShares:
         self._counts = {k: [view.counts for view in v] for k, v in views_by_mask.items()}
         self._group_ids: Optional[List[torch.Tensor]] = None
         self._dens: Optional[sm.Denominators] = None
-        if num_tokens is None:
-            nt = torch.stack([view.counts.sum() for view in views])
-        else:
-            if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() != 1 or len(num_tokens) != m:
-                raise ValueError(f"Got {len(num_tokens)} num_tokens for {m} micro-batches; pass one per micro-batch.")
-            nt = torch.stack([torch.as_tensor(n, device=device).to(torch.float64).reshape(()) for n in num_tokens])
-        # This CP rank's exact integer part of each micro-batch's num_tokens (parts add up over CP).
-        cp, r = self.groups.cp_size, self.groups.cp_rank
-        nt_int = nt.round().to(torch.int64)
-        self._num_tokens = (nt_int * (r + 1) // cp - nt_int * r // cp).to(torch.int)
+        nt = torch.stack([view.counts.sum() for view in views]) if num_tokens is None else checked_num_tokens(
+            num_tokens, m, device)
+        self._num_tokens = sm.cp_integer_part(nt, self.groups.cp_size, self.groups.cp_rank).to(torch.int)
         if not self.scaling.calculate_per_token_loss:
             self._num_tokens = torch.clamp(self._num_tokens, min=1)
         self._num_tokens_list = self._num_tokens.unbind()
@@ -325,25 +308,7 @@ class StepShares:
                 f"StepShares.{call} was called for micro-batch {index}, but the step has "
                 f"{self.num_microbatches}; call megatron_return once per micro-batch."
             )
-        if not isinstance(loss_mat, torch.Tensor) or not isinstance(loss_mask, torch.Tensor):
-            raise ValueError(f"{call}() needs tensors: {call}(loss_mat, loss_mask, mode).")
-        if loss_mat.shape != loss_mask.shape:
-            raise ValueError(
-                f"{call}() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
-                f"loss_mask {tuple(loss_mask.shape)}."
-            )
-        if loss_mask.dim() != 2:
-            raise ValueError(f"{call}() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
-        if loss_mat.device != loss_mask.device or loss_mask.device != self._device:
-            raise ValueError(
-                f"{call}() got loss_mat on {loss_mat.device} and loss_mask on {loss_mask.device}, but "
-                f"StepShares' loss_masks are on {self._device}; put all three on the device of the model's output."
-            )
-        if mask_name not in self.mask_names:
-            raise ValueError(
-                f"{call}(mask_name={mask_name!r}): the step's loss_masks are {list(self.mask_names)}; name one of "
-                "them (the totals of that mask apply)."
-            )
+        check_share_call(call, loss_mat, loss_mask, self._device, mask_name, self.mask_names)
         agg_mode = AggMode.parse(mode)
         if agg_mode.needs_groups and self._group_ids is None:
             raise ValueError(
@@ -413,21 +378,10 @@ class StepShares:
             config = model_config(model)
         except (ValueError, RuntimeError, AttributeError, TypeError):
             return  # not Megatron chunks: finish() is the check
-        current = getattr(config, "finalize_model_grads_func", None)
-        while getattr(current, "__megatron_agg_shares__", None) is not None:  # a stale one-shot wrapper
-            current = current.__wrapped__
-        if current is None:
-            return
-        original = current
-
-        def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
-            self.finish()  # puts the original back; raises on every rank before the gradients are reduced
-            return original(*args, **kwargs)
-
-        finalize_model_grads_with_checks.__megatron_agg_shares__ = self  # type: ignore[attr-defined]
-        finalize_model_grads_with_checks.__wrapped__ = original  # type: ignore[attr-defined]
-        config.finalize_model_grads_func = finalize_model_grads_with_checks
-        self._finalize = (config, finalize_model_grads_with_checks, original)
+        while isinstance(finalize_owner(getattr(config, "finalize_model_grads_func", None)), StepShares):
+            config.finalize_model_grads_func = config.finalize_model_grads_func.__wrapped__  # a stale one-shot wrapper
+        original = wrap_finalize(config, lambda model: self.finish(), owner=self)
+        self._finalize = None if original is None else (config, original)
 
     def finish(self) -> None:
         """Check the step (one host sync, on every rank of the step): every micro-batch returned
@@ -441,9 +395,7 @@ class StepShares:
             return
         self._finished = True
         if self._finalize is not None:  # checked here: finalize need not check again
-            config, wrapper, original = self._finalize
-            if config.finalize_model_grads_func is wrapper:
-                config.finalize_model_grads_func = original
+            unwrap_finalize(self._finalize[0], self, self._finalize[1])
         if self.is_last_stage:
             if self._next != self.num_microbatches:
                 self.checks.evaluations = (

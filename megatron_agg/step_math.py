@@ -83,12 +83,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .layout import local_positions, to_cp_local
-from .modes import AggMode
+from .modes import GROUP_SCOPES, AggMode
 from .packing import PackedSequences
 from .terms import LossTerm
 
 __all__ = [
-    "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "safe_reciprocal",
+    "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "cp_integer_part", "safe_reciprocal",
     "sequence_weights", "group_index", "TotalsLayout", "checked_group_ids", "LocalTotals", "local_totals_vector",
     "count_totals", "CPRank", "Block", "stack_microbatches", "MicroBatchPlan", "StepPlan", "plan_step", "StepTotals", "Denominators",
     "reciprocal_denominator", "denominators", "scale_weights", "masked_weighted_sum", "weighted_share",
@@ -96,7 +96,6 @@ __all__ = [
 ]
 
 #: How group ids are numbered (see the module docstring).
-GROUP_SCOPES = ("global", "per-rank")
 
 _TOTALS_DTYPE = torch.float64
 _WEIGHT_DTYPE = torch.float32
@@ -220,6 +219,13 @@ def cp_local_view(loss_mask: torch.Tensor, packed: Optional[PackedSequences], cp
 
 
 # -- 2a. α: the per-sequence weights --------------------------------------------------------------
+def cp_integer_part(counts: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """This CP rank's exact integer part of each count ``n`` (rounded):
+    ``⌊n·(r+1)/cp⌋ − ⌊n·r/cp⌋``, so that the parts add up to ``n`` over the CP group (int64)."""
+    n = counts.round().to(torch.int64)
+    return n * (cp_rank + 1) // cp_size - n * cp_rank // cp_size
+
+
 def safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     """``1 / x`` where ``x > 0``, else 0; no NaN or Inf in value or gradient."""
     positive = x > 0

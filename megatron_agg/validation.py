@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .modes import DEFAULT_MASK_NAME
+from .modes import DEFAULT_MASK_NAME, GROUP_SCOPES
 from .packing import PackedSequences
 
 __all__ = [
@@ -29,6 +29,11 @@ __all__ = [
     "check_same_shapes",
     "check_packed_seqs",
     "check_group_ids",
+    "check_sequence_counts",
+    "check_share_call",
+    "checked_num_tokens",
+    "checked_group_options",
+    "mask_names_of",
     "checked_inputs",
     "mask_value_problems",
     "boundary_problems",
@@ -216,6 +221,75 @@ def check_group_ids(group_ids: Any, masks: Sequence[torch.Tensor], packed: Optio
             )
         out.append(ids.to(device=mask.device, dtype=torch.int64))
     return out
+
+
+def check_sequence_counts(counts: Any, num_seqs: int, packed: bool, rows: int, where: str) -> None:
+    """``DeferredLossHook.loss_func(..., sequence_token_counts=...)``: one whole-sequence count per
+    sequence of the micro-batch (``num_seqs``: its rows, or the sequences packed into its row)."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != num_seqs:
+        got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+        layout = "packed row (packed_seqs)" if packed else f"[{rows}, s] mask (one sequence per row)"
+        raise ValueError(
+            f"sequence_token_counts of {where} has shape {got}, but the {layout} holds {num_seqs} "
+            "sequence(s). Pass DeferredLossHook.sequence_token_counts(full_loss_mask, packed_seqs) "
+            "with the same packed_seqs as loss_func (a packed row needs packed_seqs in both)."
+        )
+
+
+def mask_names_of(loss_masks: Any, missing_hint: str) -> List[str]:
+    """The names of ``StepShares``' masks: a mapping's keys (non-empty strings, ``"default"`` first:
+    the mask Megatron's ``num_tokens`` counts), else ``["default"]``."""
+    given = list(loss_masks) if isinstance(loss_masks, Mapping) else [DEFAULT_MASK_NAME]
+    bad = [n for n in given if not isinstance(n, str) or not n]
+    if bad or not given:
+        raise ValueError(f"loss_masks names must be non-empty strings, got {bad[0]!r}." if bad else missing_hint)
+    return sorted(given, key=lambda n: n != DEFAULT_MASK_NAME)
+
+
+def checked_num_tokens(num_tokens: Any, num_microbatches: int, device: torch.device) -> torch.Tensor:
+    """``StepShares(num_tokens=...)``: one count per micro-batch, as a float64 ``[M]`` tensor."""
+    if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() != 1 or len(num_tokens) != num_microbatches:
+        raise ValueError(f"Got {len(num_tokens)} num_tokens for {num_microbatches} micro-batches; pass one per "
+                         "micro-batch.")
+    return torch.stack([torch.as_tensor(n, device=device).to(torch.float64).reshape(()) for n in num_tokens])
+
+
+def checked_group_options(group_ids: Any, num_groups: Any, group_scope: Any) -> tuple:
+    """``StepShares(group_ids=, num_groups=, group_scope=)``: ``(grouped, num_groups)``; any one of
+    them asks for all three."""
+    if group_ids is None and num_groups is None and group_scope is None:
+        return False, None
+    if num_groups is None or group_scope not in GROUP_SCOPES:
+        raise ValueError(
+            "StepShares with group_ids needs num_groups=G (the same on every rank) and group_scope='global' "
+            f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
+        )
+    return True, as_int(num_groups, "num_groups", minimum=1)
+
+
+def check_share_call(call: str, loss_mat: Any, loss_mask: Any, device: torch.device, mask_name: Any,
+                     mask_names: Sequence[str]) -> None:
+    """``StepShares.share``/``metric(loss_mat, loss_mask, mode, mask_name=...)``: two ``[b, s]``
+    tensors of one shape on the device of the step's masks, and a mask name of the step."""
+    if not isinstance(loss_mat, torch.Tensor) or not isinstance(loss_mask, torch.Tensor):
+        raise ValueError(f"{call}() needs tensors: {call}(loss_mat, loss_mask, mode).")
+    if loss_mat.shape != loss_mask.shape:
+        raise ValueError(
+            f"{call}() needs one loss per token: loss_mat has shape {tuple(loss_mat.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}."
+        )
+    if loss_mask.dim() != 2:
+        raise ValueError(f"{call}() needs [batch, seq] tensors, got shape {tuple(loss_mask.shape)}.")
+    if loss_mat.device != loss_mask.device or loss_mask.device != device:
+        raise ValueError(
+            f"{call}() got loss_mat on {loss_mat.device} and loss_mask on {loss_mask.device}, but "
+            f"StepShares' loss_masks are on {device}; put all three on the device of the model's output."
+        )
+    if mask_name not in mask_names:
+        raise ValueError(
+            f"{call}(mask_name={mask_name!r}): the step's loss_masks are {list(mask_names)}; name one of "
+            "them (the totals of that mask apply)."
+        )
 
 
 def check_packed_seqs(packed_seqs: Any, masks: Sequence[torch.Tensor]) -> Optional[List[Optional[PackedSequences]]]:

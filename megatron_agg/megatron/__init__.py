@@ -19,8 +19,9 @@ of the package imports these names from here.
 """
 
 from .averaging import LossReturn, MegatronAveraging, loss_multiplier, report_count, wrapper_behaviour
-from .model_setup import (checked_cp_layout, dynamic_cp_switches, model_config, refuse_wrapper_defects, resolve_groups,
-                          step_averaging, step_wrapper, token_scaled_auxiliary_losses)
+from .model_setup import (OWNER_ATTRIBUTE, checked_cp_layout, dynamic_cp_switches, finalize_owner, model_config,
+                          refuse_wrapper_defects, resolve_groups, step_averaging, step_wrapper,
+                          token_scaled_auxiliary_losses, unwrap_finalize, wrap_finalize)
 from .releases import SUPPORTED_MEGATRON_CORE, check_megatron_version, megatron_core_version, minor_release
 
 __all__ = [
@@ -35,6 +36,10 @@ __all__ = [
     "minor_release",
     "checked_cp_layout",
     "dynamic_cp_switches",
+    "OWNER_ATTRIBUTE",
+    "finalize_owner",
+    "wrap_finalize",
+    "unwrap_finalize",
     "model_config",
     "refuse_wrapper_defects",
     "resolve_groups",

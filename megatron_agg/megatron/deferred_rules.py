@@ -8,6 +8,8 @@ config (or the model chunks) alone, why that would *not* land on the loss's defi
 when it does — so that the hook refuses before the first loss (at ``install``) or, for a config
 changed afterwards, at the step's end before Megatron reduces the gradients:
 
+- :func:`terms_problem` (and :func:`uses_prompt_mean`, asked before the config is built) — terms
+  the one channel cannot carry: ``prompt-mean``, masks of their own, several kinds of denominator;
 - :func:`per_token_path_problem` — the division is not there (``calculate_per_token_loss`` off, or
   no ``finalize_model_grads_func``);
 - :func:`dynamic_cp_problem` — dynamic (hybrid) context parallelism with a sequence mean;
@@ -25,14 +27,61 @@ from typing import Any, Mapping
 import torch
 
 from ..modes import AggMode
-from ..terms import LossTerm
+from ..terms import DEFAULT_MASK_NAME, LossTerm
 from .averaging import wrapper_behaviour
 from .model_setup import (dynamic_cp_switches, model_config, refuse_wrapper_defects, step_wrapper,
                           token_scaled_auxiliary_losses)
 from .releases import minor_release
 
-__all__ = ["denominator_kind", "per_token_path_problem", "dynamic_cp_problem", "auxiliary_loss_problem",
+__all__ = ["PROMPT_MEAN_REFUSAL", "uses_prompt_mean", "terms_problem", "denominator_kind", "per_token_path_problem", "dynamic_cp_problem", "auxiliary_loss_problem",
            "check_wrapper"]
+
+
+PROMPT_MEAN_REFUSAL = (
+    "DeferredLossHook cannot make prompt-mean exact: its per-token weights 1/M_g need every group's "
+    "valid tokens over the whole step (groups straddle micro-batches and ranks) before the first "
+    "backward pass, and the deferred mode sees one micro-batch at a time with no collective of its own; "
+    "Megatron's num_tokens carries one denominator, not one per group. Use the prepared mode: "
+    "LossHook('prompt-mean', num_groups=G, group_scope=...).wrap(get_forward_backward_func()) called "
+    "with loss_masks=[...] and group_ids=[...] (or FSDPLossHook / StepShares)."
+)
+
+
+def uses_prompt_mean(mode: Any, terms: Any, metrics: Any, config: Any) -> bool:
+    """Whether the hook's arguments ask for ``prompt-mean`` (read before an ``AggConfig`` is built
+    from them, which would ask for ``num_groups`` first)."""
+    if config is not None:
+        return any(t.agg_mode.needs_groups for t in config.channels.values())
+    modes = [mode] if mode is not None else []
+    for group in (terms, metrics):
+        if isinstance(group, Mapping):
+            modes += [t.mode if isinstance(t, LossTerm) else t for t in group.values()]
+    return any(isinstance(m, (str, AggMode)) and m in (AggMode.PROMPT_MEAN, AggMode.PROMPT_MEAN.value) for m in modes)
+
+
+def terms_problem(config: Any) -> str:
+    """Why an :class:`~megatron_agg.AggConfig`'s terms and metrics do not fit the one channel of the
+    deferred mode (a micro-batch's one mask, one denominator per step), ``""`` when they do."""
+    if config.uses_groups:
+        return PROMPT_MEAN_REFUSAL
+    own_masks = {n: t.mask for n, t in config.channels.items() if t.mask != DEFAULT_MASK_NAME}
+    if own_masks:
+        return (
+            f"DeferredLossHook takes one mask per micro-batch (its loss_func's), but {own_masks} name masks of "
+            "their own (LossTerm(mask=...)): their tokens and denominators would need the step's other masks. "
+            "Use the prepared LossHook(terms=...).wrap(get_forward_backward_func()) with "
+            "loss_masks={name: [...]}, which counts every mask's denominator in its one all-reduce."
+        )
+    kinds = {name: denominator_kind(t) for name, t in config.terms.items()}
+    if len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{n!r}: {k}" for n, k in kinds.items())
+        return (
+            f"The deferred mode carries one denominator per step (Megatron's num_tokens), but "
+            f"these terms divide by different ones ({detail}). Use the prepared mode, "
+            "LossHook(terms=...).wrap(get_forward_backward_func()) with loss_masks=..., which "
+            "counts every denominator in its one all-reduce."
+        )
+    return ""
 
 
 def denominator_kind(term: LossTerm) -> str:

@@ -6,6 +6,8 @@
 - :func:`step_averaging` — what Megatron will do to this step's losses and gradients, read
   from the model chunks' ``TransformerConfig`` and DDP config (see
   :mod:`megatron_agg.megatron.averaging`).
+- :func:`wrap_finalize` — Megatron's ``finalize_model_grads_func`` wrapped so that a step's checks
+  run before the gradients are reduced (the deferred hook and ``StepShares``).
 - the refusals of set-ups that cannot be exact: dynamic (hybrid) context parallelism
   (:func:`refuse_unsupported_layouts`), wrappers megatron_agg does not know (:func:`wrapper_of`)
   and known wrapper defects (:func:`refuse_wrapper_defects`).
@@ -15,7 +17,7 @@ Everything is read from this rank's objects (Megatron imported lazily): no colle
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -33,6 +35,9 @@ __all__ = [
     "refuse_unsupported_layouts",
     "token_scaled_auxiliary_losses",
     "model_config",
+    "wrap_finalize",
+    "finalize_owner",
+    "unwrap_finalize",
     "wrapper_of",
     "step_wrapper",
     "step_averaging",
@@ -212,6 +217,42 @@ def model_config(model_or_config: Any) -> Any:
         raise ValueError("Expected Megatron model chunks (or a TransformerConfig), got an empty list.")
     get_model_config = _import("megatron.core.utils", "get_model_config")
     return get_model_config(chunks[0])
+
+
+#: The attribute that marks a megatron_agg wrapper (of ``finalize_model_grads_func`` or of the
+#: ``forward_backward_func``) with the object that installed it.
+OWNER_ATTRIBUTE = "__megatron_agg_hook__"
+
+
+def finalize_owner(func: Any) -> Any:
+    """The megatron_agg object whose wrapper ``func`` is (:func:`wrap_finalize`), else ``None``."""
+    return getattr(func, OWNER_ATTRIBUTE, None)
+
+
+def wrap_finalize(config: Any, before: Callable[[Any], None], owner: Any) -> Any:
+    """Wrap Megatron's extension point ``config.finalize_model_grads_func`` (called once per step
+    after the last backward pass, before the gradients are reduced and the optimizer can use
+    them) so that ``before(model)`` runs first; the wrapper is marked with ``owner``
+    (:func:`finalize_owner`) and keeps the original as ``__wrapped__``. Returns the original
+    (``None``: there is no finalize to wrap, nothing is changed)."""
+    original = getattr(config, "finalize_model_grads_func", None)
+    if original is None:
+        return None
+
+    def finalize_model_grads_with_checks(*args: Any, **kwargs: Any) -> Any:
+        before(args[0] if args else kwargs.get("model"))
+        return original(*args, **kwargs)
+
+    setattr(finalize_model_grads_with_checks, OWNER_ATTRIBUTE, owner)
+    finalize_model_grads_with_checks.__wrapped__ = original  # type: ignore[attr-defined]
+    config.finalize_model_grads_func = finalize_model_grads_with_checks
+    return original
+
+
+def unwrap_finalize(config: Any, owner: Any, original: Any) -> None:
+    """Put ``original`` back if ``config.finalize_model_grads_func`` is still ``owner``'s wrapper."""
+    if config is not None and finalize_owner(getattr(config, "finalize_model_grads_func", None)) is owner:
+        config.finalize_model_grads_func = original
 
 
 def _model_chunks(model: Any) -> List[Any]:
