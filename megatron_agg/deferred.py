@@ -89,7 +89,7 @@ from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import (DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
                     per_token_losses, split_term_losses)
-from .validation import boundary_problems, check_sequence_counts, coerce_packed, mask_value_problems
+from .validation import boundary_problems, check_per_token_values, check_sequence_counts, coerce_packed, mask_value_problems
 
 __all__ = ["DeferredLossHook"]
 
@@ -296,13 +296,7 @@ class DeferredLossHook:
         checks = self._step_checks()
         index = self._index
         self._index += 1
-        for name, loss in losses.items():
-            if not isinstance(loss, torch.Tensor) or loss.shape != loss_mask.shape:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(
-                    f"The per-token loss of term {name!r} has shape {shape} but the mask "
-                    f"has {tuple(loss_mask.shape)}; the loss function must return one loss per token."
-                )
+        check_per_token_values(losses, loss_mask.shape, f"Micro-batch {index}", self.metrics)
         view, cp_rank = self._microbatch_view(loss_mask, counts, packed, f"micro-batch {index}", checks)
         parts = {name: sm.numerator_part(losses[name], term, view) for name, term in self.terms.items()}
         for name, part in parts.items():

@@ -52,7 +52,7 @@ from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
 from .step_math import StepTotals
-from .validation import boundary_problems, mask_value_problems
+from .validation import boundary_problems, check_per_token_values, mask_value_problems
 
 __all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints",
            "group_ids_expected", "check_cp_lengths"]
@@ -402,21 +402,7 @@ class PreparedStep:
         if self.config.check_masks:
             self._given[index] = given  # compared with loss_masks after the step, vectorized
         self.denominators()
-        for name, value in losses.items():
-            if isinstance(value, torch.Tensor) and value.device != self._device:
-                raise ValueError(
-                    f"Micro-batch {index}: the per-token loss of {name!r} is on device {value.device}, but "
-                    f"{self.names.masks} are on {self._device}; pass {self.names.masks} on the device of the "
-                    f"model's output (e.g. [m.to({str(value.device)!r}) for m in masks])."
-                )
-            if not isinstance(value, torch.Tensor) or value.shape != mask_shape:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                what = ("value", "metric") if name in self.metrics else ("loss", "term")
-                raise ValueError(
-                    f"Micro-batch {index}: the per-token {what[0]} of {what[1]} {name!r} has shape {shape} but "
-                    f"its mask has shape {tuple(mask_shape)}; the loss function must return one {what[0]} per "
-                    "token ([b, s])."
-                )
+        check_per_token_values(losses, mask_shape, f"Micro-batch {index}", self.metrics, self._device, self.names.masks)
         # S_k = Σ where(m_k, l, 0) · (m_k·α/D_k), and Σ_k w_k·S_k (step_math).
         shares = {name: sm.microbatch_share(plan, name, term, losses[name]) for name, term in self.terms.items()}
         total = sm.weighted_total(self.terms, shares)

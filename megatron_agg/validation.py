@@ -31,6 +31,7 @@ __all__ = [
     "check_group_ids",
     "check_sequence_counts",
     "check_share_call",
+    "check_per_token_values",
     "checked_num_tokens",
     "checked_group_options",
     "mask_names_of",
@@ -265,6 +266,27 @@ def checked_group_options(group_ids: Any, num_groups: Any, group_scope: Any) -> 
             f"or 'per-rank'; got num_groups={num_groups!r}, group_scope={group_scope!r}."
         )
     return True, as_int(num_groups, "num_groups", minimum=1)
+
+
+def check_per_token_values(values: Mapping[str, Any], shape: Sequence[int], where: str, metrics: Sequence[str] = (),
+                           device: Optional[torch.device] = None, masks_label: str = "loss_masks") -> None:
+    """A micro-batch's per-token losses (and metric values, named in ``metrics``) as the loss
+    function returned them: one per token of the mask's ``shape`` and, where ``device`` is given,
+    on the device of the step's masks (``masks_label``: what the caller passed them as)."""
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and device is not None and value.device != device:
+            raise ValueError(
+                f"{where}: the per-token loss of {name!r} is on device {value.device}, but {masks_label} are on "
+                f"{device}; pass {masks_label} on the device of the model's output (e.g. "
+                f"[m.to({str(value.device)!r}) for m in masks])."
+            )
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            what = ("value", "metric") if name in metrics else ("loss", "term")
+            raise ValueError(
+                f"{where}: the per-token {what[0]} of {what[1]} {name!r} has shape {got} but its mask has shape "
+                f"{tuple(shape)}; the loss function must return one {what[0]} per token ([b, s])."
+            )
 
 
 def check_share_call(call: str, loss_mat: Any, loss_mask: Any, device: torch.device, mask_name: Any,
