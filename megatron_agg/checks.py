@@ -28,7 +28,8 @@ import torch
 
 from .agreement import AGREEMENT_FIELDS, agreement_values, disagreements
 from .groups import ParallelGroups
-from .validation import BOUNDARY_PROBLEMS
+from .packing import PackedSequences
+from .validation import BOUNDARY_PROBLEMS, boundary_problems, mask_value_problems
 
 __all__ = ["NonFiniteLossError", "StepChecks", "FrontEndNames"]
 
@@ -85,6 +86,18 @@ class StepChecks:
     fingerprints: Optional[Sequence[Optional[float]]] = None
 
     # -- recording (no host sync) -----------------------------------------------------------------
+    def record_mask(self, where: str, mask: torch.Tensor) -> None:
+        """A mask's entries other than 0/1 (a bool mask has none: nothing is recorded)."""
+        if mask.dtype != torch.bool:
+            self.mask_values.append((where, mask_value_problems(mask)))
+
+    def record_packing(self, where: str, packed: PackedSequences, row_length: int, cp_size: int, cp_layout: str,
+                       device: torch.device) -> None:
+        """Packing boundaries that do not describe a whole row of ``row_length`` tokens or break the CP
+        cut (:func:`~megatron_agg.validation.boundary_problems`)."""
+        self.boundaries.append((where, boundary_problems(packed, row_length, cp_size, device,
+                                                         per_document=cp_layout == "load-balanced")))
+
     def record_loss(self, microbatch: int, term: str, share: torch.Tensor, per_token: torch.Tensor,
                     grad_mode: bool = True) -> None:
         """A term's share of micro-batch ``microbatch`` (kept as is: read after the step) and its

@@ -89,7 +89,7 @@ from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import (DEFAULT_TERM_NAME, LossTerm, PerTokenLossFn, detached_losses,
                     per_token_losses, split_term_losses)
-from .validation import boundary_problems, check_per_token_values, check_sequence_counts, coerce_packed, mask_value_problems
+from .validation import check_per_token_values, check_sequence_counts, coerce_packed
 
 __all__ = ["DeferredLossHook"]
 
@@ -326,10 +326,10 @@ class DeferredLossHook:
         if self._dynamic_cp:  # the sample's own cut: packing and whole-sequence counts are not this slice's
             cp_size, cp_rank, packed, counts = 1, 0, None, None
         device = loss_mask.device
-        checks.mask_values.append((f"loss_mask of {where}", mask_value_problems(loss_mask)))
+        checks.record_mask(f"loss_mask of {where}", loss_mask)
         if packed is not None:
-            checks.boundaries.append((f"packed_seqs of {where}", boundary_problems(
-                packed, loss_mask.shape[-1] * cp_size, cp_size, device, per_document=groups.cp_layout == "load-balanced")))
+            checks.record_packing(f"packed_seqs of {where}", packed, loss_mask.shape[-1] * cp_size, cp_size,
+                                  groups.cp_layout, device)
         # This slice's sequences: valid tokens, sequence index, default C_i; counts of this slice only.
         view = sm.cp_local_view(loss_mask, packed, sm.CPRank(cp_size, cp_rank, groups.cp_layout))
         if counts is None:

@@ -52,7 +52,7 @@ from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
 from .step_math import StepTotals
-from .validation import boundary_problems, check_per_token_values, mask_value_problems
+from .validation import check_per_token_values, mask_value_problems
 
 __all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints",
            "group_ids_expected", "check_cp_lengths"]
@@ -281,13 +281,11 @@ class PreparedStep:
         else:
             for j in range(num_mbs):
                 for k in mask_names:
-                    if masks[k][j].dtype != torch.bool:
-                        self.checks.mask_values.append((f"{labels[k]}[{j}]", mask_value_problems(masks[k][j])))
+                    self.checks.record_mask(f"{labels[k]}[{j}]", masks[k][j])
         for j, p in enumerate(packed):
             if p is not None:
-                problems = boundary_problems(p, masks[mask_names[0]][j].shape[-1], self.groups.cp_size, self._device,
-                                             per_document=self.groups.cp_layout == "load-balanced")
-                self.checks.boundaries.append((f"packed_seqs[{j}]", problems))
+                self.checks.record_packing(f"packed_seqs[{j}]", p, masks[mask_names[0]][j].shape[-1],
+                                           self.groups.cp_size, self.groups.cp_layout, self._device)
 
     def _start_totals(self, plan: sm.StepPlan, prints: Sequence[Optional[float]], tracker: AgreementTracker,
                       refused: Optional[Exception]) -> None:

@@ -65,8 +65,8 @@ from .modes import AggMode, AggModeLike
 from .scaling import MegatronScaling
 from .terms import DEFAULT_MASK_NAME, LossTerm
 from .step_math import checked_group_ids
-from .validation import (as_bool, as_int, check_share_call, checked_group_options, checked_inputs, checked_num_tokens, mask_names_of,
-                         mask_value_problems)
+from .validation import (as_bool, as_int, check_share_call, checked_group_options, checked_inputs, checked_num_tokens,
+                         mask_names_of)
 
 __all__ = ["StepShares", "TOKEN_SUM"]
 
@@ -209,7 +209,7 @@ class StepShares:
         for name in self.mask_names:
             for j, mask in enumerate(named[name]):
                 label = f"loss_masks[{j}]" if len(self.mask_names) == 1 else f"loss_masks[{name!r}][{j}]"
-                self.checks.mask_values.append((label, mask_value_problems(mask)))
+                self.checks.record_mask(label, mask)
         ids_all = None
         if grouped:
             assert ids is not None
