@@ -21,8 +21,7 @@ from .engine import StepSummary
 from .groups import ParallelGroups
 from .hook import PerTokenLossFn
 from .scaling import MegatronScaling, Scaling, SumScaling
-from .step_math import GROUP_SCOPES
-from .terms import DEFAULT_MASK_NAME
+from .modes import DEFAULT_MASK_NAME, GROUP_SCOPES
 
 __all__ = [
     "DEFAULT_MASK_NAME",
