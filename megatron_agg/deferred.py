@@ -48,6 +48,13 @@ does there (the packing and whole-sequence counts a caller passes are not read a
 ``seq-mean-*`` terms and metrics would need each sequence counted on one rank of its group, which
 only the schedule knows: refused at :meth:`DeferredLossHook.install`.
 
+Evaluation (Megatron-LM's ``evaluate()``: ``forward_only=True`` under ``torch.no_grad()``, no
+finalize): a micro-batch whose loss is computed with gradients off is kept apart from the training
+step — it does not advance the step's micro-batch count (``token-sum``'s 1 still rides on the next
+training step's first micro-batch) and its findings are not the step's checks (no gradient comes
+from it). Its ``[numerator, count]`` reports give the evaluation loss of the mode over the pass
+(``token-sum``: the sum over the pass, the 1 on its first micro-batch).
+
 Guarantees (the same engine checks as the other entry points, :mod:`megatron_agg.checks`):
 
 - **before the first gradient**: :meth:`DeferredLossHook.install` (called by you, or by the first
@@ -160,6 +167,7 @@ class DeferredLossHook:
         self._original_finalize: Any = None
         self._checks: Optional[StepChecks] = None
         self._index = 0
+        self._eval_index = 0  # micro-batches of the evaluation pass under way (torch.no_grad())
         self._groups: Any = None
         self._device = torch.device("cpu")
         self._dynamic_cp = False  # set by install: Megatron's config has a dynamic-CP switch on
@@ -224,7 +232,7 @@ class DeferredLossHook:
         self._megatron_config = None
         self._original_finalize = None
         self._checks = None
-        self._index = 0
+        self._index = self._eval_index = 0
 
     @staticmethod
     def sequence_token_counts(
@@ -293,9 +301,14 @@ class DeferredLossHook:
     def _loss(self, losses: Dict[str, torch.Tensor], loss_mask: torch.Tensor,
               counts: Optional[torch.Tensor], packed: Optional[PackedSequences]) -> tuple:
         """One micro-batch: ``(numerator, num_tokens, {name: [numerator, its count]})`` (module docstring)."""
-        checks = self._step_checks()
-        index = self._index
-        self._index += 1
+        if torch.is_grad_enabled():  # a training micro-batch: an evaluation pass before it has ended
+            checks, index, self._eval_index = self._step_checks(), self._index, 0
+            self._index += 1
+        else:  # evaluation (Megatron-LM's evaluate(): forward_only under torch.no_grad(), no finalize)
+            if self._groups is None:
+                self._groups = resolve_groups(self._pg_collection, cp_layout=self._cp_layout)
+            checks, index = StepChecks(_NAMES, self.config.allow_nonfinite_masked), self._eval_index
+            self._eval_index += 1  # kept apart from the training step: not its checks, not its index
         check_per_token_values(losses, loss_mask.shape, f"Micro-batch {index}", self.metrics)
         view, cp_rank = self._microbatch_view(loss_mask, counts, packed, f"micro-batch {index}", checks)
         parts = {name: sm.numerator_part(losses[name], term, view) for name, term in self.terms.items()}
@@ -356,7 +369,7 @@ class DeferredLossHook:
         checks = self._step_checks()
         num_microbatches = max(self._index, 1)
         self._checks = None
-        self._index = 0
+        self._index = self._eval_index = 0
         config = self._megatron_config
         per_token = bool(getattr(config, "calculate_per_token_loss", False))
         checks.fingerprints = set_up_fingerprints(self.terms, _ChannelScaling(per_token), self.metrics)

@@ -394,3 +394,30 @@ def test_deferred_metrics_ride_in_the_reports(megatron_cpu):
     (grad,) = torch.autograd.grad(numerator, losses[0])
     assert torch.equal(grad, masks[0].float())  # seq-mean-token-sum's numerator only: no metric in it
     hook.uninstall()
+
+
+def test_evaluation_micro_batches_are_kept_apart_from_the_training_step(megatron_cpu):
+    """Megatron-LM's evaluate() calls the same loss_func under torch.no_grad() (forward_only, no
+    finalize): those micro-batches must neither shift the training step's count (token-sum's 1 on
+    its first micro-batch) nor leave findings for the training step's check."""
+    hook = DeferredLossHook("token-sum")
+    config = _Config()
+    hook.install(config)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    loss = torch.arange(6.0).reshape(2, 3)
+    bad = loss.clone()
+    bad[0, 0] = float("nan")
+    with torch.no_grad():  # an evaluation pass of two micro-batches, one with a NaN at a valid token
+        evals = [hook.loss_func(mask)(x) for x in (bad, loss)]
+    assert [int(nt) for _, nt, _ in evals] == [1, 0]  # the pass's own token-sum: its 1 on its first
+    train = [hook.loss_func(mask)(loss.requires_grad_()) for _ in range(2)]
+    assert [int(nt) for _, nt, _ in train] == [1, 0]  # without the fix: [0, 0] (Σ num_tokens = 0)
+    assert config.finalize_model_grads_func([]) == "finalized"  # the evaluation's NaN is not this step's
+    with torch.no_grad():  # the next pass starts again at its first micro-batch
+        assert int(hook.loss_func(mask)(loss)[1]) == 1
+    # a NaN in a training micro-batch is still the step's
+    hook.loss_func(mask)(bad.requires_grad_())
+    from megatron_agg import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError):
+        config.finalize_model_grads_func([])
