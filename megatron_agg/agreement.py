@@ -13,13 +13,13 @@ without a collective of its own. Pure arithmetic: no ``torch.distributed`` here.
 from __future__ import annotations
 
 import zlib
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .terms import LossTerm
 
-__all__ = ["AGREEMENT_FIELDS", "fingerprints", "agreement_values", "agreement_block", "disagreements",
+__all__ = ["AGREEMENT_FIELDS", "fingerprints", "set_up_fingerprints", "config_fingerprints", "agreement_values", "agreement_block", "disagreements",
            "step_block", "flag_counts"]
 
 #: The options DP ranks must agree on, in the order of the fingerprints.
@@ -112,3 +112,20 @@ def flag_counts(summed_block: torch.Tensor) -> List[int]:
     :func:`step_block` (one host read)."""
     triples = summed_block.reshape(-1, 3)[len(AGREEMENT_FIELDS):]
     return [int(round(v)) for v in (triples[:, 1] - triples[:, 0]).tolist()]
+
+
+def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Any,
+                        metrics: Optional[Mapping[str, LossTerm]] = None,
+                        prompt_groups: Optional[Tuple[int, str]] = None,
+                        masks: Optional[Sequence[str]] = None) -> List[Optional[float]]:
+    """The fingerprints of :data:`AGREEMENT_FIELDS` for this rank: :func:`fingerprints` with the
+    loss-return path and ``calculate_per_token_loss`` read from ``scaling`` (a
+    :class:`~megatron_agg.scaling.Scaling`'s ``fingerprint()``; ``None``: no say)."""
+    loss_return, per_token = scaling.fingerprint() if scaling is not None else (None, None)
+    return fingerprints(terms, loss_return, per_token, metrics, prompt_groups, masks)
+
+
+def config_fingerprints(config: Any, scaling: Any) -> List[Optional[float]]:
+    """:func:`set_up_fingerprints` of a whole :class:`~megatron_agg.AggConfig`."""
+    groups = (config.num_groups, config.group_scope) if config.uses_groups else None
+    return set_up_fingerprints(dict(config.terms), scaling, config.metrics, groups)

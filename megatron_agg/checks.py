@@ -31,7 +31,7 @@ from .groups import ParallelGroups
 from .packing import PackedSequences
 from .validation import BOUNDARY_PROBLEMS, boundary_problems, mask_value_problems
 
-__all__ = ["NonFiniteLossError", "StepChecks", "FrontEndNames"]
+__all__ = ["NonFiniteLossError", "StepChecks", "FrontEndNames", "group_ids_expected"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,6 +50,15 @@ class FrontEndNames:
     mismatch_fix: str = ("pass the same masks, in micro-batch order (CP-local slices of them under context "
                          "parallelism), or set LossHook(check_masks=False) if the loss function's mask is "
                          "meant to differ")
+
+
+def group_ids_expected(num_groups: int, group_scope: str) -> str:
+    """What the end-of-step check says group ids must be."""
+    if group_scope == "per-rank":
+        return (f"With group_scope='per-rank' each data-parallel rank numbers its own groups 0 … "
+                f"{num_groups - 1} (num_groups={num_groups}).")
+    return (f"With group_scope='global' ids name the step's prompts 0 … {num_groups - 1} on every rank "
+            f"(num_groups={num_groups}).")
 
 
 #: The summary's problem kinds, in the order they are reported.

@@ -9,7 +9,7 @@ schedule (one host sync) and raise on every rank on a disagreement; otherwise th
 awaited at the first loss. A rank whose totals' length changed first pairs with the others through
 a block of the length the group last used, so that no rank is ever left alone in a collective.
 
-The fingerprints of a set-up (:func:`megatron_agg.engine.set_up_fingerprints`) are the arithmetic of
+The fingerprints of a set-up (:func:`megatron_agg.agreement.set_up_fingerprints`) are the arithmetic of
 :mod:`megatron_agg.agreement`; the collectives go through :class:`~megatron_agg.groups.ParallelGroups`.
 Every other collective of a step is the end-of-step check's (:mod:`megatron_agg.checks`).
 """

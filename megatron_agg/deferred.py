@@ -82,11 +82,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 
 from . import step_math as sm
-from .agreement import agreement_block
+from .agreement import agreement_block, set_up_fingerprints
 from .checks import FrontEndNames, StepChecks
 from .config import AggConfig
 from .collective import raise_if_disagree
-from .engine import set_up_fingerprints
 from .groups import group_rank
 from .megatron import (LossReturn, check_megatron_version, checked_cp_layout, dynamic_cp_switches, finalize_owner,
                        model_config, resolve_groups, unwrap_finalize, wrap_finalize)

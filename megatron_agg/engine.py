@@ -42,8 +42,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from . import step_math as sm
-from .checks import FrontEndNames, StepChecks
-from .agreement import fingerprints
+from .checks import FrontEndNames, StepChecks, group_ids_expected
+from .agreement import config_fingerprints
 from .collective import AgreementTracker, raise_if_disagree, start_totals
 from .config import AggConfig
 from .groups import ParallelGroups
@@ -52,34 +52,9 @@ from .packing import PackedSequences
 from .scaling import Scaling
 from .terms import DEFAULT_MASK_NAME, DEFAULT_TERM_NAME, LossTerm
 from .step_math import StepTotals
-from .validation import check_per_token_values, mask_value_problems
+from .validation import check_cp_lengths, check_per_token_values, mask_value_problems
 
-__all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of", "set_up_fingerprints", "config_fingerprints",
-           "group_ids_expected", "check_cp_lengths"]
-
-
-def set_up_fingerprints(terms: Optional[Dict[str, LossTerm]], scaling: Optional[Scaling],
-                        metrics: Optional[Mapping[str, LossTerm]] = None,
-                        prompt_groups: Optional[Tuple[int, str]] = None,
-                        masks: Optional[Sequence[str]] = None) -> List[Optional[float]]:
-    """The fingerprints of :data:`~megatron_agg.agreement.AGREEMENT_FIELDS` for this rank."""
-    loss_return, per_token = scaling.fingerprint() if scaling is not None else (None, None)
-    return fingerprints(terms, loss_return, per_token, metrics, prompt_groups, masks)
-
-
-def config_fingerprints(config: AggConfig, scaling: Optional[Scaling]) -> List[Optional[float]]:
-    """:func:`set_up_fingerprints` of a whole :class:`~megatron_agg.AggConfig`."""
-    groups = (config.num_groups, config.group_scope) if config.uses_groups else None
-    return set_up_fingerprints(dict(config.terms), scaling, config.metrics, groups)
-
-
-def group_ids_expected(config: AggConfig) -> str:
-    """What the end-of-step check says group ids must be."""
-    if config.group_scope == "per-rank":
-        return (f"With group_scope='per-rank' each data-parallel rank numbers its own groups 0 … "
-                f"{config.num_groups - 1} (num_groups={config.num_groups}).")
-    return (f"With group_scope='global' ids name the step's prompts 0 … {config.num_groups - 1} on every rank "
-            f"(num_groups={config.num_groups}).")
+__all__ = ["PreparedStep", "StepSummary", "StepTimer", "global_loss_of"]
 
 
 @dataclass
@@ -147,32 +122,6 @@ def global_loss_of(summary: Optional[StepSummary], failed: Optional[str]) -> Opt
     return {name: values[i] for i, name in enumerate(names)}
 
 
-def check_cp_lengths(loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[Sequence[Optional[PackedSequences]]],
-                     groups: ParallelGroups, masks_name: str = "loss_masks") -> None:
-    """``ValueError`` (before the step) for a row whose length the CP layout cannot cut. Packed rows
-    of the ``"load-balanced"`` layout are cut per document: their boundaries are checked with the
-    step's other checks (:func:`~megatron_agg.validation.boundary_problems`)."""
-    cp = groups.cp_size
-    if cp == 1:
-        return
-    for j, mask in enumerate(loss_masks):
-        packed = packed_seqs[j] if packed_seqs is not None else None
-        length = mask.shape[-1]
-        if groups.cp_layout == "contiguous" or (packed is not None and groups.cp_layout == "load-balanced"):
-            if length % cp:
-                raise ValueError(
-                    f"{masks_name}[{j}] has padded length {length}, not divisible by the {cp} ranks that "
-                    "share each sequence."
-                )
-        elif length % (2 * cp):
-            what = ("packed row, cut as a whole (cp_layout='per-row')" if packed is not None
-                    else "sequences")
-            raise ValueError(
-                f"{masks_name}[{j}] has padded length {length}, but context parallelism of size {cp} cuts "
-                f"{what} into 2·cp = {2 * cp} chunks; pad the batch (and its masks) to a multiple of 2·cp."
-            )
-
-
 class PreparedStep:
     """One step whose masks are known up front (see the module docstring).
 
@@ -183,7 +132,7 @@ class PreparedStep:
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
     refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`~megatron_agg.collective.start_totals`).
 
-    The constructor is the step's set-up, in order: check the shapes (:func:`check_cp_lengths`), stack
+    The constructor is the step's set-up, in order: check the shapes (:func:`~megatron_agg.validation.check_cp_lengths`), stack
     the micro-batches (:func:`~megatron_agg.step_math.stack_microbatches`) and record the device-side
     input checks (:meth:`_record_input_checks`), plan them (:func:`~megatron_agg.step_math.plan_step`),
     start the totals' all-reduce (:meth:`_start_totals`).
@@ -233,7 +182,7 @@ class PreparedStep:
         prints = config_fingerprints(config, scaling)
         self.checks = StepChecks(names, config.allow_nonfinite_masked, fingerprints=prints)
         if config.uses_groups:
-            self.checks.group_ids_expected = group_ids_expected(config)
+            self.checks.group_ids_expected = group_ids_expected(config.num_groups, config.group_scope)
         self._reports: Dict[str, List[torch.Tensor]] = {}
         if not self.is_last_stage:
             self.checks.inputs = None if refused is None else str(refused)  # raised at the step's end

@@ -54,10 +54,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from . import step_math as sm
-from .checks import FrontEndNames, StepChecks
+from .agreement import set_up_fingerprints
+from .checks import FrontEndNames, StepChecks, group_ids_expected
 from .config import AggConfig, totals_layout
 from .collective import AgreementTracker, start_totals
-from .engine import set_up_fingerprints
 from .groups import ParallelGroups
 from .megatron import (LossReturn, check_megatron_version, finalize_owner, model_config, resolve_groups,
                        unwrap_finalize, wrap_finalize)
@@ -215,7 +215,7 @@ class StepShares:
             assert ids is not None
             ids_all, bad = checked_group_ids(torch.cat(ids), num_groups)
             self.checks.group_ids.append(("group_ids", bad))
-            self.checks.group_ids_expected = f"Ids must be integers in [0, {num_groups}) (group_scope={group_scope!r})."
+            self.checks.group_ids_expected = group_ids_expected(num_groups, group_scope)
             self._group_ids = list(ids_all.split([mask.shape[0] for mask in masks]))
         prints = set_up_fingerprints(None, self.scaling, prompt_groups=self._prompt_groups, masks=self.mask_names)
         local = sm.count_totals(self.layout, views_by_mask, ids_all, device, extra=[nt.sum()])

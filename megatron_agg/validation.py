@@ -28,6 +28,7 @@ __all__ = [
     "check_named_masks",
     "check_same_shapes",
     "check_packed_seqs",
+    "check_cp_lengths",
     "check_group_ids",
     "check_sequence_counts",
     "check_share_call",
@@ -312,6 +313,32 @@ def check_share_call(call: str, loss_mat: Any, loss_mask: Any, device: torch.dev
             f"{call}(mask_name={mask_name!r}): the step's loss_masks are {list(mask_names)}; name one of "
             "them (the totals of that mask apply)."
         )
+
+
+def check_cp_lengths(loss_masks: Sequence[torch.Tensor], packed_seqs: Optional[Sequence[Optional[PackedSequences]]],
+                     groups: Any, masks_name: str = "loss_masks") -> None:
+    """``ValueError`` (before the step) for a row whose length the CP layout cannot cut. Packed rows
+    of the ``"load-balanced"`` layout are cut per document: their boundaries are checked with the
+    step's other checks (:func:`~megatron_agg.validation.boundary_problems`)."""
+    cp = groups.cp_size
+    if cp == 1:
+        return
+    for j, mask in enumerate(loss_masks):
+        packed = packed_seqs[j] if packed_seqs is not None else None
+        length = mask.shape[-1]
+        if groups.cp_layout == "contiguous" or (packed is not None and groups.cp_layout == "load-balanced"):
+            if length % cp:
+                raise ValueError(
+                    f"{masks_name}[{j}] has padded length {length}, not divisible by the {cp} ranks that "
+                    "share each sequence."
+                )
+        elif length % (2 * cp):
+            what = ("packed row, cut as a whole (cp_layout='per-row')" if packed is not None
+                    else "sequences")
+            raise ValueError(
+                f"{masks_name}[{j}] has padded length {length}, but context parallelism of size {cp} cuts "
+                f"{what} into 2·cp = {2 * cp} chunks; pad the batch (and its masks) to a multiple of 2·cp."
+            )
 
 
 def check_packed_seqs(packed_seqs: Any, masks: Sequence[torch.Tensor]) -> Optional[List[Optional[PackedSequences]]]:

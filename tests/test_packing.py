@@ -200,7 +200,7 @@ def test_boundary_check_asks_2cp_documents_only_of_the_per_document_cut():
 def test_cp_layout_is_checked_and_told_once():
     from types import SimpleNamespace
 
-    from megatron_agg.engine import check_cp_lengths
+    from megatron_agg.validation import check_cp_lengths
     from megatron_agg.groups import ParallelGroups
     from megatron_agg.megatron.model_setup import checked_cp_layout
 
