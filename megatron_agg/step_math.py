@@ -669,7 +669,8 @@ def weighted_share(per_token: torch.Tensor, valid: torch.Tensor, weights: torch.
     if selected.dtype != weights.dtype:
         dtype = torch.promote_types(selected.dtype, weights.dtype)
         selected, weights = selected.to(dtype), weights.to(dtype)
-    return torch.tensordot(selected, weights, dims=selected.dim())
+    # torch.dot of the flattened views: one contraction, as tensordot, without its ~10 µs of Python
+    return torch.dot(selected.reshape(-1), weights.reshape(-1))
 
 
 def microbatch_share(mb: MicroBatchPlan, name: str, term: LossTerm, per_token: torch.Tensor) -> torch.Tensor:
