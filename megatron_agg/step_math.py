@@ -91,7 +91,7 @@ __all__ = [
     "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "cp_integer_part", "safe_reciprocal",
     "sequence_weights", "group_index", "TotalsLayout", "checked_group_ids", "LocalTotals", "local_totals_vector",
     "count_totals", "CPRank", "Block", "stack_microbatches", "MicroBatchPlan", "StepPlan", "plan_step", "StepTotals", "Denominators",
-    "reciprocal_denominator", "denominators", "scale_weights", "masked_weighted_sum", "weighted_share",
+    "reciprocal_denominator", "denominators", "scale_weights", "masked_weighted_sum",
     "microbatch_share", "weighted_total", "share_of_view", "numerator_part", "denominator_part",
 ]
 
@@ -661,22 +661,10 @@ def masked_weighted_sum(per_token: torch.Tensor, valid: torch.Tensor, weights: t
     return (torch.where(valid, per_token, 0.0) * weights).sum()
 
 
-def weighted_share(per_token: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_{i,t} weights[i,t] · l[i,t]`` over valid tokens in two tensor ops (``where``, then one
-    contraction), in the weights' dtype (float32) or wider; for weights that already carry ``1/D``.
-    NaN/Inf at masked positions is selected away, as in :func:`masked_weighted_sum`."""
-    selected = torch.where(valid, per_token, 0.0)
-    if selected.dtype != weights.dtype:
-        dtype = torch.promote_types(selected.dtype, weights.dtype)
-        selected, weights = selected.to(dtype), weights.to(dtype)
-    # torch.dot of the flattened views: one contraction, as tensordot, without its ~10 µs of Python
-    return torch.dot(selected.reshape(-1), weights.reshape(-1))
-
-
 def microbatch_share(mb: MicroBatchPlan, name: str, term: LossTerm, per_token: torch.Tensor) -> torch.Tensor:
     """``S = Σ where(m, l, 0) · (m·α/D)`` of channel ``name`` for one planned micro-batch (its
     weights scaled by :func:`scale_weights`): masked positions selected away, never multiplied."""
-    return weighted_share(per_token, mb.valid[term.mask], mb.weights[name])
+    return masked_weighted_sum(per_token, mb.valid[term.mask], mb.weights[name])
 
 
 def weighted_total(terms: Mapping[str, LossTerm], shares: Mapping[str, torch.Tensor]) -> torch.Tensor:
