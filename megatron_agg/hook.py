@@ -65,7 +65,7 @@ from .config import AggConfig
 from .collective import AgreementTracker
 from .engine import PreparedStep, StepSummary, StepTimer, global_loss_of
 from .groups import ParallelGroups
-from .megatron import LossReturn, check_megatron_version, checked_cp_layout, resolve_groups
+from .megatron import OWNER_ATTRIBUTE, LossReturn, check_megatron_version, checked_cp_layout, resolve_groups
 from .modes import AggModeLike
 from .scaling import MegatronScaling
 from .terms import LossTerm, PerTokenLossFn, detached_losses, per_token_losses, split_term_losses
@@ -207,7 +207,7 @@ class LossHook:
         The original function is ``result.__wrapped__``.
         """
         _refuse_factory(forward_backward_func)
-        owner = getattr(forward_backward_func, "__megatron_agg_hook__", None)
+        owner = getattr(forward_backward_func, OWNER_ATTRIBUTE, None)
         if owner is self:
             return forward_backward_func
         if owner is not None:
@@ -223,7 +223,7 @@ class LossHook:
         ) -> Any:
             return self._run_step(forward_backward_func, args, kwargs, loss_masks, packed_seqs, group_ids)
 
-        forward_backward.__megatron_agg_hook__ = self  # type: ignore[attr-defined]
+        setattr(forward_backward, OWNER_ATTRIBUTE, self)
         return forward_backward
 
     def _run_step(
