@@ -19,8 +19,8 @@ import torch
 
 from .terms import LossTerm
 
-__all__ = ["AGREEMENT_FIELDS", "fingerprints", "set_up_fingerprints", "config_fingerprints", "agreement_values", "agreement_block", "disagreements",
-           "step_block", "flag_counts"]
+__all__ = ["AGREEMENT_FIELDS", "fingerprints", "set_up_fingerprints", "config_fingerprints", "agreement_values",
+           "agreement_block", "disagreements", "step_block", "flag_counts"]
 
 #: The options DP ranks must agree on, in the order of the fingerprints.
 AGREEMENT_FIELDS = (

@@ -132,7 +132,8 @@ class PreparedStep:
     (:func:`~megatron_agg.validation.check_group_ids`). ``refused``: the error of inputs this rank
     refused, ``loss_masks``/``group_ids`` being stand-ins; raised on every rank (:func:`~megatron_agg.collective.start_totals`).
 
-    The constructor is the step's set-up, in order: check the shapes (:func:`~megatron_agg.validation.check_cp_lengths`), stack
+    The constructor is the step's set-up, in order: check the shapes
+    (:func:`~megatron_agg.validation.check_cp_lengths`), stack
     the micro-batches (:func:`~megatron_agg.step_math.stack_microbatches`) and record the device-side
     input checks (:meth:`_record_input_checks`), plan them (:func:`~megatron_agg.step_math.plan_step`),
     start the totals' all-reduce (:meth:`_start_totals`).

@@ -88,7 +88,8 @@ from .packing import PackedSequences
 from .terms import LossTerm
 
 __all__ = [
-    "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "cp_integer_part", "safe_reciprocal",
+    "GROUP_SCOPES", "valid_tokens", "SequenceView", "sequence_view", "cp_local_view", "cp_integer_part",
+    "safe_reciprocal",
     "sequence_weights", "group_index", "TotalsLayout", "checked_group_ids", "LocalTotals", "local_totals_vector",
     "count_totals", "CPRank", "Block", "stack_microbatches", "MicroBatchPlan", "StepPlan", "plan_step", "StepTotals", "Denominators",
     "reciprocal_denominator", "denominators", "scale_weights", "masked_weighted_sum",

@@ -217,3 +217,12 @@ def test_config_gives_the_shared_options(megatron_cpu):
     with pytest.raises(ValueError, match=r"config's check and collective options only.*StepShares.metric"):
         StepShares(MASKS, model=model(), config=config.replace(metrics={"kl": "token-mean"}))
     assert StepShares(MASKS, model=model()).config.agreement == "on-change"  # the defaults as everywhere
+
+
+def test_num_tokens_of_the_wrong_form_is_a_value_error():
+    """A 0-dim or 2-dim tensor of num_tokens gets the message, not a raw TypeError from len()."""
+    from megatron_agg.validation import checked_num_tokens
+
+    for bad, what in [(torch.tensor(5), "a 0-dim tensor of"), (torch.ones(2, 2), "a 2-dim tensor of"), ([1], "1")]:
+        with pytest.raises(ValueError, match=rf"Got {what} num_tokens for 3 micro-batches"):
+            checked_num_tokens(bad, 3, torch.device("cpu"))

@@ -33,8 +33,8 @@ from .model_setup import (dynamic_cp_switches, model_config, refuse_wrapper_defe
                           token_scaled_auxiliary_losses)
 from .releases import minor_release
 
-__all__ = ["PROMPT_MEAN_REFUSAL", "uses_prompt_mean", "terms_problem", "denominator_kind", "per_token_path_problem", "dynamic_cp_problem", "auxiliary_loss_problem",
-           "check_wrapper"]
+__all__ = ["PROMPT_MEAN_REFUSAL", "uses_prompt_mean", "terms_problem", "denominator_kind", "per_token_path_problem",
+           "dynamic_cp_problem", "auxiliary_loss_problem", "check_wrapper"]
 
 
 PROMPT_MEAN_REFUSAL = (
