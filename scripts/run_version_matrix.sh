@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The version matrix: for every supported megatron-core minor release, a cached virtual
-# environment and one launch of the gradient-equivalence "release" suite (4 CPU ranks; DP, TP,
-# PP, VPP and CP layouts; every loss spec and Megatron path; negative controls), then one of the
-# FSDP wrapper probe (tests/support/wrapper_probe.py --strict), and, where the release has Megatron's
-# hybrid-CP schedule (0.16+), one of the dynamic context parallelism proof
+# environment and one launch (4 CPU ranks, tests/support/release_run.py) of the gradient-equivalence
+# "release" suite (DP, TP, PP, VPP and CP layouts; every loss spec and Megatron path; negative
+# controls), the FSDP wrapper probe (tests/support/wrapper_probe.py --strict) and, where the release
+# has Megatron's hybrid-CP schedule (0.16+), the dynamic context parallelism proof
 # (tests/support/dynamic_cp_run.py).
 #
 #   bash scripts/run_version_matrix.sh                 # all releases
@@ -76,53 +76,58 @@ failed() {  # log pattern : the lines that say what failed, then the end of the 
 
 status=0
 summary=()
+# A failed check in any part's log (suite, probe, dynamic CP): never run again after a crash.
+MARKS="\] FAIL |SILENTLY|\(!\)|\(FAIL;|MISSED NOT"
 for v in $VERSIONS; do
   start=$(date +%s)
   venv="$(make_venv "$v")"
   installed=$(( $(date +%s) - start ))
   log="$OUT/release-$v.log"
-  if [[ " ${MEGATRON_AGG_PROBE_ONLY:-} " == *" $v "* ]]; then
+  probe_only=0
+  [[ " ${MEGATRON_AGG_PROBE_ONLY:-} " == *" $v "* ]] && probe_only=1
+  # One launch per release (tests/support/release_run.py), its parts separated by ---:
+  # - the release suite (unless MEGATRON_AGG_PROBE_ONLY: the test command's matrix runs that release);
+  # - the FSDP wrappers of this release (torch-fsdp2, Megatron-FSDP x strategy x no_sync/overlap,
+  #   DP4, 3 micro-batches, the mean and the per-token sum paths): the hook exact or refusing an
+  #   upstream defect (--strict: exit 1 otherwise); where it refused, Megatron's plain loss off by the
+  #   factor the probe predicts (the defect is Megatron's: no needless refusal). Where the hook is
+  #   exact, its own row is the proof and the plain row is not run (--plain refused);
+  # - dynamic (hybrid) context parallelism through Megatron's own schedule, where the release has it
+  #   (0.16+; the test command runs it for its own release).
+  parts=()
+  if [ $probe_only -eq 0 ]; then
+    parts+=(suite --suite release --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec"
+            --out "$OUT/release-$v.json" ---)
+  fi
+  parts+=(probe --strict --wrappers torch-fsdp2,megatron-fsdp --layouts dp4 --microbatches 3
+          --paths 2-tuple,3-tuple+per-token --div-fusion on --plain refused --json "$OUT/wrappers-$v.json")
+  hybrid=0
+  if "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core.pipeline_parallel.hybrid_cp_schedule') is None)" 2>/dev/null; then
+    hybrid=1
+    [ $probe_only -eq 1 ] || parts+=(--- dynamic --json "$OUT/dynamic-cp-$v.json")
+  fi
+  echo "versions: megatron-core $v: $( [ $probe_only -eq 1 ] || printf 'suite, ')probe$( [ $hybrid -eq 0 ] || [ $probe_only -eq 1 ] || printf ', dynamic cp') in one launch (log: $log)"
+  set +e
+  launch_judged "$venv" "$log" "$MARKS" tests/support/release_run.py "${parts[@]}"
+  rc=$?
+  set -e
+  if [ $probe_only -eq 1 ]; then
     line="release suite skipped (MEGATRON_AGG_PROBE_ONLY: the test command's matrix runs this release)"
   else
-    echo "versions: megatron-core $v: running the release suite (log: $log)"
-    set +e
-    launch_judged "$venv" "$log" "\] FAIL " -m harness.matrix --suite release \
-        --layer-spec "$ROOT/tests/support/cp_attention.py:layer_spec" --out "$OUT/release-$v.json"
-    rc=$?
-    set -e
     line="$(grep -E '^world [0-9]+: ran' "$log" | tail -1 || true)"
-    [ -n "$line" ] || line="did not finish (exit $rc); see $log"
-    if [ $rc -ne 0 ]; then status=1; failed "$log" "FAIL|Error"; fi
+    [ -n "$line" ] || line="release suite did not finish (exit $rc); see $log"
   fi
-  # The FSDP wrappers of this release (torch-fsdp2, Megatron-FSDP x strategy x no_sync/overlap, DP4,
-  # 3 micro-batches, the mean and the per-token sum paths): the hook exact or refusing an upstream
-  # defect, Megatron's plain loss as megatron_agg's defect table predicts (--strict: exit 1 otherwise).
-  wlog="$OUT/wrappers-$v.log"
-  set +e
-  launch_judged "$venv" "$wlog" "SILENTLY|\(!\)" tests/support/wrapper_probe.py --strict --wrappers torch-fsdp2,megatron-fsdp \
-      --layouts dp4 --microbatches 3 --paths 2-tuple,3-tuple+per-token --div-fusion on --json "$OUT/wrappers-$v.json"
-  wrc=$?
-  set -e
-  wline="$(grep -E '^wrapper probe:' "$wlog" | tail -1 || true)"
-  [ -n "$wline" ] || wline="wrapper probe did not finish (exit $wrc); see $wlog"
-  if [ $wrc -ne 0 ]; then status=1; failed "$wlog" "SILENTLY|\(!\)"; fi
-  # dynamic (hybrid) context parallelism through Megatron's own schedule, where the release has it
-  # (0.16+; the test command runs it for its own release, MEGATRON_AGG_PROBE_ONLY)
-  dline="no hybrid-CP schedule"
-  if "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core.pipeline_parallel.hybrid_cp_schedule') is None)" 2>/dev/null; then
-    if [[ " ${MEGATRON_AGG_PROBE_ONLY:-} " == *" $v "* ]]; then
-      dline="dynamic cp: in the test command"
-    else
-      dlog="$OUT/dynamic-cp-$v.log"
-      set +e
-      launch_judged "$venv" "$dlog" "\(FAIL;|MISSED NOT" tests/support/dynamic_cp_run.py --json "$OUT/dynamic-cp-$v.json"
-      drc=$?
-      set -e
-      dline="$(grep -E '^dynamic cp: ([0-9]+ checks|not run)' "$dlog" | tail -1 || true)"
-      [ -n "$dline" ] || dline="dynamic cp did not finish (exit $drc); see $dlog"
-      if [ $drc -ne 0 ]; then status=1; failed "$dlog" "FAIL|MISSED"; fi
-    fi
+  wline="$(grep -E '^wrapper probe:' "$log" | tail -1 || true)"
+  [ -n "$wline" ] || wline="wrapper probe did not finish (exit $rc); see $log"
+  if [ $hybrid -eq 0 ]; then
+    dline="no hybrid-CP schedule"
+  elif [ $probe_only -eq 1 ]; then
+    dline="dynamic cp: in the test command"
+  else
+    dline="$(grep -E '^dynamic cp: ([0-9]+ checks|not run)' "$log" | tail -1 || true)"
+    [ -n "$dline" ] || dline="dynamic cp did not finish (exit $rc); see $log"
   fi
+  if [ $rc -ne 0 ]; then status=1; failed "$log" "$MARKS|FAIL|Error|release_run: .* exit [^0]"; fi
   summary+=("megatron-core $v: $line; $wline; $dline; install ${installed}s, total $(( $(date +%s) - start ))s")
   echo "versions: ${summary[-1]}"
 done

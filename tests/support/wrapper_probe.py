@@ -63,6 +63,8 @@ PLANS: Dict[Tuple[int, int], List[List[int]]] = {
 }
 PATHS: List[Variant] = [v for v in VARIANTS if not v.deferred]  # the matrix's six Megatron paths
 LAYOUTS = {"dp4": Layout(), "tp2dp2": Layout(tp=2)}
+#: What LossHook says when it refuses a step as an upstream wrapper defect.
+REFUSED = "megatron_agg cannot make this step exact"
 _MASK_DTYPES = (torch.bool, torch.int64, torch.float32)
 
 
@@ -333,7 +335,7 @@ def agrees(row: "Row") -> bool:
     """The row is what ``exp`` predicts: that factor and a pure scaling, or (NaN) not a scaling. A
     hook row that megatron_agg refused as an upstream defect agrees where the factor is not 1 (the
     hook cannot repair it) and disagrees where it is (a needless refusal)."""
-    if row.error is not None and "megatron_agg cannot make this step exact" in row.error and row.loss == "hook":
+    if row.error is not None and REFUSED in row.error and row.loss == "hook":
         return row.expected != 1.0 and row.expected != CRASH
     if row.error is not None or row.expected == CRASH:
         return row.error is not None and row.expected == CRASH
@@ -349,6 +351,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layouts", default="dp4,tp2dp2")
     parser.add_argument("--microbatches", default="1,3")
     parser.add_argument("--losses", default="hook,plain")
+    parser.add_argument("--plain", default="all", choices=["all", "refused"],
+                        help="the plain-loss rows: every configuration, or only where the hook refused it (there "
+                             "they show the defect is Megatron's; where the hook is exact its own row is the proof)")
     parser.add_argument("--paths", default=None, help="comma-separated path names (default: all)")
     parser.add_argument("--overlap", default="both", choices=["off", "on", "both"],
                         help="overlap_grad_reduce runs (DDP, Megatron-FSDP)")
@@ -389,7 +394,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for wrapper, overlap, no_sync, fusion in runs:
                     for path in paths:
                         for m in (int(x) for x in args.microbatches.split(",")):
+                            refused = False
                             for loss in args.losses.split(","):
+                                if loss == "plain" and args.plain == "refused" and not refused:
+                                    continue
                                 try:
                                     row = run_one(refs, layout_name, wrapper, path, m, loss, overlap, no_sync,
                                                   fusion, release)
@@ -406,6 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               fusion, refs.total_tokens),
                                               0.0, error=f"{type(exc).__name__}: {exc}"[:300])
                                 rows.append(row)
+                                refused = row.loss == "hook" and row.error is not None and REFUSED in row.error
                                 if rank == 0 and args.json:  # after every row: a crash keeps what ran
                                     with open(args.json, "w") as f:
                                         json.dump([asdict(r) for r in rows], f, indent=1)
