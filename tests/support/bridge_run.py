@@ -54,11 +54,13 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import faulthandler
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -78,6 +80,7 @@ MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-to
 LAYOUTS = {"tp2-dp2": dict(tp=2), "pp2-dp2": dict(pp=2), "cp2-dp2": dict(cp=2, packed=True)}
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
 SEQ, VOCAB, MICRO_BATCHES = 32, 64, 3
+STACKS_AFTER_SECONDS = 90
 
 
 def _compare_module(name: str):
@@ -265,7 +268,7 @@ def bridge_config(layout: Dict[str, Any], steps: int, world: int):
         logger=C.LoggerConfig(log_interval=1),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
         checkpoint=C.CheckpointConfig(save=None, load=None, save_interval=None),
-        dist=C.DistributedInitConfig(distributed_backend="gloo", distributed_timeout_minutes=5),
+        dist=C.DistributedInitConfig(distributed_backend="gloo", distributed_timeout_minutes=2),
         ddp=C.DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False,
                                             grad_reduce_in_fp32=True),
         rng=C.RNGConfig(seed=1234),
@@ -426,7 +429,8 @@ def destroy_gloo_groups() -> None:
                 pass
 
 
-def run_layout(name: str, modes: Optional[Sequence[str]], world: int, configure: bool = True) -> Dict[str, Any]:
+def run_layout(name: str, modes: Optional[Sequence[str]], world: int, out: Path,
+               configure: bool = True) -> Dict[str, Any]:
     """One Bridge ``pretrain``: one step per mode (``None``: Bridge's own forward_step, one step);
     ``configure=False`` leaves Bridge's default ``calculate_per_token_loss=False`` (a refusal)."""
     from megatron.bridge.training.pretrain import pretrain
@@ -439,18 +443,25 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int, configure:
     if configure:
         forward_step.configure(cfg)
     start = time.time()
-    error = None
+    error, error_at, trace = None, None, None
+    # a run blocked this long (one takes seconds) dumps this rank's stacks; Bridge's groups time out at 120 s
+    stacks = open(out / f"{name}.stacks.rank{dist.get_rank()}.txt", "w+")
+    faulthandler.dump_traceback_later(STACKS_AFTER_SECONDS, file=stacks)
     try:
         pretrain(cfg, forward_step, callbacks=[logged_loss_callback()])
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error, error_at, trace = f"{type(exc).__name__}: {exc}", time.time() - start, traceback.format_exc()
         traceback.print_exc()
     finally:
+        faulthandler.cancel_dump_traceback_later()
         forward_step.finish()
+    stacks.seek(0)
+    blocked = stacks.read()
+    stacks.close()
     dist.barrier()
     destroy_gloo_groups()
     return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, error=error,
-                seconds=time.time() - start, packed=bool(layout.get("packed")))
+                error_at=error_at, trace=trace, blocked=blocked, seconds=time.time() - start, packed=bool(layout.get("packed")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,6 +583,7 @@ def _parse(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <rank pid>: every thread's stack, in the log
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -582,7 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import_seconds = time.time() - start
     # The default group outlives the runs: Bridge's pretrain keeps a group it did not create.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=4))  # > Bridge's own groups' 2
     modes = [m for m in args.modes.split(",") if m]
     plan = [(name, modes, "exact") for name in args.layouts.split(",") if name]
     if not args.no_control:
@@ -591,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with cpu_environment():
         for name, run_modes, kind in plan:
             key = name if kind == "exact" else f"{name}.{kind}"
-            run = run_layout(name, run_modes, world, configure=kind != "refusal")
+            run = run_layout(name, run_modes, world, out, configure=kind != "refusal")
             torch.save(run, out / f"{key}.rank{rank}.pt")
             dist.barrier()
             if rank == 0:
@@ -607,6 +619,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 #: What the adapter says when Bridge's default calculate_per_token_loss=False is left in place.
 REFUSAL = "calculate_per_token_loss=True"
+
+
+def first_failures(runs: Sequence[Dict[str, Any]]) -> str:
+    """Every rank's error, earliest first (the first is the cause; a peer blocked on it times out later),
+    and the end of the earliest one's traceback: CI keeps only what is printed."""
+    failed = sorted((run["error_at"] or 0.0, rank, run) for rank, run in enumerate(runs) if run["error"])
+    parts = [f"rank {rank} after {at:.1f}s: {run['error'][:300]}" for at, rank, run in failed]
+    trace = (failed[0][2].get("trace") or "").strip().splitlines()[-12:]
+    blocked = [f"rank {rank} blocked for {STACKS_AFTER_SECONDS}s in:\n      " + "\n      ".join(
+        run["blocked"].strip().splitlines()[:14]) for rank, run in enumerate(runs) if run.get("blocked")]
+    return "; ".join(parts) + "\n    " + "\n    ".join(trace + blocked)
 
 
 def report(plan, out: Path, world: int, import_seconds: float, train_seconds: float) -> int:
@@ -629,8 +652,8 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
             continue
         if error is not None:
             status = 1
-            lines.append(f"bridge e2e {key}: FAIL — {error[:300]}")
-            results.append(dict(run=key, error=error))
+            lines.append(f"bridge e2e {key}: FAIL — " + first_failures(runs))
+            results.append(dict(run=key, error=error, errors={r: run["error"] for r, run in enumerate(runs)}))
             continue
         params: Dict[int, List[Dict[str, Any]]] = {}
         for run in runs:
