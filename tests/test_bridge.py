@@ -101,6 +101,8 @@ def test_bridge_pretrain_end_to_end(tmp_path):
     for r in results:
         if r["kind"] == "exact":
             assert r["grad_err"] <= 1e-5 and r["loss_err"] <= 1e-5 and min(r["other_modes"].values()) >= 1e-3  # the data tells modes apart
+            # every step after the first follows Bridge's evaluate() (forward only, no_grad) through its hook
+            assert r["step"] == 0 or r["evaluated_before"] > 0, r
     controls = [r for r in results if r["kind"] == "control"]
     assert len(controls) == 1 and controls[0]["grad_err"] >= 1e-3 and controls[0]["explained"] <= 1e-5
     assert controls[0]["loss_err"] <= 1e-5  # Bridge logs the exact token mean while its gradient is not

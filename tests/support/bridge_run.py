@@ -7,7 +7,10 @@ Run under ``torchrun`` (4 ranks; ``scripts/run_bridge_e2e.sh`` builds the venv a
 One launch runs Bridge 0.6.2's ``pretrain(cfg, forward_step)`` once per layout (TP2×DP2 and PP2×DP2
 with unpacked rows, CP2×DP2 with packed sequences), each for one training step per loss mode: step
 ``k`` uses :class:`megatron_agg.bridge.BridgeForwardStep` of mode ``k`` (the previous step's hook is
-uninstalled first). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
+uninstalled first); after every step Bridge's own ``evaluate()`` runs one forward-only pass (under
+``torch.no_grad()``, no finalize) over validation data through the next step's hook, so each step
+from the second on proves that an evaluation leaves the training step that follows it exact (the
+report fails if a step had no evaluation before it). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
 (``masked_next_token_loss``) with Bridge's defaults (no ``calculate_per_token_loss``), which must miss;
 and one on TP2×DP2 with the adapter but without ``configure(cfg)`` (Bridge's default
 ``calculate_per_token_loss=False``), which every rank must refuse before any gradient. Between
@@ -44,7 +47,11 @@ of it is on the loss path: batch reading, the CP split, the model, ``loss_func``
   (the local ``DotProductAttention`` refuses CP and packed sequences; TE's is CUDA-only);
 - capture only: ``megatron.bridge.training.setup.finalize_model_grads`` (records parameters and
   ``main_grad`` after Megatron's finalize) and the data iterator handed to ``forward_step``
-  (records each micro-batch as read, before the CP split).
+  (records each training micro-batch as read, before the CP split).
+
+A run that fails names every rank's error, earliest first (the cause; its peers time out later), the
+end of the earliest traceback, and the stacks of each rank that was blocked for 90 s: CI keeps only
+what is printed.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -183,14 +191,14 @@ class RaggedData(torch.utils.data.Dataset):
     tokens masked, every 5th row fully masked) or packed rows (2–4 documents with padded lengths a
     multiple of 4 = 2·cp, real lengths shorter, ``cu_seqlens_q`` / ``cu_seqlens_q_padded``)."""
 
-    def __init__(self, packed: bool, size: int = 4096) -> None:
-        self.packed, self.size = packed, size
+    def __init__(self, packed: bool, size: int = 4096, first: int = 0) -> None:
+        self.packed, self.size, self.first = packed, size, first
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(1000 + idx)
+        g = torch.Generator().manual_seed(1000 + self.first + idx)
         tokens = torch.randint(1, VOCAB - 1, (SEQ,), generator=g)
         labels = torch.randint(1, VOCAB - 1, (SEQ,), generator=g)
         if not self.packed:
@@ -226,7 +234,7 @@ def dataset_config(packed: bool):
         skip_getting_attention_mask_from_dataset: bool = True
 
         def build_datasets(self, context):
-            return RaggedData(self.packed), None, None
+            return RaggedData(self.packed), RaggedData(self.packed, first=100_000), None
 
     return RaggedProvider(packed=packed, dataloader_type="single", num_workers=0, pin_memory=False,
                           persistent_workers=False)
@@ -257,8 +265,9 @@ def bridge_config(layout: Dict[str, Any], steps: int, world: int):
     )
     return C.ConfigContainer(
         model=model,
-        train=C.TrainingConfig(micro_batch_size=mbs, global_batch_size=mbs * MICRO_BATCHES * dp, train_iters=steps,
-                               eval_iters=0, eval_interval=None),
+        train=C.TrainingConfig(micro_batch_size=mbs, global_batch_size=mbs * MICRO_BATCHES * dp, train_iters=steps),
+        # Bridge's evaluate() after every step: forward only, under no_grad, through the same forward_step
+        validation=C.ValidationConfig(eval_iters=1, eval_interval=1),
         optimizer=C.OptimizerConfig(optimizer="sgd", lr=0.01, min_lr=0.0, weight_decay=0.0, clip_grad=0.0,
                                     bf16=False, fp16=False, params_dtype=torch.float32,
                                     use_distributed_optimizer=False),
@@ -287,6 +296,7 @@ class Capture:
         self.batches: List[Dict[str, Any]] = []
         self.params: Dict[int, List[Dict[str, Any]]] = {}
         self.logged: List[Dict[str, float]] = []
+        self.evaluated: Dict[int, int] = {}  # step -> micro-batches evaluated (on this rank) before it
         self.step = 0
 
     @staticmethod
@@ -364,13 +374,16 @@ class ModePerStep:
             self.steps[0].configure(cfg)
 
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
-        step = state.train_state.step
+        step = state.train_state.step  # an evaluation after step k runs with k + 1: that step's hook
         CAPTURE.step = step
-        data = _Recording(data_iterator) if data_iterator is not None else None
+        if not torch.is_grad_enabled():
+            CAPTURE.evaluated[step] = CAPTURE.evaluated.get(step, 0) + 1
+        data = _Recording(data_iterator) if data_iterator is not None and torch.is_grad_enabled() else data_iterator
         if self.steps is None:
             from megatron.bridge.training.gpt_step import forward_step
 
             return forward_step(state, data, model, return_schedule_plan)
+        step = min(step, len(self.steps) - 1)  # the evaluation after the last step: the last hook
         if self.current != step:
             if self.current is not None:
                 self.steps[self.current].hook.uninstall()
@@ -460,7 +473,8 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int, out: Path,
     stacks.close()
     dist.barrier()
     destroy_gloo_groups()
-    return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, error=error,
+    return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, evaluated=CAPTURE.evaluated,
+                error=error,
                 error_at=error_at, trace=trace, blocked=blocked, seconds=time.time() - start, packed=bool(layout.get("packed")))
 
 
@@ -621,15 +635,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 REFUSAL = "calculate_per_token_loss=True"
 
 
+def main_thread(stacks: str, frames: int = 14) -> List[str]:
+    """The innermost frames of the thread that runs this script, from a faulthandler dump."""
+    threads = stacks.split("\nThread ")
+    mine = next((t for t in threads if "bridge_run.py" in t), threads[-1])
+    return [re.sub(r'"\S*/(site-packages|work/[^/]+)/', '"', line.strip()) for line in mine.splitlines()[1:frames + 1]]
+
+
 def first_failures(runs: Sequence[Dict[str, Any]]) -> str:
     """Every rank's error, earliest first (the first is the cause; a peer blocked on it times out later),
     and the end of the earliest one's traceback: CI keeps only what is printed."""
     failed = sorted((run["error_at"] or 0.0, rank, run) for rank, run in enumerate(runs) if run["error"])
     parts = [f"rank {rank} after {at:.1f}s: {run['error'][:300]}" for at, rank, run in failed]
     trace = (failed[0][2].get("trace") or "").strip().splitlines()[-12:]
-    blocked = [f"rank {rank} blocked for {STACKS_AFTER_SECONDS}s in:\n      " + "\n      ".join(
-        run["blocked"].strip().splitlines()[:14]) for rank, run in enumerate(runs) if run.get("blocked")]
-    return "; ".join(parts) + "\n    " + "\n    ".join(trace + blocked)
+    for rank, run in enumerate(runs):
+        if run.get("blocked"):
+            trace += [f"rank {rank} blocked for {STACKS_AFTER_SECONDS}s in:"] + ["  " + f for f in main_thread(run["blocked"])]
+    # continuation lines start with "bridge e2e" too: run_bridge_e2e.sh prints the log's lines that do
+    return "; ".join(parts) + "".join(f"\nbridge e2e   | {line}" for line in trace)
 
 
 def report(plan, out: Path, world: int, import_seconds: float, train_seconds: float) -> int:
@@ -679,7 +702,12 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
                   f"{r['loss']:.6f} vs {r['ref_loss']:.6f} (err {r['loss_err']:.1e}), other modes "
                   f">= {min(r['other_modes'].values()):.1e}: " + ("PASS" if r["passed"] else "FAIL")
                   + (f" {r['problems']}" if r["problems"] else ""), flush=True)
-        ok = all(r["passed"] for r in per_mode)
+        # every step after the first follows an evaluation through its own hook (the last stage's ranks)
+        evaluated = {k: sum(run.get("evaluated", {}).get(k, 0) for run in runs) for k in range(1, len(per_mode))}
+        unevaluated = [k for k, n in evaluated.items() if n == 0]
+        for r in per_mode:
+            r["evaluated_before"] = evaluated.get(r["step"], 0)
+        ok = all(r["passed"] for r in per_mode) and not unevaluated
         status |= 0 if ok else 1
         tokens = sorted({c["tokens"] for r in per_mode for c in r["counts"]})
         if modes is None:
@@ -694,7 +722,10 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
                          f"{max(r['grad_err'] for r in per_mode):.1e}, logged lm loss err "
                          f"{max(r['loss_err'] for r in per_mode):.1e} (tol {TOLERANCE:g}); other modes' definitions "
                          f"missed by >= {min(v for r in per_mode for v in r['other_modes'].values()):.1e}; valid tokens "
-                         f"per micro-batch {tokens[0]}-{tokens[-1]}")
+                         f"per micro-batch {tokens[0]}-{tokens[-1]}; steps 1-{len(per_mode) - 1} each after "
+                         f"Bridge's evaluate() through their hook ({min(evaluated.values(), default=0)}+ "
+                         f"micro-batches over the ranks)" + (f"; NO evaluation before steps {unevaluated}"
+                                                             if unevaluated else ""))
     compare_seconds = time.time() - start
     (out / "summary.json").write_text(json.dumps(dict(tolerance=TOLERANCE, control_margin=CONTROL_MARGIN,
                                                       import_seconds=import_seconds, train_seconds=train_seconds,
