@@ -50,11 +50,25 @@ fi
 port="${MASTER_PORT:-$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 log="$OUT/e2e.log"
 echo "bridge e2e: megatron-bridge 0.6.2 ($VENV, ready in ${installed}s); 4 ranks; log $log"
+launch() {
+  (cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 PYTHONFAULTHANDLER=1 "$VENV/bin/python" -m torch.distributed.run \
+      --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "$port" \
+      tests/support/bridge_run.py --out "$OUT" "$@" >"$log" 2>&1)
+}
 set +e
-(cd "$ROOT" && PYTHONWARNINGS=ignore OMP_NUM_THREADS=1 "$VENV/bin/python" -m torch.distributed.run \
-    --nproc-per-node 4 --master-addr 127.0.0.1 --master-port "$port" \
-    tests/support/bridge_run.py --out "$OUT" "$@" >"$log" 2>&1)
+launch "$@"
 rc=$?
+# A run that raised (a gloo timeout once on CI, PP2xDP2, cause not found: the report now names every
+# rank's error and a blocked rank's stack) while no comparison failed: the launch runs once more and
+# judges everything again; the first log is kept. A failed comparison is never run again.
+if [ $rc -ne 0 ] && grep -qE '^bridge e2e [^:]*: FAIL — rank ' "$log" \
+    && ! grep -qE '^bridge e2e [^:]*: FAIL [0-9]+/[0-9]+ modes|^bridge e2e (control|refusal) .*: FAIL' "$log"; then
+  mv "$log" "$OUT/e2e.raised.log"
+  grep -E '^bridge e2e' "$OUT/e2e.raised.log" | sed 's/^bridge e2e/bridge e2e (first launch)/'
+  echo "bridge e2e rerun: a run raised in the first launch and no comparison failed; running the launch once more ($OUT/e2e.raised.log)"
+  launch "$@"
+  rc=$?
+fi
 set -e
 if ! grep -E '^bridge e2e' "$log"; then
   echo "bridge e2e: did not finish (exit $rc); the last lines of $log:" >&2
