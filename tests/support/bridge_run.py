@@ -9,8 +9,10 @@ with unpacked rows, CP2×DP2 with packed sequences), each for one training step 
 ``k`` uses :class:`megatron_agg.bridge.BridgeForwardStep` of mode ``k`` (the previous step's hook is
 uninstalled first); after every step Bridge's own ``evaluate()`` runs one forward-only pass (under
 ``torch.no_grad()``, no finalize) over validation data through the next step's hook, so each step
-from the second on proves that an evaluation leaves the training step that follows it exact (the
-report fails if a step had no evaluation before it). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
+from the second on proves that an evaluation leaves the training step that follows it exact, and
+Bridge's validation loss of that evaluation (its sum / count over DP×CP, read in ``on_eval_end``)
+must equal the mode's definition over the evaluated micro-batches at those weights (the report
+fails if a step had no evaluation before it). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
 (``masked_next_token_loss``) with Bridge's defaults (no ``calculate_per_token_loss``), which must miss;
 and one on TP2×DP2 with the adapter but without ``configure(cfg)`` (Bridge's default
 ``calculate_per_token_loss=False``), which every rank must refuse before any gradient. Between
@@ -296,7 +298,7 @@ class Capture:
         self.batches: List[Dict[str, Any]] = []
         self.params: Dict[int, List[Dict[str, Any]]] = {}
         self.logged: List[Dict[str, float]] = []
-        self.evaluated: Dict[int, int] = {}  # step -> micro-batches evaluated (on this rank) before it
+        self.eval_logged: Dict[int, Dict[str, float]] = {}  # step -> Bridge's validation loss just before it
         self.step = 0
 
     @staticmethod
@@ -308,8 +310,11 @@ class Capture:
                     last=int(ps.is_pipeline_last_stage()))
 
     def record_batch(self, batch: Dict[str, Any]) -> None:
+        """A micro-batch as read; under ``torch.no_grad()`` one of Bridge's evaluation (``eval=1``)."""
+        evaluation = int(not torch.is_grad_enabled())
         keep = {k: v.detach().clone().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        keep.update(self.coords(), step=self.step, index=sum(b["step"] == self.step for b in self.batches))
+        index = sum(b["step"] == self.step and b["eval"] == evaluation for b in self.batches)
+        keep.update(self.coords(), step=self.step, index=index, eval=evaluation)
         self.batches.append(keep)
 
     def record_params(self, model: Sequence[torch.nn.Module]) -> None:
@@ -336,12 +341,17 @@ CAPTURE = Capture()
 
 
 def logged_loss_callback():
-    """A Bridge callback recording each step's reduced ``loss_dict`` (Bridge's sum / count over DP×CP)."""
+    """A Bridge callback recording each step's reduced ``loss_dict`` and each evaluation's
+    ``total_loss_dict`` (Bridge's sum / count over DP×CP; the latter on the last stage)."""
     from megatron.bridge.training.callbacks import Callback
 
     class LoggedLoss(Callback):
         def on_train_step_end(self, context):
             CAPTURE.logged.append({k: float(v) for k, v in (context.loss_dict or {}).items()})
+
+        def on_eval_end(self, context):
+            if context.total_loss_dict:
+                CAPTURE.eval_logged[CAPTURE.step] = {k: float(v) for k, v in context.total_loss_dict.items()}
 
     return LoggedLoss()
 
@@ -376,9 +386,7 @@ class ModePerStep:
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
         step = state.train_state.step  # an evaluation after step k runs with k + 1: that step's hook
         CAPTURE.step = step
-        if not torch.is_grad_enabled():
-            CAPTURE.evaluated[step] = CAPTURE.evaluated.get(step, 0) + 1
-        data = _Recording(data_iterator) if data_iterator is not None and torch.is_grad_enabled() else data_iterator
+        data = _Recording(data_iterator) if data_iterator is not None else None
         if self.steps is None:
             from megatron.bridge.training.gpt_step import forward_step
 
@@ -473,7 +481,7 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int, out: Path,
     stacks.close()
     dist.barrier()
     destroy_gloo_groups()
-    return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, evaluated=CAPTURE.evaluated,
+    return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, eval_logged=CAPTURE.eval_logged,
                 error=error,
                 error_at=error_at, trace=trace, blocked=blocked, seconds=time.time() - start, packed=bool(layout.get("packed")))
 
@@ -507,10 +515,11 @@ def assemble(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, torch.Tensor]
     return weights, grads, replica_err
 
 
-def step_batches(runs: Sequence[Dict[str, Any]], step: int) -> List[Dict[str, Any]]:
-    """Every DP rank's micro-batches of ``step``, as read by its last stage's TP-0, CP-0 rank."""
+def step_batches(runs: Sequence[Dict[str, Any]], step: int, evaluation: bool = False) -> List[Dict[str, Any]]:
+    """Every DP rank's micro-batches of ``step`` (``evaluation``: of the evaluation just before it),
+    as read by its last stage's TP-0, CP-0 rank."""
     out = [b for run in runs for b in run["batches"]
-           if b["step"] == step and b["last"] and b["tp"] == 0 and b["cp"] == 0]
+           if b["step"] == step and b["eval"] == int(evaluation) and b["last"] and b["tp"] == 0 and b["cp"] == 0]
     return sorted(out, key=lambda b: (b["dp"], b["index"]))
 
 
@@ -582,8 +591,29 @@ def compare(records: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]], s
     others = {m: error_against(definition_loss(m, batches))[0] for m in MODES if m != mode}
     counts = [dict(dp=b["dp"], mb=b["index"], tokens=int(b["loss_mask"].sum()), sequences=len(documents(b)))
               for b in batches]
+    # Bridge's evaluate() just before this step (after the previous one's update: these weights), through
+    # this step's hook: its validation loss is the definition's over the evaluated micro-batches
+    evaluated = step_batches(runs, step, evaluation=True)
+    eval_loss = eval_ref = eval_err = eval_apart = None
+    if step > 0:
+        if len(evaluated) != dp * micro_batches:
+            problems.append(f"captured {len(evaluated)} evaluated micro-batches before step {step}, expected "
+                            f"{dp * micro_batches}")
+        eval_logged = [run["eval_logged"][step]["lm loss"] for run in runs if step in run["eval_logged"]]
+        if evaluated and eval_logged:
+            with torch.no_grad():
+                eval_ref = float(definition_loss(mode, evaluated)(weights))
+                eval_others = {m: float(definition_loss(m, evaluated)(weights)) for m in MODES if m != mode}
+            eval_loss = eval_logged[0]
+            eval_err = abs(eval_loss - eval_ref) / max(abs(eval_ref), 1e-30)
+            # the check can fail: every other mode's validation loss differs from this one's
+            eval_apart = min(abs(v - eval_ref) / max(abs(eval_ref), 1e-30) for v in eval_others.values())
+        else:
+            problems.append(f"no validation loss logged before step {step}")
     return dict(grad_err=grad_err, worst_param=worst, replica_err=replica_err, other_modes=others,
-                loss=logged_loss, ref_loss=ref_loss, loss_err=loss_err, problems=problems, counts=counts)
+                loss=logged_loss, ref_loss=ref_loss, loss_err=loss_err, problems=problems, counts=counts,
+                evaluated_before=len(evaluated), eval_loss=eval_loss, eval_ref=eval_ref, eval_err=eval_err,
+                eval_apart=eval_apart)
 
 
 def _parse(argv):
@@ -695,19 +725,19 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
                 r["passed"] = r["grad_err"] >= CONTROL_MARGIN and not r["problems"]
             else:
                 r["passed"] = (r["grad_err"] <= TOLERANCE and r["loss_err"] <= TOLERANCE
-                               and r["replica_err"] <= TOLERANCE and not r["problems"])
+                               and r["replica_err"] <= TOLERANCE and not r["problems"]
+                               and (step == 0 or (r["eval_err"] is not None and r["eval_err"] <= TOLERANCE
+                                                  and r["eval_apart"] >= 1e-3)))
             per_mode.append(r)
             results.append(r)
             print(f"  {key:<16} step {step} {mode:<24} grad err {r['grad_err']:.2e} ({r['worst_param']}), logged lm loss "
-                  f"{r['loss']:.6f} vs {r['ref_loss']:.6f} (err {r['loss_err']:.1e}), other modes "
+                  f"{r['loss']:.6f} vs {r['ref_loss']:.6f} (err {r['loss_err']:.1e}), "
+                  + (f"validation loss before it {r['eval_loss']:.6f} vs {r['eval_ref']:.6f} (err {r['eval_err']:.1e}), "
+                     if r["eval_err"] is not None else "") + f"other modes "
                   f">= {min(r['other_modes'].values()):.1e}: " + ("PASS" if r["passed"] else "FAIL")
                   + (f" {r['problems']}" if r["problems"] else ""), flush=True)
-        # every step after the first follows an evaluation through its own hook (the last stage's ranks)
-        evaluated = {k: sum(run.get("evaluated", {}).get(k, 0) for run in runs) for k in range(1, len(per_mode))}
-        unevaluated = [k for k, n in evaluated.items() if n == 0]
-        for r in per_mode:
-            r["evaluated_before"] = evaluated.get(r["step"], 0)
-        ok = all(r["passed"] for r in per_mode) and not unevaluated
+        ok = all(r["passed"] for r in per_mode)
+        eval_errs = [r["eval_err"] for r in per_mode if r["eval_err"] is not None]
         status |= 0 if ok else 1
         tokens = sorted({c["tokens"] for r in per_mode for c in r["counts"]})
         if modes is None:
@@ -723,9 +753,9 @@ def report(plan, out: Path, world: int, import_seconds: float, train_seconds: fl
                          f"{max(r['loss_err'] for r in per_mode):.1e} (tol {TOLERANCE:g}); other modes' definitions "
                          f"missed by >= {min(v for r in per_mode for v in r['other_modes'].values()):.1e}; valid tokens "
                          f"per micro-batch {tokens[0]}-{tokens[-1]}; steps 1-{len(per_mode) - 1} each after "
-                         f"Bridge's evaluate() through their hook ({min(evaluated.values(), default=0)}+ "
-                         f"micro-batches over the ranks)" + (f"; NO evaluation before steps {unevaluated}"
-                                                             if unevaluated else ""))
+                         f"Bridge's evaluate() through their hook, its validation loss err "
+                         f"{max(eval_errs, default=float('nan')):.1e} (other modes' >= "
+                         f"{min((r['eval_apart'] for r in per_mode if r['eval_apart'] is not None), default=float('nan')):.1e})")
     compare_seconds = time.time() - start
     (out / "summary.json").write_text(json.dumps(dict(tolerance=TOLERANCE, control_margin=CONTROL_MARGIN,
                                                       import_seconds=import_seconds, train_seconds=train_seconds,
