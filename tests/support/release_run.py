@@ -1,6 +1,6 @@
 """Run under torchrun with 4 ranks: the version matrix's proofs of one megatron-core release, in one launch.
 
-Each proof would otherwise cost its own torchrun start and Megatron import (~15 s on the CI machine):
+Each proof would otherwise cost its own torchrun start and Megatron import (~15 s each on 2 cores):
 
 - ``suite``: the gradient-equivalence release suite (``harness.matrix``);
 - ``probe``: the FSDP wrapper probe (``wrapper_probe.py``);

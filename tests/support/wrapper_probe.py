@@ -353,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--losses", default="hook,plain")
     parser.add_argument("--plain", default="all", choices=["all", "refused"],
                         help="the plain-loss rows: every configuration, or only where the hook refused it (there "
-                             "they show the defect is Megatron's; where the hook is exact its own row is the proof)")
+                             "they show the defect is Megatron's; where the hook is exact its own row is the proof; "
+                             "--losses must list hook before plain)")
     parser.add_argument("--paths", default=None, help="comma-separated path names (default: all)")
     parser.add_argument("--overlap", default="both", choices=["off", "on", "both"],
                         help="overlap_grad_reduce runs (DDP, Megatron-FSDP)")
