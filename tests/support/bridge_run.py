@@ -12,7 +12,8 @@ uninstalled first); after every step Bridge's own ``evaluate()`` runs one forwar
 from the second on proves that an evaluation leaves the training step that follows it exact, and
 Bridge's validation loss of that evaluation (its sum / count over DP×CP, read in ``on_eval_end``)
 must equal the mode's definition over the evaluated micro-batches at those weights (the report
-fails if a step had no evaluation before it). Then one more ``pretrain`` on TP2×DP2, the control: Bridge's own ``forward_step``
+fails if a step had no evaluation before it). Then one more ``pretrain`` on TP2×DP2, the control:
+Bridge's own ``forward_step``
 (``masked_next_token_loss``) with Bridge's defaults (no ``calculate_per_token_loss``), which must miss;
 and one on TP2×DP2 with the adapter but without ``configure(cfg)`` (Bridge's default
 ``calculate_per_token_loss=False``), which every rank must refuse before any gradient. Between
@@ -482,8 +483,8 @@ def run_layout(name: str, modes: Optional[Sequence[str]], world: int, out: Path,
     dist.barrier()
     destroy_gloo_groups()
     return dict(batches=CAPTURE.batches, params=CAPTURE.params, logged=CAPTURE.logged, eval_logged=CAPTURE.eval_logged,
-                error=error,
-                error_at=error_at, trace=trace, blocked=blocked, seconds=time.time() - start, packed=bool(layout.get("packed")))
+                error=error, error_at=error_at, trace=trace, blocked=blocked, seconds=time.time() - start,
+                packed=bool(layout.get("packed")))
 
 
 # ---------------------------------------------------------------------------------------------
