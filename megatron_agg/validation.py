@@ -250,8 +250,10 @@ def mask_names_of(loss_masks: Any, missing_hint: str) -> List[str]:
 
 def checked_num_tokens(num_tokens: Any, num_microbatches: int, device: torch.device) -> torch.Tensor:
     """``StepShares(num_tokens=...)``: one count per micro-batch, as a float64 ``[M]`` tensor."""
-    given = (num_tokens.numel() if num_tokens.dim() == 1 else f"a {num_tokens.dim()}-dim tensor of") if isinstance(
-        num_tokens, torch.Tensor) else len(num_tokens)
+    if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() != 1:
+        given: Any = f"a {num_tokens.dim()}-dim tensor of"  # len() of a 0-dim tensor raises, of a 2-dim one misleads
+    else:
+        given = len(num_tokens)
     if given != num_microbatches:
         raise ValueError(f"Got {given} num_tokens for {num_microbatches} micro-batches; pass one per micro-batch.")
     return torch.stack([torch.as_tensor(n, device=device).to(torch.float64).reshape(()) for n in num_tokens])

@@ -331,11 +331,16 @@ def settings(wrappers: List[str], overlap: str, no_sync: str, div_fusion: str) -
     return out
 
 
+def hook_refused(row: "Row") -> bool:
+    """A hook row that megatron_agg refused as an upstream wrapper defect."""
+    return row.loss == "hook" and row.error is not None and REFUSED in row.error
+
+
 def agrees(row: "Row") -> bool:
     """The row is what ``exp`` predicts: that factor and a pure scaling, or (NaN) not a scaling. A
     hook row that megatron_agg refused as an upstream defect agrees where the factor is not 1 (the
     hook cannot repair it) and disagrees where it is (a needless refusal)."""
-    if row.error is not None and REFUSED in row.error and row.loss == "hook":
+    if hook_refused(row):
         return row.expected != 1.0 and row.expected != CRASH
     if row.error is not None or row.expected == CRASH:
         return row.error is not None and row.expected == CRASH
@@ -415,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               fusion, refs.total_tokens),
                                               0.0, error=f"{type(exc).__name__}: {exc}"[:300])
                                 rows.append(row)
-                                refused = row.loss == "hook" and row.error is not None and REFUSED in row.error
+                                refused = hook_refused(row)
                                 if rank == 0 and args.json:  # after every row: a crash keeps what ran
                                     with open(args.json, "w") as f:
                                         json.dump([asdict(r) for r in rows], f, indent=1)
